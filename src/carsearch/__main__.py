@@ -1,0 +1,3 @@
+from carsearch.cli import main
+
+main()
