@@ -1,0 +1,93 @@
+"""Dataset readers: turn a dataset layout into sorted `Record`s (path, label, make, model, year)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from carsearch.datasets.csv_layout import read_csv
+from carsearch.datasets.folders import VMMRDB_FOLDER, read_folders, read_unlabeled, read_vmmrdb
+from carsearch.datasets.records import Record, split_make_model_year
+from carsearch.datasets.scan import class_folders, top_level_images
+from carsearch.datasets.stanford import SPLITS, devkit_dir, read_stanford
+from carsearch.errors import CarsearchError
+
+FORMATS = ("auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled")
+
+__all__ = [
+    "FORMATS",
+    "SPLITS",
+    "Dataset",
+    "Record",
+    "detect_format",
+    "read_dataset",
+    "split_make_model_year",
+]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A collection: its absolute root, the layout it was read as, and its records sorted by path."""
+
+    root: Path
+    format: str
+    records: list[Record]
+
+    @property
+    def labeled(self) -> bool:
+        return any(r.label for r in self.records)
+
+    def records_sha256(self) -> str:
+        """Fingerprint of the record list: any added, removed or relabelled image changes it."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.path}\t{r.label}\t{r.make}\t{r.model}\t{r.year}\t{r.bbox}\n".encode())
+        return h.hexdigest()
+
+
+def detect_format(root: Path) -> str:
+    """Guess the layout of `root`: csv, stanford, vmmrdb, folders or unlabeled."""
+    if (root / "labels.csv").is_file():
+        return "csv"
+    if devkit_dir(root) is not None:
+        return "stanford"
+    folders = class_folders(root)
+    if folders:
+        return "vmmrdb" if all(VMMRDB_FOLDER.match(f.name) for f in folders) else "folders"
+    if top_level_images(root):
+        return "unlabeled"
+    raise CarsearchError(
+        f"found no images under {root}: expected labels.csv, a Stanford devkit, class sub-folders "
+        "or image files."
+    )
+
+
+def read_dataset(
+    root: str | Path,
+    format: str = "auto",
+    *,
+    labels_file: str | Path | None = None,
+    split: str = "all",
+    bbox_crop: bool = False,
+) -> Dataset:
+    """Read the dataset at `root` in the given layout (`auto` detects it)."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise CarsearchError(f"dataset folder {root} does not exist or is not a folder.")
+    if format not in FORMATS:
+        raise CarsearchError(f"unknown dataset format {format!r}; choose one of {', '.join(FORMATS)}.")
+    fmt = detect_format(root) if format == "auto" else format
+    if fmt == "csv":
+        records = read_csv(root, Path(labels_file).resolve() if labels_file else None)
+    elif fmt == "folders":
+        records = read_folders(root)
+    elif fmt == "vmmrdb":
+        records = read_vmmrdb(root)
+    elif fmt == "stanford":
+        records = read_stanford(root, split=split, bbox_crop=bbox_crop)
+    else:
+        records = read_unlabeled(root)
+    if not records:
+        raise CarsearchError(f"the {fmt} reader found no images under {root}.")
+    return Dataset(root=root, format=fmt, records=records)

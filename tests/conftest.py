@@ -1,0 +1,55 @@
+"""Shared fixtures: the real Stanford Cars dev images, and small datasets built from them in tmp folders."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = Path(os.environ.get("CARSEARCH_DEV_DATA", REPO.parent / "shared" / "data" / "stanford-cars-dev"))
+
+
+def dev_rows() -> list[dict[str, str]]:
+    """labels.csv of the dev set: image, class_id, class_name."""
+    if not (DEV / "labels.csv").is_file():
+        pytest.fail(f"the real dev images are missing at {DEV} (set CARSEARCH_DEV_DATA)")
+    with open(DEV / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def dev_class_names() -> list[str]:
+    with open(DEV / "classes.csv", newline="") as f:
+        return [r["class_name"] for r in csv.DictReader(f)]
+
+
+def pick(classes: list[int], per_class: int) -> list[dict[str, str]]:
+    """The first `per_class` images (by file name) of each class id in `classes`."""
+    by_class: dict[int, list[dict[str, str]]] = defaultdict(list)
+    for row in sorted(dev_rows(), key=lambda r: r["image"]):
+        by_class[int(row["class_id"])].append(row)
+    return [row for c in classes for row in by_class[c][:per_class]]
+
+
+def write_csv_dataset(root: Path, rows: list[dict[str, str]], with_names: bool = True) -> Path:
+    """A `csv` layout dataset under `root`: the real images copied, labels.csv (+ classes.csv)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        shutil.copyfile(DEV / row["image"], root / row["image"])
+    with open(root / "labels.csv", "w", newline="") as f:
+        cols = ["image", "class_id", "class_name"] if with_names else ["image", "class_id"]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    shutil.copyfile(DEV / "classes.csv", root / "classes.csv")
+    return root
+
+
+@pytest.fixture
+def small_dataset(tmp_path: Path) -> Path:
+    """24 real images: 4 classes x 6 images, csv layout."""
+    return write_csv_dataset(tmp_path / "data", pick([1, 14, 50, 151], 6))
