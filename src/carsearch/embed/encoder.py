@@ -1,0 +1,125 @@
+"""Encoder: a backbone on a device, turning uint8 image batches into L2-normalised embeddings.
+
+The embed job and query-time search share it, so a query is always preprocessed and embedded exactly
+as the collection was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from carsearch.embed.backbones import load_backbone
+from carsearch.embed.preprocess import CROP_MODES, Preprocessing
+from carsearch.errors import CarsearchError, ProvenanceMismatch
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise CarsearchError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CarsearchError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu.")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 convolutions then run about twice as fast as fp32 on the CPU."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without these probes
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast where the hardware runs it natively (CUDA, AVX-512 BF16, AMX), else fp32."""
+    if precision not in PRECISIONS:
+        raise CarsearchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+class Encoder:
+    """A headless backbone ready for inference: eval mode, channels-last, inference mode, autocast."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        weights: str = "imagenet",
+        crop: str = "center",
+        device: str = "auto",
+        precision: str = "auto",
+        weights_sha256: str | None = None,
+    ) -> None:
+        if crop not in CROP_MODES:
+            raise CarsearchError(f"unknown crop mode {crop!r}; choose one of {', '.join(CROP_MODES)}.")
+        # Cheap checks first: a typo in --device must not wait for (or trigger) a weights download.
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        loaded = load_backbone(backbone, weights, weights_sha256)
+        self.backbone = backbone
+        self.weights = loaded.weights
+        self.preprocessing: Preprocessing = loaded.preprocessing.with_crop(crop)
+        self.dim = loaded.dim
+        self.model = loaded.model.eval().to(self.device, memory_format=torch.channels_last)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_provenance(cls, prov: dict, device: str = "auto", precision: str = "auto") -> Encoder:
+        """The encoder an artifact was made with, so that queries land in the same embedding space."""
+        prep = Preprocessing.from_dict(prov["preprocessing"])
+        enc = cls(prov["backbone"], prov["weights"], prep.crop, device, precision, prov.get("weights_sha256"))
+        if enc.preprocessing != prep:
+            raise ProvenanceMismatch(
+                f"the {prov['backbone']} preprocessing of this version ({enc.preprocessing.to_dict()}) "
+                "differs "
+                f"from the one the collection was embedded with ({prep.to_dict()}); re-embed the collection.",
+                "preprocessing",
+            )
+        return enc
+
+    def provenance(self) -> dict:
+        """What an artifact must record so that the same embeddings can be made again."""
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights.id,
+            "weights_sha256": self.weights.sha256,
+            "weights_source": self.weights.source,
+            "preprocessing": self.preprocessing.to_dict(),
+            "dim": self.dim,
+            "precision": self.precision,
+        }
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 NHWC batch -> float32 (n, dim), each row L2-normalised."""
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        x = pixels.to(self.device, non_blocking=True)
+        x = self.preprocessing.normalize(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            y = self.model(x)
+        y = torch.nn.functional.normalize(y.float(), dim=1)
+        return y.cpu().numpy()
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Embed decoded RGB images (queries)."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            arrays = [self.preprocessing.apply(img) for img in images[i : i + batch_size]]
+            out.append(self.encode(torch.from_numpy(np.stack(arrays))))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

@@ -1,0 +1,89 @@
+"""HDF5 embedding shards: one file per fixed range of records, written atomically.
+
+Layout (DESIGN.md): /embeddings float32 (n, d) L2-normalised, /ids int64, /paths, /labels, /make,
+/model, /year, /sha256 (utf-8 strings); provenance in the file attributes. Files carry no timestamps,
+so the same inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from carsearch.errors import CarsearchError
+from carsearch.fsutil import atomic_path, sha256_file
+
+STRING_FIELDS = ("paths", "labels", "make", "model", "year", "sha256")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+@dataclass
+class ShardRows:
+    """Rows of one shard (or of a whole collection, once concatenated)."""
+
+    embeddings: np.ndarray
+    ids: np.ndarray
+    paths: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    make: list[str] = field(default_factory=list)
+    model: list[str] = field(default_factory=list)
+    year: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
+    """Write `rows` to `path` (temporary name, fsync, rename). Returns the file's sha256."""
+    str_dtype = h5py.string_dtype("utf-8")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(
+            "embeddings", data=np.ascontiguousarray(rows.embeddings, np.float32), track_times=False
+        )
+        f.create_dataset("ids", data=np.asarray(rows.ids, np.int64), track_times=False)
+        for name in STRING_FIELDS:
+            values = np.array(getattr(rows, name), dtype=object)
+            f.create_dataset(name, data=values, shape=(len(values),), dtype=str_dtype, track_times=False)
+        for key, value in attrs.items():
+            if value is None:  # HDF5 attributes have no null: an absent attribute means None
+                continue
+            f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+    return sha256_file(path)
+
+
+def read_shard(path: Path) -> tuple[ShardRows, dict]:
+    """Read one shard; a damaged file is refused with its name."""
+    try:
+        with h5py.File(path, "r") as f:
+            rows = ShardRows(
+                embeddings=f["embeddings"][:],
+                ids=f["ids"][:],
+                **{name: list(f[name].asstr()[:]) for name in STRING_FIELDS},
+            )
+            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    except (OSError, KeyError) as e:
+        raise CarsearchError(
+            f"embedding shard {path} is damaged or not a carsearch shard ({e}); re-run embed."
+        ) from e
+    return rows, attrs
+
+
+def _attr(value: object) -> object:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

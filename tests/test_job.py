@@ -1,0 +1,229 @@
+"""The resumable embed job: shards, manifest, failures, resume after interruption, refusals."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from carsearch.datasets import split_make_model_year
+from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.errors import CarsearchError, ProvenanceMismatch
+from carsearch.fsutil import sha256_file
+from tests.conftest import DEV, pick, write_csv_dataset
+
+SETTINGS = {"backbone": "efficientnet_lite0", "shard_size": 5, "batch_size": 2, "progress": False}
+
+
+def _shard_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("shard-*.h5"))}
+
+
+@pytest.fixture
+def reference(small_dataset: Path, tmp_path: Path) -> Path:
+    """An uninterrupted run over the 24-image dataset."""
+    out = tmp_path / "ref"
+    embed_dataset(small_dataset, out, workers=1, **SETTINGS)
+    return out
+
+
+def test_shards_manifest_and_schema(small_dataset: Path, reference: Path) -> None:
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 24 and len(manifest["shards"]) == 5
+    assert manifest["failures"] == {}
+    assert [s["rows"] for s in manifest["shards"]] == [5, 5, 5, 5, 4]
+    assert manifest["fingerprint"]["backbone"] == "efficientnet_lite0"
+    assert manifest["provenance"]["weights_sha256"]
+    with h5py.File(reference / "shard-00001.h5") as f:
+        assert set(f) == {"embeddings", "ids", "paths", "labels", "make", "model", "year", "sha256"}
+        assert f["embeddings"].shape == (5, 1280) and f["embeddings"].dtype == np.float32
+        assert list(f["ids"][:]) == [5, 6, 7, 8, 9]
+        attrs = dict(f.attrs)
+        assert attrs["backbone"] == "efficientnet_lite0" and attrs["dim"] == 1280
+        assert json.loads(attrs["preprocessing"])["crop"] == "center"
+        assert "torch" in json.loads(attrs["versions"]) and attrs["schema_version"] == 1
+    emb = load_embeddings(reference)
+    assert emb.vectors.shape == (24, 1280)
+    assert np.allclose(np.linalg.norm(emb.vectors, axis=1), 1, atol=1e-5)
+    assert list(emb.ids) == list(range(24))
+    with open(small_dataset / "labels.csv") as f:
+        truth = {r["image"]: r["class_name"] for r in csv.DictReader(f)}
+    assert all(truth[p] == lab for p, lab in zip(emb.paths, emb.labels, strict=True))
+    assert all(s == sha256_file(small_dataset / p) for p, s in zip(emb.paths, emb.sha256, strict=True))
+    assert set(emb.make) == {split_make_model_year(lab)[0] for lab in truth.values()}
+    assert "AM General" in set(emb.make)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(
+    small_dataset: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+
+    def stop_mid_shard(done: int, total: int) -> None:
+        if done > 6:  # shard 1 holds records 5..9; batches of 2 end at 7: this is its middle
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(small_dataset, out, workers=0, on_batch=stop_mid_shard, **SETTINGS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.h5"] and not manifest["complete"]
+    assert not list(out.glob(".*.tmp-*")) and not (out / "shard-00001.h5").exists()
+    result = embed_dataset(small_dataset, out, workers=1, **SETTINGS)
+    assert result.resumed_shards == 1 and result.new_shards == 4 and result.images == 19
+    assert _shard_hashes(out) == _shard_hashes(reference)
+
+
+def test_killed_process_resumes_identically(tmp_path: Path) -> None:
+    data = write_csv_dataset(tmp_path / "data", pick(list(range(1, 25)), 5))  # 120 images
+    args = [
+        "--backbone",
+        "efficientnet_lite0",
+        "--shard-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--json",
+    ]
+    ref = tmp_path / "ref"
+    cmd = [sys.executable, "-m", "carsearch", "-q", "embed", str(data)]
+    subprocess.run([*cmd, "--out", str(ref), *args], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    manifest_path, deadline = out / "manifest.json", time.time() + 120
+    shards_at_kill = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            shards_at_kill = len(json.loads(manifest_path.read_text())["shards"])
+        except (FileNotFoundError, ValueError):
+            shards_at_kill = 0
+        if shards_at_kill >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    assert not json.loads(manifest_path.read_text())["complete"]
+    done = subprocess.run([*cmd, "--out", str(out), *args], check=True, capture_output=True, text=True)
+    summary = json.loads(done.stdout)
+    assert summary["resumed_shards"] >= 2 and summary["complete"]
+    assert not list(out.glob(".*.tmp-*"))
+    assert _shard_hashes(out) == _shard_hashes(ref)
+
+
+def test_limit_then_continue(small_dataset: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "limited"
+    first = embed_dataset(small_dataset, out, limit=7, **SETTINGS)
+    assert first.rows == 7 and not first.complete
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 5), (5, 7)]
+    second = embed_dataset(small_dataset, out, **SETTINGS)
+    assert second.complete and second.resumed_shards == 1 and second.rows == 24
+    assert _shard_hashes(out) == _shard_hashes(reference)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"crop": "squash"}, "preprocessing"),
+        ({"shard_size": 6}, "shard_size"),
+        ({"backbone": "efficientnet_lite1"}, "backbone"),
+        ({"weights": "none"}, "weights"),
+        ({"precision": "other"}, "precision"),
+        ({"id_start": 1000}, "id_start"),
+    ],
+)
+def test_changed_settings_refused_naming_the_field(
+    small_dataset: Path, reference: Path, change: dict, field: str
+) -> None:
+    used = json.loads((reference / "manifest.json").read_text())["fingerprint"]["precision"]
+    if change.get("precision") == "other":
+        change = {"precision": "fp32" if used == "bf16" else "bf16"}
+    with pytest.raises(ProvenanceMismatch) as e:
+        embed_dataset(small_dataset, reference, **{**SETTINGS, **change})
+    assert e.value.field == field
+    assert f"different {field}" in str(e.value) and "--overwrite" in str(e.value)
+
+
+def test_changed_dataset_refused_and_overwrite_restarts(small_dataset: Path, reference: Path) -> None:
+    shutil.copyfile(DEV / "images" / "00001.jpg", small_dataset / "images" / "zz.jpg")
+    with open(small_dataset / "labels.csv", "a") as f:
+        f.write("images/zz.jpg,14,Audi TTS Coupe 2012\n")
+    with pytest.raises(ProvenanceMismatch, match="dataset's files or labels changed") as e:
+        embed_dataset(small_dataset, reference, **SETTINGS)
+    assert e.value.field == "records"
+    result = embed_dataset(small_dataset, reference, overwrite=True, **SETTINGS)
+    assert result.rows == 25 and result.resumed_shards == 0 and result.complete
+
+
+def _bad_dataset(root: Path) -> Path:
+    rows = pick([1, 14], 3)
+    write_csv_dataset(root, rows)
+    photo = (DEV / rows[0]["image"]).read_bytes()
+    (root / "images" / "truncated.jpg").write_bytes(photo[: len(photo) // 3])
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    (root / "images" / "notes.jpg").write_text("not a photo")
+    (root.parent / "outside.jpg").write_bytes(photo)
+    with open(root / "labels.csv", "a") as f:
+        for name in ("truncated.jpg", "empty.jpg", "notes.jpg", "missing.jpg"):
+            f.write(f"images/{name},14,Audi TTS Coupe 2012\n")
+        f.write("../outside.jpg,14,Audi TTS Coupe 2012\n")
+    return root
+
+
+def test_bad_images_are_counted_listed_and_skipped(tmp_path: Path) -> None:
+    data = _bad_dataset(tmp_path / "data")
+    result = embed_dataset(data, tmp_path / "emb", **SETTINGS)
+    expected = {"empty": 1, "missing": 1, "not_an_image": 1, "outside_root": 1, "truncated": 1}
+    assert result.failed == expected and result.rows == 6 and result.complete
+    lines = [json.loads(x) for x in (tmp_path / "emb" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(x["reason"] for x in lines) == sorted(expected)
+    assert {x["path"] for x in lines} >= {"images/empty.jpg", "../outside.jpg"}
+    emb = load_embeddings(tmp_path / "emb")
+    failed_ids = {x["id"] for x in lines}
+    assert not failed_ids & set(emb.ids.tolist()) and len(emb) == 6
+    # The failures survive a resume (they belong to finished shards).
+    again = embed_dataset(data, tmp_path / "emb", **SETTINGS)
+    assert again.failed == expected and again.images == 0
+
+
+def test_damaged_shard_is_refused_on_load_and_redone_on_resume(small_dataset: Path, reference: Path) -> None:
+    good = _shard_hashes(reference)
+    with open(reference / "shard-00002.h5", "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        f.write(b"\0" * 50)
+    with pytest.raises(CarsearchError, match=r"shard-00002.h5 does not match the sha256"):
+        load_embeddings(reference)
+    result = embed_dataset(small_dataset, reference, **SETTINGS)
+    assert result.new_shards == 1 and result.resumed_shards == 4
+    assert _shard_hashes(reference) == good
+
+
+def test_second_writer_is_refused(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(CarsearchError, match="another carsearch process is writing"):
+            embed_dataset(small_dataset, out, **SETTINGS)
+
+
+def test_output_inside_dataset_root_is_refused(small_dataset: Path) -> None:
+    with pytest.raises(CarsearchError, match="into the dataset folder"):
+        embed_dataset(small_dataset, small_dataset, **SETTINGS)
