@@ -1,0 +1,132 @@
+"""The command line, through click's CliRunner: --help everywhere, --json, one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from carsearch.cli import cli
+from tests.conftest import DEV
+
+
+def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out.extend(_all_commands(cmd, (*prefix, name)))
+    return out
+
+
+@pytest.mark.parametrize("path", _all_commands(cli), ids=" ".join)
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_help_is_instant_without_heavy_imports() -> None:
+    code = (
+        "import sys; from carsearch.cli import cli; "
+        "print(sorted(m for m in ('torch', 'faiss', 'fastapi') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_embed_json(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "emb"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "embed",
+            str(small_dataset),
+            "--out",
+            str(out),
+            "--backbone",
+            "efficientnet_lite0",
+            "--shard-size",
+            "10",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == 24 and summary["shards"] == 3 and summary["failed"] == {}
+    assert summary["images_per_second"] > 0 and summary["out"] == str(out.resolve())
+    assert summary["complete"] is True
+    again = CliRunner().invoke(
+        cli,
+        [
+            "embed",
+            str(small_dataset),
+            "--out",
+            str(out),
+            "--backbone",
+            "efficientnet_lite0",
+            "--shard-size",
+            "10",
+        ],
+    )
+    assert again.exit_code == 0 and "3 shards resumed" in again.stdout
+
+
+def test_embed_refusal_is_one_sentence(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "emb"
+    args = [
+        "embed",
+        str(small_dataset),
+        "--out",
+        str(out),
+        "--backbone",
+        "efficientnet_lite0",
+        "--limit",
+        "2",
+    ]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    result = CliRunner().invoke(cli, [*args, "--crop", "pad"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and "different preprocessing" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["embed", "/no/such/folder", "--out", "x"], "does not exist"),
+        (["embed", str(DEV), "--out", "x", "--backbone", "alexnet"], "unknown backbone 'alexnet'"),
+        (["embed", str(DEV), "--out", "x", "--format", "stanford"], "no devkit/cars_meta.mat"),
+        (["embed", str(DEV), "--out", "x", "--device", "tpu"], "unknown device"),
+        (["embed", str(DEV), "--out", "x", "--weights", "/no/such.pth"], "does not exist"),
+    ],
+)
+def test_errors_are_one_sentence(args: list[str], message: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert result.stderr.count("\n") == 1
+
+
+def test_bad_option_values_are_usage_errors() -> None:
+    for args in (
+        ["embed", str(DEV), "--out", "x", "--workers", "many"],
+        ["embed", str(DEV), "--out", "x", "--batch-size", "0"],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_dataset_and_backbones_json() -> None:
+    info = json.loads(CliRunner().invoke(cli, ["dataset", str(DEV), "--json"]).stdout)
+    assert (info["format"], info["images"], info["classes"], info["makes"]) == ("csv", 5491, 196, 49)
+    rows = json.loads(CliRunner().invoke(cli, ["backbones", "--json"]).stdout)
+    assert {"name": "resnet50", "dim": 2048}.items() <= rows[0].items() or any(
+        r["name"] == "resnet50" for r in rows
+    )
