@@ -22,7 +22,7 @@ def test_dev_folder_reads_as_csv() -> None:
     assert len({r.label for r in ds.records}) == 196
     assert [r.path for r in ds.records] == sorted(r.path for r in ds.records)
     first = ds.records[0]
-    assert first == Record("images/00001.jpg", "Audi TTS Coupe 2012", "Audi", "TTS Coupe", "2012")
+    assert first == Record("images/00001.jpg", "Audi TTS Coupe 2012", "Audi", "TTS Coupe", "2012", 14)
 
 
 def test_csv_with_class_ids_and_classes_csv(tmp_path: Path) -> None:

@@ -46,12 +46,22 @@ def test_shards_manifest_and_schema(small_dataset: Path, reference: Path) -> Non
     assert manifest["fingerprint"]["backbone"] == "efficientnet_lite0"
     assert manifest["provenance"]["weights_sha256"]
     with h5py.File(reference / "shard-00001.h5") as f:
-        assert set(f) == {"embeddings", "ids", "paths", "labels", "make", "model", "year", "sha256"}
+        assert set(f) == {
+            "embeddings",
+            "ids",
+            "class_ids",
+            "paths",
+            "labels",
+            "make",
+            "model",
+            "year",
+            "sha256",
+        }
         assert f["embeddings"].shape == (5, 1280) and f["embeddings"].dtype == np.float32
         assert list(f["ids"][:]) == [5, 6, 7, 8, 9]
         attrs = dict(f.attrs)
         assert attrs["backbone"] == "efficientnet_lite0" and attrs["dim"] == 1280
-        assert json.loads(attrs["preprocessing"])["crop"] == "center"
+        assert json.loads(attrs["preprocessing"])["crop"] == "squash"
         assert "torch" in json.loads(attrs["versions"]) and attrs["schema_version"] == 1
     emb = load_embeddings(reference)
     assert emb.vectors.shape == (24, 1280)
@@ -141,7 +151,7 @@ def test_limit_then_continue(small_dataset: Path, reference: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"crop": "squash"}, "preprocessing"),
+        ({"crop": "center"}, "preprocessing"),
         ({"shard_size": 6}, "shard_size"),
         ({"backbone": "efficientnet_lite1"}, "backbone"),
         ({"weights": "none"}, "weights"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from carsearch.datasets.csv_layout import read_csv
@@ -42,7 +42,7 @@ class Dataset:
         """Fingerprint of the record list: any added, removed or relabelled image changes it."""
         h = hashlib.sha256()
         for r in self.records:
-            h.update(f"{r.path}\t{r.label}\t{r.make}\t{r.model}\t{r.year}\t{r.bbox}\n".encode())
+            h.update(f"{r.path}\t{r.label}\t{r.make}\t{r.model}\t{r.year}\t{r.class_id}\t{r.bbox}\n".encode())
         return h.hexdigest()
 
 
@@ -90,4 +90,14 @@ def read_dataset(
         records = read_unlabeled(root)
     if not records:
         raise CarsearchError(f"the {fmt} reader found no images under {root}.")
-    return Dataset(root=root, format=fmt, records=records)
+    return Dataset(root=root, format=fmt, records=number_classes(records))
+
+
+def number_classes(records: list[Record]) -> list[Record]:
+    """Give every labelled record a class id: the dataset's own where it has them for all classes, else
+    1..C in the sorted order of the class names (so protocols that split by class id still work)."""
+    labeled = [r for r in records if r.label]
+    if not labeled or all(r.class_id >= 0 for r in labeled):
+        return records
+    ids = {name: i for i, name in enumerate(sorted({r.label for r in labeled}), start=1)}
+    return [replace(r, class_id=ids[r.label]) if r.label else r for r in records]

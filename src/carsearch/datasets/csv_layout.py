@@ -75,6 +75,10 @@ def read_csv(root: Path, labels_file: Path | None = None) -> list[Record]:
             raise CarsearchError(f"{path} has class ids but no class names, and {classes_csv} is missing.")
         names = read_class_names(classes_csv)
     has = {c: _pick(fields, (c,)) for c in ("make", "model", "year")}
+    # Class numbers: the CSV's own id column, else classes.csv looked up by name (else numbered later).
+    ids_by_name = {}
+    if id_col is None and classes_csv.is_file():
+        ids_by_name = {name: cid for cid, name in read_class_names(classes_csv).items()}
 
     prefix = _image_prefix(root, rows[0][img_col].strip()) if rows else ""
     records: dict[str, Record] = {}
@@ -93,5 +97,6 @@ def read_csv(root: Path, labels_file: Path | None = None) -> list[Record]:
         make = row[has["make"]].strip() if has["make"] else make
         model = row[has["model"]].strip() if has["model"] else model
         year = row[has["year"]].strip() if has["year"] else year
-        records.setdefault(rel, Record(rel, label, make, model, year))
+        cid = row[id_col].strip() if id_col is not None else ids_by_name.get(label, "")
+        records.setdefault(rel, Record(rel, label, make, model, year, int(cid) if cid.isdigit() else -1))
     return sorted(records.values(), key=lambda r: r.path)

@@ -30,10 +30,15 @@ def read_folders(root: Path) -> list[Record]:
             f"{root} has no sub-folders with images; use --format unlabeled for a flat folder."
         )
     known = _known_names(root)
+    ids = {}
+    if (root / "classes.csv").is_file():
+        ids = {
+            name: int(cid) for cid, name in read_class_names(root / "classes.csv").items() if cid.isdigit()
+        }
     records = []
     for folder in folders:
         label = restore_slash_name(folder.name, known)
-        records.extend(record_for(p, label) for p in image_files(folder, root))
+        records.extend(record_for(p, label, class_id=ids.get(label, -1)) for p in image_files(folder, root))
     return sorted(records, key=lambda r: r.path)
 
 

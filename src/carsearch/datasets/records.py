@@ -37,6 +37,7 @@ class Record:
     make: str = ""
     model: str = ""
     year: str = ""
+    class_id: int = -1  # the dataset's class number (Stanford: 1..196); -1 when unlabeled
     bbox: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in pixels, inclusive
 
 
@@ -82,7 +83,9 @@ def restore_slash_name(folder_name: str, known: tuple[str, ...] = SLASH_CLASS_NA
     return folder_name
 
 
-def record_for(path: str, label: str = "", bbox: tuple[int, int, int, int] | None = None) -> Record:
+def record_for(
+    path: str, label: str = "", bbox: tuple[int, int, int, int] | None = None, class_id: int = -1
+) -> Record:
     """A record whose make / model / year are parsed from its label."""
     make, model, year = split_make_model_year(label) if label else ("", "", "")
-    return Record(path=path, label=label, make=make, model=model, year=year, bbox=bbox)
+    return Record(path=path, label=label, make=make, model=model, year=year, class_id=class_id, bbox=bbox)

@@ -73,5 +73,5 @@ def read_stanford(root: Path, split: str = "all", bbox_crop: bool = False) -> li
             if bbox_crop:
                 bbox = (int(a["bbox_x1"]), int(a["bbox_y1"]), int(a["bbox_x2"]), int(a["bbox_y2"]))
             rel = (img_dir / str(a["fname"])).relative_to(root).as_posix()
-            records.append(record_for(rel, names[cls - 1], bbox))
+            records.append(record_for(rel, names[cls - 1], bbox, class_id=cls))
     return sorted(records, key=lambda r: r.path)

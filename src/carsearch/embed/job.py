@@ -8,7 +8,6 @@ the result is identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -16,7 +15,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from carsearch import SCHEMA_VERSION
 from carsearch.datasets import Dataset, Record, read_dataset
@@ -34,7 +32,14 @@ from carsearch.embed.preprocess import Preprocessing
 from carsearch.embed.shards import ShardRows, shard_name, write_shard
 from carsearch.embed.store import FAILURES, MANIFEST, MANIFEST_KIND, read_manifest
 from carsearch.errors import CarsearchError, ProvenanceMismatch
-from carsearch.fsutil import remove_stale_tmp, sha256_file, write_json_atomic, write_text_atomic
+from carsearch.fsutil import (
+    exclusive_lock,
+    remove_stale_tmp,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
+from carsearch.progress import Progress
 from carsearch.provenance import library_versions
 
 log = logging.getLogger(__name__)
@@ -150,24 +155,6 @@ class _ShardPlan:
         return shard_name(self.index)
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One writer per output folder: a second `embed` on the same --out is refused, not interleaved."""
-    lock_path = out / ".lock"
-    with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CarsearchError(
-                f"another carsearch process is writing to {out}; wait for it to finish or choose "
-                "another --out."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _clear(out: Path) -> None:
     """--overwrite: remove what an earlier run wrote (and only that)."""
     for p in [*out.glob("shard-*.h5"), out / MANIFEST, out / FAILURES]:
@@ -258,7 +245,7 @@ def embed_dataset(
     backbone: str = "resnet50",
     weights: str = "imagenet",
     weights_sha256: str | None = None,
-    crop: str = "center",
+    crop: str = "squash",
     batch_size: int = 32,
     workers: int | None = None,
     shard_size: int = 4096,
@@ -289,7 +276,7 @@ def embed_dataset(
     encoder = Encoder(backbone, weights, crop, device, precision, weights_sha256)
     fingerprint = _fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with exclusive_lock(out):
         if overwrite:
             _clear(out)
         manifest = _check_resume(out, fingerprint)
@@ -383,9 +370,7 @@ def _run(
             pin_memory=encoder.device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
-        bar = tqdm(
-            total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True, leave=False
-        )
+        bar = Progress(total, "embed", "img", enabled=progress)
         plan_iter = iter(todo)
         plan = next(plan_iter)
         buf: list[tuple[_Batch, np.ndarray]] = []
@@ -395,9 +380,7 @@ def _run(
                 buf.append((batch, vectors))
                 images += len(batch.index)
                 failed_run.update(r for _, r, _ in batch.failures)
-                bar.update(len(batch.index))
-                if failed_run:
-                    bar.set_postfix(failed=sum(failed_run.values()), refresh=False)
+                bar.update(len(batch.index), **({"failed": sum(failed_run.values())} if failed_run else {}))
                 if on_batch is not None:
                     on_batch(images, total)
                 if batch.index[-1] == plan.run_stop - 1:
@@ -447,6 +430,7 @@ def _finish_shard(
     rows = ShardRows(
         embeddings=np.concatenate([v for _, v in buf]) if rows_idx else np.zeros((0, dim), np.float32),
         ids=np.array([id_start + i for i in rows_idx], dtype=np.int64),
+        class_ids=np.array([r.class_id for r in recs], dtype=np.int32),
         paths=[r.path for r in recs],
         labels=[r.label for r in recs],
         make=[r.make for r in recs],

@@ -1,7 +1,8 @@
 """HDF5 embedding shards: one file per fixed range of records, written atomically.
 
-Layout (DESIGN.md): /embeddings float32 (n, d) L2-normalised, /ids int64, /paths, /labels, /make,
-/model, /year, /sha256 (utf-8 strings); provenance in the file attributes. Files carry no timestamps,
+Layout (DESIGN.md): /embeddings float32 (n, d) L2-normalised, /ids int64, /class_ids int32 (the
+dataset's class numbers, -1 when unlabeled), /paths, /labels, /make, /model, /year, /sha256 (utf-8
+strings); provenance in the file attributes. Files carry no timestamps,
 so the same inputs give byte-identical shards.
 """
 
@@ -30,6 +31,7 @@ class ShardRows:
 
     embeddings: np.ndarray
     ids: np.ndarray
+    class_ids: np.ndarray
     paths: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     make: list[str] = field(default_factory=list)
@@ -41,17 +43,17 @@ class ShardRows:
         return len(self.ids)
 
 
-def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
-    """Write `rows` to `path` (temporary name, fsync, rename). Returns the file's sha256."""
+def write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict) -> str:
+    """Write numeric arrays and utf-8 string lists to `path` atomically, with no timestamps (so the same
+    inputs give the same bytes). Dict and list attributes are stored as JSON. Returns the file's sha256."""
     str_dtype = h5py.string_dtype("utf-8")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(
-            "embeddings", data=np.ascontiguousarray(rows.embeddings, np.float32), track_times=False
-        )
-        f.create_dataset("ids", data=np.asarray(rows.ids, np.int64), track_times=False)
-        for name in STRING_FIELDS:
-            values = np.array(getattr(rows, name), dtype=object)
-            f.create_dataset(name, data=values, shape=(len(values),), dtype=str_dtype, track_times=False)
+        for name, values in arrays.items():
+            if isinstance(values, np.ndarray) and values.dtype != object:
+                f.create_dataset(name, data=np.ascontiguousarray(values), track_times=False)
+            else:
+                data = np.array(list(values), dtype=object)
+                f.create_dataset(name, data=data, shape=(len(data),), dtype=str_dtype, track_times=False)
         for key, value in attrs.items():
             if value is None:  # HDF5 attributes have no null: an absent attribute means None
                 continue
@@ -59,20 +61,42 @@ def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
     return sha256_file(path)
 
 
+def read_h5(path: Path) -> tuple[dict[str, np.ndarray | list[str]], dict]:
+    """Read back what `write_h5` wrote (strings as lists of str)."""
+    with h5py.File(path, "r") as f:
+        arrays = {
+            name: list(ds.asstr()[:]) if h5py.check_string_dtype(ds.dtype) else ds[:]
+            for name, ds in f.items()
+        }
+        attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    return arrays, attrs
+
+
+def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
+    """Write `rows` to `path` (temporary name, fsync, rename). Returns the file's sha256."""
+    arrays: dict[str, np.ndarray | list[str]] = {
+        "embeddings": np.asarray(rows.embeddings, np.float32),
+        "ids": np.asarray(rows.ids, np.int64),
+        "class_ids": np.asarray(rows.class_ids, np.int32),
+    }
+    arrays.update({name: getattr(rows, name) for name in STRING_FIELDS})
+    return write_h5(path, arrays, attrs)
+
+
 def read_shard(path: Path) -> tuple[ShardRows, dict]:
     """Read one shard; a damaged file is refused with its name."""
     try:
-        with h5py.File(path, "r") as f:
-            rows = ShardRows(
-                embeddings=f["embeddings"][:],
-                ids=f["ids"][:],
-                **{name: list(f[name].asstr()[:]) for name in STRING_FIELDS},
-            )
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+        arrays, attrs = read_h5(path)
+        rows = ShardRows(
+            embeddings=arrays["embeddings"],
+            ids=arrays["ids"],
+            class_ids=arrays["class_ids"],
+            **{n: arrays[n] for n in STRING_FIELDS},
+        )
     except (OSError, KeyError) as e:
         raise CarsearchError(
             f"embedding shard {path} is damaged or not a carsearch shard ({e}); re-run embed."
-        ) from e
+        ) from None
     return rows, attrs
 
 

@@ -27,6 +27,7 @@ class EmbeddingSet:
 
     vectors: np.ndarray
     ids: np.ndarray
+    class_ids: np.ndarray
     paths: np.ndarray
     labels: np.ndarray
     make: np.ndarray
@@ -57,7 +58,7 @@ class EmbeddingSet:
 
     def subset(self, index: np.ndarray) -> EmbeddingSet:
         """Rows selected by a boolean mask or an index array."""
-        pick = {name: getattr(self, name)[index] for name in ("vectors", "ids", *STRING_FIELDS)}
+        pick = {name: getattr(self, name)[index] for name in ("vectors", "ids", "class_ids", *STRING_FIELDS)}
         return replace(self, **pick)
 
 
@@ -114,6 +115,7 @@ def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] |
     return EmbeddingSet(
         vectors=np.concatenate([p.embeddings for p in parts]) if parts else np.zeros((0, dim), np.float32),
         ids=np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64),
+        class_ids=np.concatenate([p.class_ids for p in parts]) if parts else np.zeros(0, np.int32),
         **{n: np.array([v for p in parts for v in getattr(p, n)], dtype=object) for n in STRING_FIELDS},
         manifest=manifest,
         folder=folder,
