@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -78,3 +79,22 @@ def remove_stale_tmp(folder: Path, stem: str = "") -> int:
             p.unlink()
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path) -> Iterator[None]:
+    """One writer per output folder: a second process writing the same folder is refused, not interleaved."""
+    from carsearch.errors import CarsearchError
+
+    with open(Path(folder) / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CarsearchError(
+                f"another carsearch process is writing to {folder}; wait for it to finish or choose "
+                "another output folder."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
