@@ -84,12 +84,12 @@ def _crop_used(small_dataset: Path, out: Path, args: list[str], env: dict[str, s
 
 def test_precedence_flag_env_file_default(small_dataset: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[embed]\ncrop = 'squash'\n")
+    cfg.write_text("[embed]\ncrop = 'center'\n")
     base = ["--config", str(cfg)]
-    assert _crop_used(small_dataset, tmp_path / "a", ["-q", "-q"], {}) == "center"  # built-in
-    assert _crop_used(small_dataset, tmp_path / "b", [*base], {}) == "squash"  # file
+    assert _crop_used(small_dataset, tmp_path / "a", ["-q", "-q"], {}) == "squash"  # built-in
+    assert _crop_used(small_dataset, tmp_path / "b", [*base], {}) == "center"  # file
     assert _crop_used(small_dataset, tmp_path / "c", [*base], {"CARSEARCH_EMBED_CROP": "pad"}) == "pad"  # env
-    flag = [*base, "--crop", "center"]
+    flag = [*base, "--crop", "squash"]
     assert (
-        _crop_used(small_dataset, tmp_path / "d", flag, {"CARSEARCH_EMBED_CROP": "pad"}) == "center"
+        _crop_used(small_dataset, tmp_path / "d", flag, {"CARSEARCH_EMBED_CROP": "pad"}) == "squash"
     )  # flag

@@ -59,7 +59,7 @@ class Encoder:
         self,
         backbone: str = "resnet50",
         weights: str = "imagenet",
-        crop: str = "center",
+        crop: str = "squash",
         device: str = "auto",
         precision: str = "auto",
         weights_sha256: str | None = None,
