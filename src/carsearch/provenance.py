@@ -17,3 +17,22 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+# Fields that decide whether two sets of embeddings live in the same space.
+COMPATIBILITY_FIELDS = ("backbone", "weights_sha256", "weights", "preprocessing", "dim")
+
+
+def check_compatible(expected: dict, got: dict, expected_name: str, got_name: str) -> None:
+    """Refuse to mix embeddings of another backbone, weights or preprocessing, naming the field."""
+    from carsearch.errors import ProvenanceMismatch
+
+    for name in COMPATIBILITY_FIELDS:
+        if name == "weights" and expected.get("weights_sha256") and got.get("weights_sha256"):
+            continue  # the same file may be named differently (a path vs "imagenet"): the sha256 decides
+        if expected.get(name) != got.get(name):
+            raise ProvenanceMismatch(
+                f"{got_name} was embedded with a different {name} than {expected_name} "
+                f"({got.get(name)!r} vs {expected.get(name)!r}); embed it with the same settings.",
+                name,
+            )

@@ -1,0 +1,271 @@
+"""Index operations: build, add, remove, calibrate, info. Each reads and writes an index folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from carsearch.embed.store import MANIFEST, EmbeddingSet, load_embeddings
+from carsearch.errors import CarsearchError
+from carsearch.fsutil import exclusive_lock, sha256_file
+from carsearch.index.auto import choose_factory, human_bytes
+from carsearch.index.factory import index_bytes, make_index, remove_ids, train_and_add
+from carsearch.index.store import Gallery, IndexBundle, open_bundle, save_bundle
+from carsearch.index.tune import drop_self, sample_queries, tune
+from carsearch.provenance import check_compatible, library_versions
+from carsearch.search.openset import DEFAULT_OPENSET_K, DEFAULT_TPR, kth_similarity, threshold_for_tpr
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SAMPLE = 2000
+
+
+def _source(emb: EmbeddingSet) -> dict:
+    m = emb.manifest
+    return {
+        "embeddings": str(emb.folder),
+        "root": m["dataset"]["root"],
+        "format": m["dataset"]["format"],
+        "records_sha256": m["dataset"]["records_sha256"],
+        "manifest_sha256": sha256_file(emb.folder / MANIFEST),
+        "complete": m.get("complete", False),
+        "shards": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"]} for s in m["shards"]],
+    }
+
+
+def _load_all(emb_dirs: list[str | Path]) -> list[EmbeddingSet]:
+    sets = [load_embeddings(d) for d in emb_dirs]
+    for other in sets[1:]:
+        check_compatible(sets[0].provenance, other.provenance, str(sets[0].folder), str(other.folder))
+    return sets
+
+
+def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    clash = uniq[counts > 1]
+    if taken is not None and len(taken):
+        clash = np.union1d(clash, np.intersect1d(ids, taken))
+    if len(clash):
+        raise CarsearchError(
+            f"{len(clash)} ids occur twice (first: {int(clash[0])}): two embedding folders share an id "
+            "range; "
+            "embed the second collection with --id-start above the first one's largest id."
+        )
+
+
+def leave_one_out_scores(
+    index, vectors: np.ndarray, ids: np.ndarray, k: int, sample: int, seed: int
+) -> np.ndarray:
+    """Open-set scores of collection images searched against the collection without themselves."""
+    q = sample_queries(len(ids), sample, seed)
+    sims, found = index.search(np.ascontiguousarray(vectors[q]), k + 1)
+    kept = np.full((len(q), k), -np.inf)
+    for i, me in enumerate(ids[q]):
+        row = sims[i][(found[i] != me) & (found[i] >= 0)][:k]
+        kept[i, : len(row)] = row
+    return kth_similarity(kept, k)
+
+
+def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.ndarray | None = None) -> dict:
+    threshold = threshold_for_tpr(scores, tpr)
+    out = {
+        "k": k,
+        "threshold": round(threshold, 6),
+        "tpr_target": tpr,
+        "tpr": round(float(np.mean(scores >= threshold)), 4),
+        "queries": len(scores),
+        "method": method,
+    }
+    if unknown is not None and len(unknown):
+        out["unknown_queries"] = len(unknown)
+        out["fpr"] = round(float(np.mean(unknown >= threshold)), 4)
+    return out
+
+
+def build_index(
+    emb_dirs: list[str | Path],
+    out: str | Path,
+    factory: str = "auto",
+    memory_budget: int = 4 << 30,
+    target_recall: float = 0.95,
+    calibrate: bool = True,
+    openset_k: int = DEFAULT_OPENSET_K,
+    tpr: float = DEFAULT_TPR,
+    seed: int = 0,
+) -> dict:
+    """Build an index over one or more embedding folders; returns the index.json contents."""
+    if not emb_dirs:
+        raise CarsearchError("give at least one embedding folder.")
+    if not 0 < target_recall <= 1:
+        raise CarsearchError("--target-recall must be in (0, 1].")
+    out = Path(out).expanduser().resolve()
+    sets = _load_all(emb_dirs)
+    vectors = np.concatenate([s.vectors for s in sets])
+    ids = np.concatenate([s.ids for s in sets])
+    if len(ids) == 0:
+        raise CarsearchError(
+            "the embedding folders hold no vectors; run embed first (or check failures.jsonl)."
+        )
+    _check_unique(ids)
+    gallery = Gallery.from_embeddings(sets[0], 0)
+    for i, s in enumerate(sets[1:], start=1):
+        gallery = gallery.concat(Gallery.from_embeddings(s, i))
+    d = vectors.shape[1]
+    auto = None
+    if factory.strip().lower() == "auto":
+        choice = choose_factory(len(ids), d, memory_budget)
+        factory, auto = (
+            choice.factory,
+            {
+                "chose": choice.factory,
+                "reason": choice.reason,
+                "memory_budget": memory_budget,
+                "estimated_bytes": choice.estimated_bytes,
+            },
+        )
+        log.info("auto: %s (%s)", choice.factory, choice.reason)
+    index = make_index(factory, d)
+    train_s, add_s = train_and_add(index, vectors, ids, seed)
+    t0 = time.perf_counter()
+    tuned = tune(index, vectors, ids, target_recall, seed=seed)
+    tune_s = time.perf_counter() - t0
+    if not tuned.reached:
+        log.warning(
+            "%s reaches recall@10 %.3f at best (%s), below the target %.2f.",
+            factory,
+            tuned.recall,
+            tuned.params,
+            target_recall,
+        )
+    openset = None
+    if calibrate and len(ids) > openset_k:
+        scores = leave_one_out_scores(index, vectors, ids, openset_k, CALIBRATION_SAMPLE, seed)
+        openset = _openset(scores, openset_k, tpr, f"leave-one-out on {len(scores)} collection images")
+    info = {
+        "factory": factory,
+        "search_params": tuned.params,
+        "provenance": {k: v for k, v in sets[0].provenance.items() if k != "precision"},
+        "sources": [_source(s) for s in sets],
+        "auto": auto,
+        "build": {
+            "train_seconds": round(train_s, 3),
+            "add_seconds": round(add_s, 3),
+            "tune_seconds": round(tune_s, 3),
+            "seed": seed,
+        },
+        "recall": tuned.to_json(target_recall),
+        "memory_bytes": index_bytes(index),
+        "openset": openset,
+        "versions": library_versions(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out):
+        return save_bundle(out, index, gallery, info)
+
+
+def add_to_index(index_dir: str | Path, emb_dir: str | Path) -> dict:
+    """Add the shards of `emb_dir` that the index does not hold yet, without rebuilding it."""
+    folder = Path(index_dir).expanduser().resolve()
+    with exclusive_lock(folder):
+        bundle = open_bundle(folder)
+        emb_folder = Path(emb_dir).expanduser().resolve()
+        from carsearch.embed.store import read_manifest
+
+        manifest = read_manifest(emb_folder)
+        check_compatible(bundle.provenance, manifest["provenance"], str(folder), str(emb_folder))
+        sources = list(bundle.info["sources"])
+        src = next((i for i, s in enumerate(sources) if s["embeddings"] == str(emb_folder)), None)
+        held = {(s["file"], s["sha256"]) for s in sources[src]["shards"]} if src is not None else set()
+        new = [s["file"] for s in manifest["shards"] if (s["file"], s["sha256"]) not in held]
+        if not new:
+            log.info("%s has no shards the index does not already hold.", emb_folder)
+            return {**bundle.info, "added": 0}
+        emb = load_embeddings(emb_folder, shards=new)
+        _check_unique(emb.ids, bundle.gallery.ids)
+        if src is None:
+            src = len(sources)
+            sources.append(_source(emb))
+        else:
+            sources[src] = {**_source(emb), "shards": sources[src]["shards"] + _source(emb)["shards"]}
+        t0 = time.perf_counter()
+        bundle.index.add_with_ids(np.ascontiguousarray(emb.vectors), emb.ids.astype(np.int64))
+        gallery = bundle.gallery.concat(Gallery.from_embeddings(emb, src))
+        info = {**bundle.info, "sources": sources, "memory_bytes": index_bytes(bundle.index)}
+        info["build"] = {**info["build"], "last_add_seconds": round(time.perf_counter() - t0, 3)}
+        info = save_bundle(folder, bundle.index, gallery, info)
+        return {**info, "added": len(emb)}
+
+
+def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:
+    """Remove images by id (where the index type supports removal)."""
+    folder = Path(index_dir).expanduser().resolve()
+    with exclusive_lock(folder):
+        bundle = open_bundle(folder)
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        present = wanted[bundle.gallery.rows(wanted) >= 0]
+        missing = np.setdiff1d(wanted, present)
+        if len(present) == 0:
+            raise CarsearchError(f"none of the {len(wanted)} ids is in the index (first: {int(wanted[0])}).")
+        removed = remove_ids(bundle.index, present)
+        keep = np.ones(len(bundle.gallery), bool)
+        keep[bundle.gallery.rows(present)] = False
+        info = save_bundle(
+            folder,
+            bundle.index,
+            bundle.gallery.take(np.flatnonzero(keep)),
+            {**bundle.info, "memory_bytes": index_bytes(bundle.index)},
+        )
+        return {**info, "removed": removed, "not_found": [int(i) for i in missing]}
+
+
+def calibrate_index(
+    index_dir: str | Path, queries_dir: str | Path, tpr: float = DEFAULT_TPR, k: int | None = None
+) -> dict:
+    """Set the open-set threshold from held-out images of known classes (an embedding folder).
+
+    Queries whose label is not in the index count as unknown: they are not used for the threshold, and
+    the share of them still accepted is reported as the false-positive rate.
+    """
+    folder = Path(index_dir).expanduser().resolve()
+    with exclusive_lock(folder):
+        bundle = open_bundle(folder)
+        queries = load_embeddings(queries_dir)
+        check_compatible(bundle.provenance, queries.provenance, str(folder), str(queries.folder))
+        if len(queries) == 0:
+            raise CarsearchError(f"{queries.folder} holds no embeddings to calibrate on.")
+        k = k or (bundle.info.get("openset") or {}).get("k", DEFAULT_OPENSET_K)
+        overlap = np.intersect1d(queries.ids, bundle.gallery.ids)
+        if len(overlap) == len(queries.ids) and set(queries.paths) <= set(bundle.gallery.paths):
+            raise CarsearchError(
+                f"all {len(queries)} calibration images are in the index itself; calibrate on held-out "
+                "images."
+            )
+        sims, _ = bundle.index.search(np.ascontiguousarray(queries.vectors), k)
+        scores = kth_similarity(sims, k)
+        known_labels = set(bundle.gallery.labels.tolist()) - {""}
+        known = np.array([lab in known_labels or not lab for lab in queries.labels])
+        if known.sum() == 0:
+            raise CarsearchError("none of the calibration images has a class that is in the index.")
+        openset = _openset(scores[known], k, tpr, f"held-out images from {queries.folder}", scores[~known])
+        info = {**bundle.info, "openset": openset}
+        return save_bundle(folder, bundle.index, bundle.gallery, info)
+
+
+def index_info(index_dir: str | Path) -> dict:
+    """index.json, after checking that the files match it."""
+    bundle = open_bundle(index_dir)
+    return {**bundle.info, "memory": human_bytes(bundle.info["memory_bytes"])}
+
+
+__all__ = [
+    "IndexBundle",
+    "add_to_index",
+    "build_index",
+    "calibrate_index",
+    "drop_self",
+    "index_info",
+    "remove_from_index",
+]

@@ -1,0 +1,204 @@
+"""faiss factory strings: building, training and adding with ids, removal, the search parameter to tune.
+
+Every index uses inner product on L2-normalised vectors (= cosine similarity). Index types without
+native ids (Flat, HNSW, PQ, ...) are wrapped in IndexIDMap2 so the shards' /ids are the search results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from carsearch.errors import CarsearchError
+
+log = logging.getLogger(__name__)
+
+_IVF = re.compile(r"IVF(\d+)")
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """The search-time knob of an index: its name and the values worth trying, cheapest first."""
+
+    name: str | None  # "efSearch", "nprobe" or None (exact / nothing to tune)
+    values: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Capture what C++ code (faiss) writes to file descriptor 2 and hand it back as lines.
+
+    faiss prints one clustering warning per sub-quantizer straight to stderr; we log a single line instead.
+    """
+    lines: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded interpreters): nothing to capture
+        yield lines
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
+    return next((part for part in _chain(index) if isinstance(part, faiss.IndexHNSW)), None)
+
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    """An empty index for `factory` (cosine via inner product), with id support."""
+    factory = factory.strip()
+    if not factory or factory.lower() == "auto":
+        raise CarsearchError("internal: resolve 'auto' to a factory string before building")
+    if factory.startswith("IDMap"):
+        raise CarsearchError(f"{factory!r}: leave out IDMap, carsearch adds it where the index needs it.")
+    m = _IVF.search(factory)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if ivf_of(index) is None:
+            index = faiss.index_factory(dim, "IDMap2," + factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else "invalid"
+        raise CarsearchError(
+            f"{factory!r} is not a faiss factory string this faiss can build for {dim}-d vectors ({detail}); "
+            "examples: Flat, HNSW32, IVF256,Flat, IVF1024,PQ64, OPQ64,IVF1024,PQ64."
+        ) from None
+    if m and int(m.group(1)) < 1:
+        raise CarsearchError(f"{factory!r}: IVF needs at least one list.")
+    for part in _chain(index):
+        # faiss's factory turns on polysemous training for PQ codes: a simulated-annealing reordering that
+        # only serves Hamming-threshold search, which carsearch never uses. It made IVF-PQ training on 5k
+        # vectors take 26 s instead of 2.3 s here.
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    return index
+
+
+def _chain(index: faiss.Index) -> list[faiss.Index]:
+    """The index and the indexes it wraps (IDMap, PreTransform, IVF), each downcast to its real type."""
+    out = []
+    current: faiss.Index | None = faiss.downcast_index(index)
+    while current is not None and len(out) < 8:
+        out.append(current)
+        inner = getattr(current, "index", None)
+        current = faiss.downcast_index(inner) if inner is not None else None
+    ivf = ivf_of(index)
+    if ivf is not None:
+        out.append(faiss.downcast_index(ivf))
+    return out
+
+
+def min_training_points(index: faiss.Index) -> int:
+    """The fewest vectors faiss can train this index on (one per IVF list; 256 for 8-bit PQ codebooks)."""
+    need = 0
+    ivf = ivf_of(index)
+    if ivf is not None:
+        need = ivf.nlist
+    pq = getattr(ivf, "pq", None) if ivf is not None else None
+    if pq is not None:
+        need = max(need, 1 << pq.nbits)
+    return need
+
+
+def train_and_add(
+    index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, seed: int = 0, max_train: int = 200_000
+) -> tuple[float, float]:
+    """Train (on at most `max_train` sampled vectors) and add with ids. Returns (train_s, add_s)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        need = min_training_points(index)
+        if len(x) < need:
+            raise CarsearchError(
+                f"this index needs at least {need} vectors to train and the collection has {len(x)}; "
+                "use fewer IVF lists (e.g. IVF64), fewer PQ bits, or Flat / HNSW32."
+            )
+        rng = np.random.default_rng(seed)
+        sample = x if len(x) <= max_train else x[np.sort(rng.choice(len(x), max_train, replace=False))]
+        _seed_clustering(index, seed)
+        with captured_stderr() as noise:
+            index.train(sample)
+        warnings = [line for line in noise if "WARNING" in line]
+        if warnings:
+            log.warning(
+                "faiss: %s (and %d similar warnings): few training vectors for this index type; "
+                "recall may suffer.",
+                warnings[0].strip(),
+                len(warnings) - 1,
+            )
+    t1 = time.perf_counter()
+    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _seed_clustering(index: faiss.Index, seed: int) -> None:
+    # k-means seeds default to a constant in faiss already; set ours so `--seed` means something.
+    ivf = ivf_of(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        pq = getattr(ivf, "pq", None)
+        if pq is not None:
+            pq.cp.seed = seed
+
+
+def tunable(index: faiss.Index) -> Tunable:
+    """The search parameter worth tuning for this index, with candidate values cheapest first."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        values = [1]
+        while values[-1] < ivf.nlist:
+            values.append(min(values[-1] * 2, ivf.nlist))
+        return Tunable("nprobe", tuple(values))
+    if hnsw_of(index) is not None:
+        return Tunable("efSearch", (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024))
+    return Tunable(None)
+
+
+def set_search_params(index: faiss.Index, params: str) -> None:
+    """Apply a search-parameter string such as "efSearch=64" or "nprobe=16" (empty: nothing)."""
+    if not params:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as e:
+        raise CarsearchError(f"search parameters {params!r} do not apply to this index ({e}).") from None
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove ids; refused, with the reason, for index types whose structure cannot forget (HNSW)."""
+    if hnsw_of(index) is not None:
+        raise CarsearchError(
+            "HNSW indexes cannot remove vectors (the graph would lose its links); rebuild the index without "
+            "those images, or use a Flat or IVF index if removals are routine."
+        )
+    try:
+        return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+    except RuntimeError as e:
+        raise CarsearchError(f"this index type does not support removal ({e}); rebuild it instead.") from None
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Bytes the index takes in memory, as its serialised size (faiss's own layout, the same in RAM)."""
+    return int(faiss.serialize_index(index).nbytes)

@@ -1,0 +1,83 @@
+"""faiss factory strings: ids, training, removal, tunable parameters, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carsearch.errors import CarsearchError
+from carsearch.index.factory import (
+    index_bytes,
+    make_index,
+    remove_ids,
+    set_search_params,
+    train_and_add,
+    tunable,
+)
+
+
+def _data(n: int = 3000, d: int = 32, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    ["Flat", "HNSW16", "IVF16,Flat", "IVF16,PQ8", "OPQ8,IVF16,PQ8", "IVF16,SQ8", "PQ8", "HNSW16,Flat"],
+)
+def test_every_type_returns_the_given_ids(factory: str) -> None:
+    x = _data()
+    ids = np.arange(len(x), dtype=np.int64) * 7 + 1000
+    index = make_index(factory, x.shape[1])
+    train_and_add(index, x, ids)
+    knob = tunable(index)
+    if knob.name:
+        set_search_params(index, f"{knob.name}={knob.values[-1]}")
+    _, found = index.search(x[:20], 1)
+    assert set(found[:, 0]) <= set(ids.tolist())
+    if factory in ("Flat", "HNSW16", "IVF16,Flat", "HNSW16,Flat"):
+        assert (found[:, 0] == ids[:20]).all()  # full vectors: each finds itself
+    assert index_bytes(index) > 0
+
+
+def test_polysemous_training_is_off() -> None:
+    import faiss
+
+    index = make_index("IVF16,PQ8", 32)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert ivf.do_polysemous_training is False
+
+
+def test_tunable_values() -> None:
+    assert tunable(make_index("Flat", 8)).name is None
+    ivf = tunable(make_index("IVF16,Flat", 8))
+    assert ivf.name == "nprobe" and ivf.values == (1, 2, 4, 8, 16)
+    assert tunable(make_index("HNSW32", 8)).name == "efSearch"
+    assert tunable(make_index("OPQ8,IVF16,PQ8", 32)).name == "nprobe"
+
+
+def test_removal_where_supported() -> None:
+    x = _data()
+    for factory in ("Flat", "IVF16,Flat"):
+        index = make_index(factory, x.shape[1])
+        train_and_add(index, x, np.arange(len(x)))
+        assert remove_ids(index, np.array([0, 1, 2])) == 3
+        assert index.ntotal == len(x) - 3
+        set_search_params(index, "nprobe=16" if "IVF" in factory else "")
+        _, found = index.search(x[:3], 5)
+        assert not {0, 1, 2} & set(found.ravel().tolist())
+    hnsw = make_index("HNSW16", x.shape[1])
+    train_and_add(hnsw, x, np.arange(len(x)))
+    with pytest.raises(CarsearchError, match="HNSW indexes cannot remove"):
+        remove_ids(hnsw, np.array([0]))
+
+
+def test_errors() -> None:
+    with pytest.raises(CarsearchError, match="not a faiss factory string"):
+        make_index("HNSWxyz", 32)
+    with pytest.raises(CarsearchError, match="leave out IDMap"):
+        make_index("IDMap,Flat", 32)
+    with pytest.raises(CarsearchError, match="needs at least 1024 vectors to train"):
+        train_and_add(make_index("IVF1024,Flat", 32), _data(500), np.arange(500))
+    with pytest.raises(CarsearchError, match="do not apply"):
+        set_search_params(make_index("Flat", 8), "nprobe=4")
