@@ -1,0 +1,60 @@
+"""Open-set scoring: a query far from every indexed image is "unknown" (Sun et al. 2022, kNN OOD).
+
+Score = cosine similarity to the k-th nearest indexed image; the threshold keeps a chosen share (95%)
+of queries of known classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_OPENSET_K = 1
+DEFAULT_TPR = 0.95
+
+
+def kth_similarity(similarities: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the similarity of the k-th neighbour (1-based); -inf where fewer than k were found."""
+    sims = np.atleast_2d(similarities)
+    if sims.shape[1] < k:
+        return np.full(len(sims), -np.inf)
+    col = sims[:, k - 1].astype(np.float64)
+    return np.where(np.isfinite(col), col, -np.inf)
+
+
+def threshold_for_tpr(known_scores: np.ndarray, tpr: float = DEFAULT_TPR) -> float:
+    """The largest threshold that keeps at least `tpr` of the known queries (score >= threshold)."""
+    s = np.sort(np.asarray(known_scores, dtype=np.float64))
+    if len(s) == 0:
+        raise ValueError("no scores to calibrate on")
+    if not 0 < tpr <= 1:
+        raise ValueError("tpr must be in (0, 1]")
+    drop = int(np.floor((1 - tpr) * len(s) + 1e-9))
+    return float(s[min(drop, len(s) - 1)])
+
+
+def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """P(score of a known query > score of an unknown one), ties counting one half (Mann-Whitney U)."""
+    k = np.asarray(known_scores, dtype=np.float64)
+    u = np.asarray(unknown_scores, dtype=np.float64)
+    if len(k) == 0 or len(u) == 0:
+        return float("nan")
+    both = np.concatenate([k, u])
+    order = np.argsort(both, kind="mergesort")
+    ranks = np.empty(len(both))
+    ranks[order] = np.arange(1, len(both) + 1)
+    # Average ranks over ties.
+    sorted_vals = both[order]
+    start = 0
+    for end in range(1, len(both) + 1):
+        if end == len(both) or sorted_vals[end] != sorted_vals[start]:
+            ranks[order[start:end]] = (start + 1 + end) / 2
+            start = end
+    u_stat = ranks[: len(k)].sum() - len(k) * (len(k) + 1) / 2
+    return float(u_stat / (len(k) * len(u)))
+
+
+def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = DEFAULT_TPR) -> float:
+    """Share of unknown queries still accepted at the threshold that keeps `tpr` of the known ones."""
+    t = threshold_for_tpr(known_scores, tpr)
+    u = np.asarray(unknown_scores, dtype=np.float64)
+    return float(np.mean(u >= t)) if len(u) else float("nan")

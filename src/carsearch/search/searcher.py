@@ -1,0 +1,256 @@
+"""Searcher: open an index folder, embed query images the way the collection was embedded, search, vote."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from carsearch.datasets.scan import image_files
+from carsearch.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image
+from carsearch.errors import CarsearchError
+from carsearch.index.store import LEVELS, IndexBundle, open_bundle
+from carsearch.search.openset import kth_similarity
+from carsearch.search.vote import DEFAULT_K, DEFAULT_TEMPERATURE, vote
+
+MAX_K = 1000
+
+Query = str | Path | bytes | Image.Image
+
+
+@dataclass
+class Neighbor:
+    id: int
+    path: str
+    label: str
+    make: str
+    model: str
+    year: str
+    score: float  # cosine similarity
+
+
+@dataclass
+class SearchResult:
+    query: str
+    neighbors: list[Neighbor] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Vote:
+    label: str
+    share: float
+
+
+@dataclass
+class Classification:
+    query: str
+    label: str | None  # the winning label (the best guess even when `unknown`)
+    confidence: float  # its vote share
+    top5: list[Vote]
+    unknown: bool  # the query looks like no indexed model (open-set rejection)
+    openset_score: float | None  # similarity to the k-th neighbour used for rejection
+    threshold: float | None
+    level: str
+    neighbors: list[Neighbor] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def expand_queries(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders replaced by the images they hold (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [p / rel for rel in image_files(p, p)]
+            if not found:
+                raise CarsearchError(f"query folder {p} holds no images.")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _name(q: Query, i: int) -> str:
+    if isinstance(q, str | Path):
+        return str(q)
+    return f"<query {i}>"
+
+
+class Searcher:
+    """Similar-car search and kNN classification over one index folder. Safe to share between threads."""
+
+    def __init__(
+        self,
+        bundle: IndexBundle,
+        device: str = "auto",
+        precision: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.bundle = bundle
+        self._device, self._precision, self.max_pixels = device, precision, max_pixels
+        self._encoder = None
+        self._lock = threading.Lock()  # one forward pass at a time; faiss search itself is read-only
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str | Path,
+        device: str = "auto",
+        precision: str = "auto",
+        verify: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Searcher:
+        return cls(open_bundle(index_dir, verify=verify), device, precision, max_pixels)
+
+    @property
+    def info(self) -> dict:
+        return self.bundle.info
+
+    @property
+    def encoder(self):  # carsearch.embed.Encoder, built on first use (vector-only callers never pay for it)
+        if self._encoder is None:
+            from carsearch.embed.encoder import Encoder
+
+            self._encoder = Encoder.from_provenance(self.bundle.provenance, self._device, self._precision)
+        return self._encoder
+
+    # --- embedding queries ---------------------------------------------------------------------------
+
+    def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[str | None]]:
+        """Embed query images; returns (vectors of the good ones, per-query error or None)."""
+        images: list[Image.Image] = []
+        errors: list[str | None] = []
+        for q in queries:
+            try:
+                img = q.convert("RGB") if isinstance(q, Image.Image) else load_image(q, self.max_pixels)
+                images.append(img)
+                errors.append(None)
+            except BadImage as e:
+                errors.append(f"{e.reason}: {e.detail}" if e.detail else e.reason)
+        if not images:
+            return np.zeros((0, self.bundle.index.d), np.float32), errors
+        with self._lock:
+            vectors = self.encoder.encode_images(images)
+        return vectors, errors
+
+    # --- search ----------------------------------------------------------------------------------------
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw faiss search: (similarities, ids), -1 ids where fewer than k were found."""
+        if not 1 <= k <= MAX_K:
+            raise CarsearchError(f"k must be between 1 and {MAX_K}, not {k}.")
+        x = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if x.shape[1] != self.bundle.index.d:
+            raise CarsearchError(
+                f"query vectors have {x.shape[1]} dimensions; this index holds {self.bundle.index.d}."
+            )
+        return self.bundle.index.search(x, min(k, max(1, self.bundle.index.ntotal)))
+
+    def neighbors(self, sims: np.ndarray, ids: np.ndarray) -> list[Neighbor]:
+        g = self.bundle.gallery
+        out = []
+        for sim, row in zip(sims, g.rows(ids), strict=True):
+            if row < 0:
+                continue
+            out.append(
+                Neighbor(
+                    int(g.ids[row]),
+                    str(g.paths[row]),
+                    str(g.labels[row]),
+                    str(g.make[row]),
+                    str(g.model[row]),
+                    str(g.year[row]),
+                    round(float(sim), 6),
+                )
+            )
+        return out
+
+    def _run(
+        self, queries: Sequence[Query] | np.ndarray, k: int
+    ) -> tuple[list[str], list[str | None], np.ndarray, np.ndarray]:
+        if isinstance(queries, np.ndarray):
+            vectors, errors = np.atleast_2d(queries), [None] * len(np.atleast_2d(queries))
+            names = [f"<vector {i}>" for i in range(len(vectors))]
+        else:
+            names = [_name(q, i) for i, q in enumerate(queries)]
+            vectors, errors = self.embed(queries)
+        sims, ids = (
+            self.search_vectors(vectors, k) if len(vectors) else (np.zeros((0, k)), np.zeros((0, k), int))
+        )
+        return names, errors, sims, ids
+
+    def search(self, queries: Sequence[Query] | np.ndarray, k: int = 10) -> list[SearchResult]:
+        """The k most similar indexed images of each query (image files, bytes, PIL images or vectors)."""
+        names, errors, sims, ids = self._run(queries, k)
+        out, j = [], 0
+        for name, err in zip(names, errors, strict=True):
+            if err is not None:
+                out.append(SearchResult(name, [], err))
+                continue
+            out.append(SearchResult(name, self.neighbors(sims[j], ids[j])))
+            j += 1
+        return out
+
+    # --- classification --------------------------------------------------------------------------------
+
+    @property
+    def openset(self) -> dict | None:
+        return self.bundle.info.get("openset")
+
+    def classify(
+        self,
+        queries: Sequence[Query] | np.ndarray,
+        k: int = DEFAULT_K,
+        level: str = "model",
+        temperature: float = DEFAULT_TEMPERATURE,
+        reject: bool = True,
+    ) -> list[Classification]:
+        """Label each query by the weighted vote of its k nearest indexed images, or say "unknown".
+
+        A query is unknown when its similarity to its k_openset-th neighbour (k_openset recorded at
+        calibration) is below the calibrated threshold; `reject=False` never says unknown.
+        """
+        if level not in LEVELS:
+            raise CarsearchError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}.")
+        if temperature <= 0:
+            raise CarsearchError("the temperature must be positive.")
+        cal = self.openset
+        k_os = int(cal["k"]) if cal else 0
+        names, errors, sims, ids = self._run(queries, max(k, k_os))
+        labels = self.bundle.gallery.level(level)
+        out, j = [], 0
+        for name, err in zip(names, errors, strict=True):
+            if err is not None:
+                out.append(Classification(name, None, 0.0, [], False, None, None, level, [], err))
+                continue
+            rows = self.bundle.gallery.rows(ids[j][:k])
+            valid = rows >= 0
+            ranked = vote([str(labels[r]) for r in rows[valid]], sims[j][:k][valid], temperature)
+            score = float(kth_similarity(sims[j], k_os)[0]) if cal else None
+            unknown = bool(reject and cal is not None and score < cal["threshold"])
+            top = ranked[0] if ranked else (None, 0.0)
+            out.append(
+                Classification(
+                    query=name,
+                    label=top[0],
+                    confidence=round(top[1], 6),
+                    top5=[Vote(lab, round(share, 6)) for lab, share in ranked[:5]],
+                    unknown=unknown,
+                    openset_score=None if score is None else round(score, 6),
+                    threshold=cal["threshold"] if cal else None,
+                    level=level,
+                    neighbors=self.neighbors(sims[j][:k], ids[j][:k]),
+                )
+            )
+            j += 1
+        return out

@@ -1,0 +1,92 @@
+"""Searcher: queries embedded like the collection, search and classify against direct computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carsearch.embed import load_embeddings
+from carsearch.errors import CarsearchError
+from carsearch.index.build import build_index
+from carsearch.search import Searcher, expand_queries
+from carsearch.search.vote import vote
+from tests.conftest import DEV
+
+
+@pytest.fixture(scope="module")
+def searcher(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Searcher:
+    out = tmp_path_factory.mktemp("idx") / "idx"
+    build_index([dev_embeddings], out)
+    return Searcher.open(out)
+
+
+def test_image_query_equals_its_stored_embedding(searcher: Searcher, dev_embeddings: Path) -> None:
+    emb = load_embeddings(dev_embeddings)
+    paths = [DEV / p for p in emb.paths[:3]]
+    by_image = searcher.search(paths, k=5)
+    by_vector = searcher.search(emb.vectors[:3], k=5)
+    for a, b, own_id in zip(by_image, by_vector, emb.ids[:3], strict=True):
+        assert a.error is None and a.neighbors[0].id == own_id  # each image finds itself first
+        assert a.neighbors[0].score == pytest.approx(1.0, abs=0.01)
+        assert [n.id for n in a.neighbors[:3]] == [n.id for n in b.neighbors[:3]]
+    assert by_image[0].query == str(paths[0]) and by_image[0].neighbors[0].path == emb.paths[0]
+
+
+def test_classify_equals_a_hand_vote(searcher: Searcher, dev_heldout: Path) -> None:
+    held = load_embeddings(dev_heldout)
+    q = held.vectors[:25]
+    results = searcher.classify(q, k=20)
+    sims, ids = searcher.search_vectors(q, 20)
+    g = searcher.bundle.gallery
+    for r, s, i in zip(results, sims, ids, strict=True):
+        expected = vote([str(g.labels[row]) for row in g.rows(i)], s, 0.07)
+        assert r.label == expected[0][0] and r.confidence == pytest.approx(expected[0][1], abs=1e-6)
+        assert [v.label for v in r.top5] == [lab for lab, _ in expected[:5]]
+        assert r.unknown == (r.openset_score < searcher.openset["threshold"])
+        assert len(r.neighbors) == 20
+
+
+def test_levels_and_no_reject(searcher: Searcher, dev_heldout: Path) -> None:
+    held = load_embeddings(dev_heldout)
+    makes = searcher.classify(held.vectors[:40], level="make")
+    assert all(r.level == "make" and r.label in set(searcher.bundle.gallery.make) for r in makes)
+    top1_make = np.mean([r.label == m for r, m in zip(makes, held.make[:40], strict=True)])
+    top1_model = np.mean(
+        [
+            r.label == lab
+            for r, lab in zip(searcher.classify(held.vectors[:40]), held.labels[:40], strict=True)
+        ]
+    )
+    assert top1_make >= top1_model  # a make is never harder to get right than make + model + year
+    years = searcher.classify(held.vectors[:5], level="year")
+    assert all(r.label.isdigit() for r in years)
+    assert not any(r.unknown for r in searcher.classify(held.vectors[:60], reject=False))
+
+
+def test_bad_queries_are_reported_not_raised(searcher: Searcher, tmp_path: Path) -> None:
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    results = searcher.search(
+        [DEV / "images" / "00001.jpg", tmp_path / "notes.jpg", tmp_path / "missing.jpg"]
+    )
+    assert results[0].error is None
+    assert results[1].error.startswith("not_an_image") and results[2].error.startswith("missing")
+    cls = searcher.classify([tmp_path / "notes.jpg"])
+    assert cls[0].error and cls[0].label is None
+    with pytest.raises(CarsearchError, match="k must be between"):
+        searcher.search(np.zeros((1, 1280), np.float32), k=0)
+    with pytest.raises(CarsearchError, match="dimensions"):
+        searcher.search(np.zeros((1, 7), np.float32))
+    with pytest.raises(CarsearchError, match="unknown level"):
+        searcher.classify(np.zeros((1, 1280), np.float32), level="trim")
+
+
+def test_expand_queries(tmp_path: Path) -> None:
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"x")
+    assert expand_queries([tmp_path]) == [tmp_path / "b.jpg", tmp_path / "sub" / "a.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CarsearchError, match="holds no images"):
+        expand_queries([tmp_path / "empty"])
