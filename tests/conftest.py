@@ -53,3 +53,49 @@ def write_csv_dataset(root: Path, rows: list[dict[str, str]], with_names: bool =
 def small_dataset(tmp_path: Path) -> Path:
     """24 real images: 4 classes x 6 images, csv layout."""
     return write_csv_dataset(tmp_path / "data", pick([1, 14, 50, 151], 6))
+
+
+def _subset_labels(path: Path, rows: list[dict[str, str]]) -> Path:
+    """A labels.csv listing dev images by their path under DEV (nothing is copied)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "class_id", "class_name"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def pick_range(classes: list[int], start: int, stop: int) -> list[dict[str, str]]:
+    """Images start..stop-1 (by file name) of each class."""
+    by_class: dict[int, list[dict[str, str]]] = defaultdict(list)
+    for row in sorted(dev_rows(), key=lambda r: r["image"]):
+        by_class[int(row["class_id"])].append(row)
+    return [row for c in classes for row in by_class[c][start:stop]]
+
+
+@pytest.fixture(scope="session")
+def dev_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real efficientnet_lite0 embeddings of 8 images of each of the 196 classes (1,568 images)."""
+    from carsearch.embed import embed_dataset
+
+    folder = tmp_path_factory.mktemp("dev-gallery")
+    labels = _subset_labels(folder / "labels.csv", pick_range(list(range(1, 197)), 0, 8))
+    embed_dataset(DEV, folder / "emb", labels_file=labels, backbone="efficientnet_lite0", progress=False)
+    return folder / "emb"
+
+
+@pytest.fixture(scope="session")
+def dev_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other images of the same classes (images 8..11 of each class), ids from 100000: held-out queries."""
+    from carsearch.embed import embed_dataset
+
+    folder = tmp_path_factory.mktemp("dev-heldout")
+    labels = _subset_labels(folder / "labels.csv", pick_range(list(range(1, 197)), 8, 12))
+    embed_dataset(
+        DEV,
+        folder / "emb",
+        labels_file=labels,
+        backbone="efficientnet_lite0",
+        id_start=100_000,
+        progress=False,
+    )
+    return folder / "emb"

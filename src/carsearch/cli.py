@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -37,6 +37,8 @@ class _Group(click.Group):
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    # faiss's loader reports which SIMD build it picked at INFO level: noise for users.
+    logging.getLogger("faiss").setLevel(max(level, logging.WARNING))
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -77,14 +79,23 @@ class _Workers(click.ParamType):
         return n
 
 
-def _size(text: str) -> int:
+class _Bytes(click.ParamType):
     """'4G', '512M', '1.5GiB', '1000000' -> bytes."""
-    s = text.strip().upper().removesuffix("IB").removesuffix("B")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
-    except (ValueError, KeyError):
-        raise click.BadParameter(f"{text!r} is not a size such as 512M or 4G") from None
+
+    name = "SIZE"
+    _units: ClassVar[dict[str, int]] = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        s = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        try:
+            n = float(s[:-1]) * self._units[s[-1]] if s and s[-1] in self._units else float(s)
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size such as 512M or 4G", param, ctx)
+        if n <= 0:
+            self.fail("must be positive", param, ctx)
+        return int(n)
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -160,10 +171,11 @@ def _human_embed(r: dict) -> str:
 @click.option("--weights-sha256", help="Expected sha256 of the weights file.")
 @click.option(
     "--crop",
-    default="center",
+    default="squash",
     show_default=True,
     type=click.Choice(["center", "squash", "pad"]),
-    help="center: resize + centre crop; squash: resize to a square; pad: letterbox.",
+    help="squash: resize to a square (best for wide cars, docs/benchmarks.md); center: resize + centre "
+    "crop; pad: letterbox.",
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -318,6 +330,269 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
             + "\n".join(f"  {e['path']}: {e['make']} | {e['model']} | {e['year']}" for e in i["examples"])
         ),
     )
+
+
+# --- index -------------------------------------------------------------------------------------------
+
+
+def _human_index(i: dict) -> str:
+    from carsearch.index.auto import human_bytes
+
+    rec, os_ = i.get("recall") or {}, i.get("openset")
+    lines = [
+        f"{i['factory']} index of {i['ntotal']} vectors ({i['dim']}-d, cosine), "
+        f"{human_bytes(i['memory_bytes'])} in memory, "
+        f"search parameters: {i['search_params'] or 'none (exact)'}",
+        f"  recall@{rec.get('k', 10)} against exact search: {rec.get('measured', 1.0):.3f} "
+        f"(target {rec.get('target', '-')}, {rec.get('queries', 0)} queries)",
+        f"  embeddings: {i['provenance']['backbone']} / {i['provenance']['weights']}, "
+        f"crop {i['provenance']['preprocessing']['crop']}; sources: "
+        + ", ".join(f"{s['embeddings']} ({s['root']})" for s in i["sources"]),
+    ]
+    if i.get("auto"):
+        lines.append(f"  chosen automatically: {i['auto']['reason']}")
+    if os_:
+        lines.append(
+            f"  unknown-model threshold {os_['threshold']:.4f} (similarity to neighbour {os_['k']}), keeps "
+            f"{os_['tpr']:.1%} of known images; calibrated by {os_['method']}"
+        )
+    else:
+        lines.append('  no open-set threshold: run `carsearch index calibrate` to enable "unknown" answers')
+    for key, label in (("added", "added"), ("removed", "removed")):
+        if key in i:
+            lines.append(f"  {label}: {i[key]} images")
+    return "\n".join(lines)
+
+
+@cli.group()
+def index() -> None:
+    """Build and maintain faiss indexes over embedding folders."""
+
+
+@index.command("build")
+@click.argument("emb_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option(
+    "--factory",
+    default="auto",
+    show_default=True,
+    help="faiss factory string (Flat, HNSW32, IVF256,Flat, IVF1024,PQ64, OPQ64,IVF1024,PQ64, ...) or auto.",
+)
+@click.option(
+    "--memory-budget",
+    default="4G",
+    show_default=True,
+    type=_Bytes(),
+    help="auto: the most memory the index may take.",
+)
+@click.option(
+    "--target-recall",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Tune efSearch / nprobe to the cheapest value reaching this recall@10 against exact search.",
+)
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="Set the unknown-model threshold by leave-one-out on the collection.",
+)
+@click.option(
+    "--openset-k",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Unknown-model score: similarity to this neighbour (1 = the nearest).",
+)
+@click.option(
+    "--tpr",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Share of known-model images the threshold keeps.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+def index_build(
+    emb_dirs: tuple[str, ...],
+    out: str,
+    factory: str,
+    memory_budget: int,
+    target_recall: float,
+    calibrate: bool,
+    openset_k: int,
+    tpr: float,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Build an index over one or more embedding folders (EMB_DIRS) into --out."""
+    from carsearch.index.build import build_index
+
+    info = build_index(
+        list(emb_dirs), out, factory, memory_budget, target_recall, calibrate, openset_k, tpr, seed
+    )
+    emit(info, as_json, _human_index)
+
+
+@index.command("info")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@json_option
+def index_info_cmd(index_dir: str, as_json: bool) -> None:
+    """Describe an index (after checking its files against index.json)."""
+    from carsearch.index.build import index_info
+
+    emit(index_info(index_dir), as_json, _human_index)
+
+
+@index.command("add")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("emb_dir", type=click.Path(file_okay=False))
+@json_option
+def index_add(index_dir: str, emb_dir: str, as_json: bool) -> None:
+    """Add the shards of EMB_DIR that INDEX_DIR does not hold yet, without rebuilding.
+
+    Refused for shards of another backbone, weights or preprocessing, or with ids already in the index.
+    """
+    from carsearch.index.build import add_to_index
+
+    emit(add_to_index(index_dir, emb_dir), as_json, _human_index)
+
+
+@index.command("remove")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("ids", nargs=-1, required=True, type=int)
+@json_option
+def index_remove(index_dir: str, ids: tuple[int, ...], as_json: bool) -> None:
+    """Remove images by id (Flat and IVF indexes; HNSW cannot forget and must be rebuilt)."""
+    from carsearch.index.build import remove_from_index
+
+    emit(remove_from_index(index_dir, list(ids)), as_json, _human_index)
+
+
+@index.command("calibrate")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--queries",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Embedding folder of held-out images; images of classes not in the index count as unknown.",
+)
+@click.option("--tpr", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option(
+    "--k", "k", type=click.IntRange(1), help="Neighbour whose similarity is the score (default: as built)."
+)
+@json_option
+def index_calibrate(index_dir: str, queries: str, tpr: float, k: int | None, as_json: bool) -> None:
+    """Set the unknown-model threshold so that --tpr of known-class queries are kept."""
+    from carsearch.index.build import calibrate_index
+
+    emit(calibrate_index(index_dir, queries, tpr, k), as_json, _human_index)
+
+
+# --- search / classify ---------------------------------------------------------------------------------
+
+
+def _device_option(f: Callable) -> Callable:
+    f = click.option(
+        "--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"])
+    )(f)
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(f)
+
+
+def _exit_if_all_failed(results: list) -> None:
+    if results and all(r.error for r in results):
+        sys.exit(1)
+
+
+def _human_search(results: list[dict]) -> str:
+    out = []
+    for r in results:
+        out.append(r["query"])
+        if r["error"]:
+            out.append(f"   error: {r['error']}")
+        for i, n in enumerate(r["neighbors"], 1):
+            out.append(
+                f"  {i:>3}. {n['score']:.3f}  {n['label'] or '(unlabeled)':<40} {n['path']}  (id {n['id']})"
+            )
+    return "\n".join(out)
+
+
+@cli.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.option("-k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Neighbours per query.")
+@_device_option
+@json_option
+def search(
+    index_dir: str, queries: tuple[str, ...], k: int, device: str, precision: str, as_json: bool
+) -> None:
+    """Find the cars most similar to each query image (files or folders of images)."""
+    from carsearch.search import Searcher, expand_queries
+
+    searcher = Searcher.open(index_dir, device, precision)
+    results = searcher.search(expand_queries(queries), k)
+    emit([r.to_json() for r in results], as_json, _human_search)
+    _exit_if_all_failed(results)
+
+
+def _human_classify(results: list[dict]) -> str:
+    out = []
+    for r in results:
+        if r["error"]:
+            out.append(f"{r['query']}: error: {r['error']}")
+            continue
+        if r["label"] is None:
+            verdict = "no labelled neighbours"
+        elif r["unknown"]:
+            verdict = f"unknown model (closest: {r['label']}, {r['confidence']:.0%} of the vote)"
+        else:
+            verdict = f"{r['label']} ({r['confidence']:.0%} of the vote)"
+        out.append(f"{r['query']}: {verdict}")
+        if r["top5"]:
+            out.append("   votes: " + " | ".join(f"{v['label']} {v['share']:.0%}" for v in r["top5"]))
+    return "\n".join(out)
+
+
+@cli.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.option("-k", default=20, show_default=True, type=click.IntRange(1, 1000), help="Neighbours that vote.")
+@click.option(
+    "--level",
+    default="model",
+    show_default=True,
+    type=click.Choice(["model", "make", "year"]),
+    help="Vote over full class names (make model year), makes, or model years.",
+)
+@click.option(
+    "--temperature",
+    default=0.07,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Vote weight exp(cosine / T) (DINO's kNN protocol).",
+)
+@click.option("--no-reject", is_flag=True, help="Never answer unknown, even below the threshold.")
+@_device_option
+@json_option
+def classify(
+    index_dir: str,
+    queries: tuple[str, ...],
+    k: int,
+    level: str,
+    temperature: float,
+    no_reject: bool,
+    device: str,
+    precision: str,
+    as_json: bool,
+) -> None:
+    """Label each query image by the weighted vote of its nearest indexed cars, or say "unknown model"."""
+    from carsearch.search import Searcher, expand_queries
+
+    searcher = Searcher.open(index_dir, device, precision)
+    results = searcher.classify(expand_queries(queries), k, level, temperature, reject=not no_reject)
+    emit([r.to_json() for r in results], as_json, _human_classify)
+    _exit_if_all_failed(results)
 
 
 def main() -> None:

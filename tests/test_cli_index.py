@@ -1,0 +1,88 @@
+"""index / search / classify commands end to end through CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from carsearch.cli import cli
+from tests.conftest import DEV
+
+
+def _run(*args: str) -> object:
+    return CliRunner().invoke(cli, ["-q", *args])
+
+
+@pytest.fixture(scope="module")
+def index_dir(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "idx"
+    result = _run("index", "build", str(dev_embeddings), "--out", str(out), "--factory", "HNSW32", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["factory"] == "HNSW32" and info["search_params"].startswith("efSearch=")
+    assert info["recall"]["measured"] >= 0.95 and info["openset"]["threshold"] > 0
+    return out
+
+
+def test_info(index_dir: Path) -> None:
+    info = json.loads(_run("index", "info", str(index_dir), "--json").stdout)
+    assert info["ntotal"] == 1568 and info["dim"] == 1280
+    human = _run("index", "info", str(index_dir)).stdout
+    assert "HNSW32 index of 1568 vectors" in human and "unknown-model threshold" in human
+
+
+def test_search_json_shape(index_dir: Path) -> None:
+    query = str(DEV / "images" / "00001.jpg")
+    result = _run("search", "--index", str(index_dir), query, "-k", "4", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out) == 1 and out[0]["query"] == query and len(out[0]["neighbors"]) == 4
+    assert {"id", "path", "label", "score"} <= set(out[0]["neighbors"][0])
+    scores = [n["score"] for n in out[0]["neighbors"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_classify_json_shape_and_folder_queries(index_dir: Path, tmp_path: Path) -> None:
+    for name in ("00001.jpg", "00002.jpg"):
+        (tmp_path / name).write_bytes((DEV / "images" / name).read_bytes())
+    result = _run("classify", "--index", str(index_dir), str(tmp_path), "--level", "make", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [Path(r["query"]).name for r in out] == ["00001.jpg", "00002.jpg"]
+    r = out[0]
+    assert {"label", "confidence", "top5", "unknown", "neighbors"} <= set(r)
+    assert r["label"] == "Audi" and 0 < r["confidence"] <= 1 and len(r["top5"]) <= 5
+    human = _run("classify", "--index", str(index_dir), str(tmp_path / "00001.jpg")).stdout
+    assert "00001.jpg: " in human and "votes:" in human
+
+
+def test_add_remove_calibrate_commands(dev_embeddings: Path, dev_heldout: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    assert _run("index", "build", str(dev_embeddings), "--out", str(idx), "--factory", "Flat").exit_code == 0
+    added = json.loads(_run("index", "add", str(idx), str(dev_heldout), "--json").stdout)
+    assert added["added"] == 784 and added["ntotal"] == 1568 + 784
+    removed = json.loads(_run("index", "remove", str(idx), "100000", "100001", "--json").stdout)
+    assert removed["removed"] == 2 and removed["ntotal"] == 1568 + 782
+    # Calibrating on images that are all in the index is refused: they are not held out.
+    refused = _run("index", "calibrate", str(idx), "--queries", str(dev_embeddings))
+    assert refused.exit_code == 1 and "held-out" in refused.stderr
+
+
+def test_errors_are_one_sentence(tmp_path: Path, index_dir: Path) -> None:
+    for args, message in [
+        (("search", "--index", str(tmp_path), str(DEV / "images" / "00001.jpg")), "has no index.json"),
+        (("index", "build", str(tmp_path), "--out", str(tmp_path / "x")), "has no manifest.json"),
+        (
+            ("index", "build", str(tmp_path), "--out", str(tmp_path / "x"), "--memory-budget", "lots"),
+            "not a size",
+        ),
+        (("search", "--index", str(index_dir), str(tmp_path / "nope.jpg")), "missing"),
+    ]:
+        result = _run(*args)
+        assert result.exit_code in (1, 2) and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    bad_k = _run("search", "--index", str(index_dir), str(DEV / "images" / "00001.jpg"), "-k", "0")
+    assert bad_k.exit_code == 2
