@@ -116,6 +116,23 @@ def knn_metrics(
     }
 
 
+def vote_details(
+    gallery_labels: np.ndarray,
+    sims: np.ndarray,
+    rows: np.ndarray,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> tuple[list[str | None], np.ndarray]:
+    """The winning label of each query's vote and its vote share (the classifier's confidence)."""
+    preds, conf = [], []
+    for s, r in zip(sims, rows, strict=True):
+        ok = r[:k] >= 0
+        ranked = vote(list(gallery_labels[r[:k][ok]]), s[:k][ok], temperature)
+        preds.append(ranked[0][0] if ranked else None)
+        conf.append(ranked[0][1] if ranked else 0.0)
+    return preds, np.array(conf)
+
+
 def predictions(
     gallery_labels: np.ndarray,
     sims: np.ndarray,
@@ -124,12 +141,7 @@ def predictions(
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> list[str | None]:
     """The winning label of each query's vote."""
-    out = []
-    for s, r in zip(sims, rows, strict=True):
-        ok = r[:k] >= 0
-        ranked = vote(list(gallery_labels[r[:k][ok]]), s[:k][ok], temperature)
-        out.append(ranked[0][0] if ranked else None)
-    return out
+    return vote_details(gallery_labels, sims, rows, k, temperature)[0]
 
 
 def closed_set(

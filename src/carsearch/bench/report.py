@@ -1,0 +1,176 @@
+"""report.md: the bench report as tables a person reads."""
+
+from __future__ import annotations
+
+from carsearch.index.auto import human_bytes
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
+def markdown(r: dict) -> str:
+    e, sp = r["embeddings"], r["split"]
+    lines = [
+        "# carsearch bench report",
+        "",
+        f"Embeddings: `{e['folder']}`: {e['vectors']} vectors, {e['dim']}-d, backbone {e['backbone']} "
+        f"({e['weights']}), crop {e['crop']}" + (f", {e['classes']} classes" if e["classes"] else "") + ".",
+        f"Split: {sp['gallery']} gallery / {sp['queries']} query images, stratified per class, "
+        f"seed {sp['seed']}.",
+        f"Machine: {r['machine']['cpus']} CPUs, faiss {r['machine']['versions'].get('faiss-cpu', '?')}; "
+        f"bench took {r['seconds']} s.",
+    ]
+    if r.get("note"):
+        lines += ["", f"**Note:** {r['note']}"]
+    if r.get("closed"):
+        k = r["settings"]["k"]
+        lines += [
+            "",
+            f"## Closed-set kNN classification (k = {k}, T = {r['settings']['temperature']})",
+            "",
+            "top-1 / top-5: the ranked weighted vote; hit@1 / hit@5: any of the first 1 / 5 neighbours has "
+            "the right label (what the VMMRdb reverse-image-search post calls top-1 / top-5).",
+            "",
+        ]
+        rows = []
+        for f, c in r["closed"].items():
+            m, mk = c["model"], c["make"]
+            rows.append(
+                [
+                    f"`{f}`",
+                    c["params"] or "exact",
+                    _pct(m["top1"]),
+                    _pct(m["top5"]),
+                    _pct(m["hit1"]),
+                    _pct(m["hit5"]),
+                    _pct(mk["top1"]),
+                    _pct(mk["top5"]),
+                ]
+            )
+        lines += _table(
+            ["index", "params", "top-1", "top-5", "hit@1", "hit@5", "make top-1", "make top-5"], rows
+        )
+    if r.get("zeroshot"):
+        z = r["zeroshot"]
+        lines += [
+            "",
+            f"## Zero-shot retrieval (Cars196 protocol, test classes {z['test_classes']}, exact search)",
+            "",
+            *_table(
+                ["queries", "R@1", "R@2", "R@4", "R@8"],
+                [[str(z["queries"]), *(_pct(z[f"recall@{k}"]) for k in (1, 2, 4, 8))]],
+            ),
+        ]
+    if r.get("openset"):
+        o = r["openset"]
+        fpr_key = next(key for key in o if key.startswith("fpr@") and key.endswith("tpr"))
+        lines += [
+            "",
+            f"## Open set (known classes {o['known_classes']}; score = similarity to neighbour "
+            f"{o['k_openset']})",
+            "",
+            *_table(
+                [
+                    "known / unknown queries",
+                    "AUROC",
+                    fpr_key.upper(),
+                    "threshold (gallery leave-one-out)",
+                    "TPR / FPR at it",
+                    "open-set accuracy",
+                    "closed top-1 on known",
+                ],
+                [
+                    [
+                        f"{o['known_queries']} / {o['unknown_queries']}",
+                        f"{o['auroc']:.3f}",
+                        _pct(o[fpr_key]),
+                        f"{o['threshold']:.4f}",
+                        f"{_pct(o['tpr_at_threshold'])} / {_pct(o['fpr_at_threshold'])}",
+                        _pct(o["open_set_accuracy"]),
+                        _pct(o["closed_set_top1_known"]),
+                    ]
+                ],
+            ),
+        ]
+    if r.get("index"):
+        lines += ["", "## Index types (database: gallery; queries: held-out images; truth: exact search)", ""]
+        rows = []
+        for f, x in r["index"].items():
+            rows.append(
+                [
+                    f"`{f}`",
+                    x["params"] or "exact",
+                    f"{x['recall@1']:.3f}",
+                    f"{x['recall@10']:.3f}",
+                    f"{x['qps_batched']:,.0f}",
+                    f"{x['qps_single']:,.0f}",
+                    f"{x['p50_ms']:.2f}",
+                    f"{x['p99_ms']:.2f}",
+                    f"{x['build_seconds']:.1f}",
+                    human_bytes(x["memory_bytes"]),
+                    _pct(x["top1"]) if "top1" in x else "-",
+                    _pct(x["top5"]) if "top5" in x else "-",
+                ]
+            )
+        lines += _table(
+            [
+                "index",
+                "tuned",
+                "R@1",
+                "R@10",
+                "QPS batched",
+                "QPS single",
+                "p50 ms",
+                "p99 ms",
+                "build s",
+                "memory",
+                "kNN top-1",
+                "kNN top-5",
+            ],
+            rows,
+        )
+    if r.get("peers"):
+        lines += ["", "## Peers, same run, same queries", ""]
+        rows = [
+            [
+                p["name"],
+                p["params"] or "exact",
+                f"{p['recall@1']:.3f}",
+                f"{p['recall@10']:.3f}",
+                f"{p['qps_batched']:,.0f}",
+                f"{p['qps_single']:,.0f}",
+                f"{p['p50_ms']:.2f}",
+                f"{p['p99_ms']:.2f}",
+                f"{p['build_seconds']:.1f}",
+                human_bytes(p["memory_bytes"]),
+            ]
+            for p in r["peers"]
+        ]
+        lines += _table(
+            [
+                "peer",
+                "tuned",
+                "R@1",
+                "R@10",
+                "QPS batched",
+                "QPS single",
+                "p50 ms",
+                "p99 ms",
+                "build s",
+                "memory",
+            ],
+            rows,
+        )
+        lines += [f"- skipped: {s}" for s in r.get("peers_skipped", [])]
+    if r.get("plots"):
+        lines += ["", "## Plots", "", *(f"![{name}]({file})" for name, file in r["plots"].items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,274 @@
+"""`carsearch bench`: every protocol on one embedding folder, written as report.json, report.md and plots."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from carsearch import SCHEMA_VERSION
+from carsearch.bench.indexes import IndexRun, build_run, default_factories, measure, sweep
+from carsearch.bench.protocols import (
+    GALLERY_FRACTION,
+    class_range,
+    knn_metrics,
+    open_set,
+    stratified_split,
+    vote_details,
+    zero_shot,
+)
+from carsearch.embed.store import EmbeddingSet, load_embeddings
+from carsearch.errors import CarsearchError
+from carsearch.fsutil import write_json_atomic, write_text_atomic
+from carsearch.index.tune import exact_search
+from carsearch.progress import Progress
+from carsearch.provenance import library_versions
+from carsearch.search.openset import DEFAULT_OPENSET_K, DEFAULT_TPR
+from carsearch.search.vote import DEFAULT_K, DEFAULT_TEMPERATURE
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("closed", "zeroshot", "openset", "index")
+CONFUSION_CLASSES = 12
+
+
+@dataclass
+class BenchSettings:
+    factories: list[str] = field(default_factory=list)  # empty: default_factories() for the gallery size
+    protocols: tuple[str, ...] = PROTOCOLS
+    k: int = DEFAULT_K
+    temperature: float = DEFAULT_TEMPERATURE
+    seed: int = 0
+    gallery_fraction: float = GALLERY_FRACTION
+    known_classes: str = "1-98"
+    test_classes: str = "99-196"
+    openset_k: int = DEFAULT_OPENSET_K
+    tpr: float = DEFAULT_TPR
+    target_recall: float = 0.95
+    peers: bool = True
+    sweep: bool = True
+    plots: bool = True
+    note: str = ""  # stated in the report, e.g. "synthetic vectors"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.protocols) - set(PROTOCOLS)
+        if unknown:
+            raise CarsearchError(
+                f"unknown protocol {sorted(unknown)[0]!r}; choose from {', '.join(PROTOCOLS)}."
+            )
+
+
+def _accuracy_coverage(scores: np.ndarray, correct: np.ndarray, points: int = 40) -> list[dict]:
+    """As the threshold on `scores` rises: the share of queries answered and how many of those are right.
+    Coverage runs from 100% down to 2.5%: below that a handful of queries make the accuracy noise."""
+    out = []
+    for t in np.unique(np.quantile(scores, np.linspace(0, 0.975, points))):
+        accepted = scores >= t
+        out.append(
+            {
+                "threshold": float(t),
+                "coverage": float(accepted.mean()),
+                "accuracy": float(correct[accepted].mean()) if accepted.any() else 1.0,
+            }
+        )
+    return out
+
+
+def _confusion(truth: np.ndarray, pred: list[str | None], top: int = CONFUSION_CLASSES) -> dict:
+    """Counts among the classes of the most frequent confusions (rows: true class, columns: predicted).
+
+    Classes are taken pair by pair, most frequent (true, predicted) mistake first, so both sides of each
+    confusion are in the matrix, next to each other."""
+    pairs: dict[tuple[str, str], int] = {}
+    for t, p in zip(truth, pred, strict=True):
+        if p is not None and p != t:
+            pairs[(t, p)] = pairs.get((t, p), 0) + 1
+    classes: list[str] = []
+    for (t, p), _ in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0])):
+        for c in (t, p):
+            if c not in classes and len(classes) < top:
+                classes.append(c)
+        if len(classes) >= top:
+            break
+    pos = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=int)
+    for t, p in zip(truth, pred, strict=True):
+        if t in pos and p in pos:
+            matrix[pos[t], pos[p]] += 1
+    return {"classes": classes, "matrix": matrix.tolist()}
+
+
+def _machine() -> dict:
+    import faiss
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": library_versions(),
+    }
+
+
+def run_bench(
+    emb_dir: str | Path,
+    out: str | Path,
+    settings: BenchSettings | None = None,
+    emb: EmbeddingSet | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the chosen protocols; write report.json, report.md and PNG plots into `out`; return the report."""
+    s = settings or BenchSettings()
+    t_start = time.perf_counter()
+    emb = emb if emb is not None else load_embeddings(emb_dir)
+    out = Path(out).expanduser().resolve()
+    labelled = bool(len(emb)) and (emb.class_ids >= 0).all()
+    needs_labels = [p for p in s.protocols if p != "index"]
+    if needs_labels and not labelled:
+        raise CarsearchError(
+            f"the {needs_labels[0]} protocol needs labelled images; {emb.folder} has unlabelled "
+            "ones: run --protocol index only."
+        )
+    if len(emb) < 10:
+        raise CarsearchError(f"{emb.folder} holds {len(emb)} embeddings; a benchmark needs at least 10.")
+    class_ids = emb.class_ids if labelled else np.arange(len(emb)) % 10
+    gal, qry = stratified_split(class_ids, s.gallery_fraction, s.seed)
+    factories = s.factories or default_factories(len(gal), emb.dim)
+    prov = emb.provenance
+    report: dict = {
+        "kind": "carsearch.bench",
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "note": s.note,
+        "embeddings": {
+            "folder": str(emb.folder),
+            "vectors": len(emb),
+            "dim": emb.dim,
+            "classes": len(np.unique(emb.class_ids)) if labelled else None,
+            "backbone": prov.get("backbone"),
+            "weights": prov.get("weights"),
+            "crop": prov.get("preprocessing", {}).get("crop"),
+            "precision": prov.get("precision"),
+        },
+        "settings": {**asdict(s), "factories": factories, "protocols": list(s.protocols)},
+        "split": {
+            "gallery": len(gal),
+            "queries": len(qry),
+            "seed": s.seed,
+            "gallery_fraction": s.gallery_fraction,
+        },
+        "machine": _machine(),
+    }
+    g_vec, q_vec = emb.vectors[gal], emb.vectors[qry]
+    truth = exact_search(g_vec, np.arange(len(gal)), q_vec, 10)[1]
+    steps = len(factories) * (("closed" in s.protocols) + ("index" in s.protocols))
+    flat_pred: tuple[list, np.ndarray] | None = None
+    with Progress(max(1, steps), "bench", "step", enabled=progress, every=10) as bar:
+        if "closed" in s.protocols or "index" in s.protocols:
+            report["closed"], report["index"] = {}, {}
+            for factory in factories:
+                log.info("bench: %s", factory)
+                run = build_run(factory, g_vec, s.target_recall, s.seed)
+                if "closed" in s.protocols:
+                    report["closed"][factory] = _closed(run, emb, gal, qry, s)
+                    if factory == "Flat" or flat_pred is None:
+                        sims, rows = run.search(q_vec, s.k)
+                        flat_pred = vote_details(emb.labels[gal], sims, rows, s.k, s.temperature)
+                    bar.update(1)
+                if "index" in s.protocols:
+                    report["index"][factory] = _index(run, q_vec, truth, emb, gal, qry, s, labelled)
+                    bar.update(1)
+            if not report["closed"]:
+                del report["closed"]
+            if not report["index"]:
+                del report["index"]
+    if "index" in s.protocols and s.peers:
+        from carsearch.bench.peers import measure_peers
+
+        report["peers"], report["peers_skipped"] = measure_peers(
+            g_vec, q_vec, truth, s.target_recall, seed=s.seed
+        )
+    if "zeroshot" in s.protocols:
+        report["zeroshot"] = {"test_classes": s.test_classes, **zero_shot(emb, class_range(s.test_classes))}
+    if "openset" in s.protocols:
+        report["openset"] = _openset(emb, s)
+    if flat_pred is not None:
+        pred, conf = flat_pred
+        correct = np.array(pred, dtype=object) == emb.labels[qry]
+        report["closed_confidence_curve"] = _accuracy_coverage(conf, correct)
+        report["confusion"] = _confusion(emb.labels[qry], pred)
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    if s.plots:
+        from carsearch.bench.plots import write_plots
+
+        report["plots"] = write_plots(report, out)
+    from carsearch.bench.report import markdown
+
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", markdown(report))
+    return report
+
+
+def _closed(run: IndexRun, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: BenchSettings) -> dict:
+    sims, rows = run.search(emb.vectors[qry], s.k)
+    out = {"params": run.params, "k": s.k, "temperature": s.temperature}
+    for level in ("model", "make"):
+        labels = emb.level(level)
+        out[level] = knn_metrics(labels[gal], labels[qry], sims, rows, s.k, s.temperature)
+    return out
+
+
+def _index(
+    run: IndexRun,
+    q_vec: np.ndarray,
+    truth: np.ndarray,
+    emb: EmbeddingSet,
+    gal: np.ndarray,
+    qry: np.ndarray,
+    s: BenchSettings,
+    labelled: bool,
+) -> dict:
+    out = {
+        "params": run.params,
+        "build_seconds": run.build_seconds,
+        "train_seconds": run.train_seconds,
+        "memory_bytes": run.memory_bytes,
+        "tuned_recall@10": run.tuned_recall,
+        **measure(run, q_vec, truth),
+    }
+    if labelled:
+        sims, rows = run.search(q_vec, s.k)
+        m = knn_metrics(emb.labels[gal], emb.labels[qry], sims, rows, s.k, s.temperature)
+        out.update({key: m[key] for key in ("top1", "top5", "hit1", "hit5")})
+    if s.sweep:
+        out["sweep"] = sweep(run, q_vec, truth)
+    return out
+
+
+def _openset(emb: EmbeddingSet, s: BenchSettings) -> dict:
+    r = open_set(
+        emb,
+        class_range(s.known_classes),
+        s.openset_k,
+        k=s.k,
+        temperature=s.temperature,
+        tpr=s.tpr,
+        gallery_fraction=s.gallery_fraction,
+        seed=s.seed,
+    )
+    scores = np.concatenate([r.pop("scores_known"), r.pop("scores_unknown")])
+    correct = np.concatenate([r.pop("correct_known"), np.zeros(r["unknown_queries"], dtype=bool)])
+    curve = []
+    known = np.arange(len(scores)) < r["known_queries"]
+    for point in _accuracy_coverage(scores, correct):
+        accepted = scores >= point["threshold"]
+        # Open-set accuracy: a known query counts when accepted and right, an unknown one when rejected.
+        point["open_set_accuracy"] = float(((accepted & correct) | (~known & ~accepted)).mean())
+        curve.append(point)
+    return {"known_classes": s.known_classes, **r, "curve": curve}

@@ -1,0 +1,242 @@
+"""carsearch bench: every reported number against an independent computation on real embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from carsearch.bench.protocols import stratified_split
+from carsearch.bench.runner import BenchSettings, run_bench
+from carsearch.cli import cli
+from carsearch.embed import load_embeddings
+from carsearch.errors import CarsearchError
+
+FACTORIES = ["Flat", "HNSW32", "IVF16,Flat", "IVF16,PQ40"]
+
+
+@pytest.fixture(scope="module")
+def bench(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    return run_bench(dev_embeddings, out, BenchSettings(factories=FACTORIES), progress=False), out
+
+
+def _vote_oracle(labels: list[str], sims: np.ndarray, t: float = 0.07) -> list[str]:
+    """A second, plain implementation of the weighted vote: label -> sum of exp(sim / T)."""
+    acc: dict[str, float] = defaultdict(float)
+    first: dict[str, int] = {}
+    for i, (lab, s) in enumerate(zip(labels, sims, strict=True)):
+        acc[lab] += math.exp((s - sims[0]) / t)
+        first.setdefault(lab, i)
+    return sorted(acc, key=lambda lab: (-round(acc[lab] / sum(acc.values()), 9), first[lab], lab))
+
+
+def test_split_is_stratified_and_disjoint(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
+    emb = load_embeddings(dev_embeddings)
+    gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
+    assert not set(gal) & set(qry) and len(gal) + len(qry) == len(emb)
+    for c in np.unique(emb.class_ids):
+        n = (emb.class_ids == c).sum()
+        assert (emb.class_ids[gal] == c).sum() == round(2 / 3 * n)
+    assert bench[0]["split"] == {
+        "gallery": len(gal),
+        "queries": len(qry),
+        "seed": 0,
+        "gallery_fraction": 2 / 3,
+    }
+
+
+def test_closed_set_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
+    report = bench[0]
+    emb = load_embeddings(dev_embeddings)
+    gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
+    sims = emb.vectors[qry] @ emb.vectors[gal].T  # brute force with numpy
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :20]
+    for level, labels in (("model", emb.labels), ("make", emb.make)):
+        g, q = labels[gal], labels[qry]
+        top1 = top5 = hit1 = hit5 = 0
+        for i in range(len(qry)):
+            neigh = list(g[order[i]])
+            ranked = _vote_oracle(neigh, sims[i, order[i]])
+            top1 += ranked[0] == q[i]
+            top5 += q[i] in ranked[:5]
+            hit1 += neigh[0] == q[i]
+            hit5 += q[i] in neigh[:5]
+        got = report["closed"]["Flat"][level]
+        n = len(qry)
+        # Exact search: the same neighbours, up to ties in similarity between two gallery images.
+        assert got["top1"] == pytest.approx(top1 / n, abs=2 / n)
+        assert got["top5"] == pytest.approx(top5 / n, abs=2 / n)
+        assert got["hit1"] == pytest.approx(hit1 / n, abs=2 / n)
+        assert got["hit5"] == pytest.approx(hit5 / n, abs=2 / n)
+    assert report["closed"]["Flat"]["model"]["top1"] > 0.15  # far above chance (1/196) on real embeddings
+    assert report["closed"]["Flat"]["make"]["top1"] >= report["closed"]["Flat"]["model"]["top1"]
+
+
+def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
+    report = bench[0]
+    assert set(report["index"]) == set(FACTORIES)
+    flat = report["index"]["Flat"]
+    assert flat["recall@1"] == 1.0 and flat["recall@10"] == 1.0 and flat["params"] == ""
+    emb = load_embeddings(dev_embeddings)
+    gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
+    truth = np.argsort(-(emb.vectors[qry] @ emb.vectors[gal].T), axis=1)[:, :10]
+    from carsearch.index.factory import make_index, set_search_params, train_and_add
+
+    for factory in ("IVF16,Flat", "IVF16,PQ40"):  # deterministic builds: rebuild and re-measure
+        r = report["index"][factory]
+        index = make_index(factory, emb.dim)
+        train_and_add(index, emb.vectors[gal], np.arange(len(gal)))
+        set_search_params(index, r["params"])
+        _, found = index.search(emb.vectors[qry], 10)
+        recall10 = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+        recall1 = np.mean(found[:, 0] == truth[:, 0])
+        assert r["recall@10"] == pytest.approx(recall10, abs=1e-9)
+        assert r["recall@1"] == pytest.approx(recall1, abs=2 / len(qry))
+    for r in report["index"].values():
+        assert r["qps_batched"] > 0 and r["qps_single"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["memory_bytes"] > 0 and r["build_seconds"] >= 0
+    pq = report["index"]["IVF16,PQ40"]
+    # 40-byte codes + 8-byte ids per vector, plus the fixed PQ codebooks and IVF centroids.
+    n, d = len(gal), emb.dim
+    expected = n * (40 + 8) + 4 * 256 * d + 4 * 16 * d
+    assert expected * 0.95 <= pq["memory_bytes"] <= expected * 1.1, (pq["memory_bytes"], expected)
+    assert flat["memory_bytes"] >= n * d * 4
+    assert report["index"]["HNSW32"]["sweep"] and [
+        p["param"] for p in report["index"]["IVF16,Flat"]["sweep"]
+    ] == [f"nprobe={v}" for v in (1, 2, 4, 8, 16)]
+    numpy_peer = next(p for p in report["peers"] if p["name"].startswith("numpy"))
+    assert numpy_peer["recall@10"] == 1.0
+    hnswlib_peer = next(p for p in report["peers"] if p["name"].startswith("hnswlib"))
+    assert hnswlib_peer["sweep"] and hnswlib_peer["recall@10"] > 0.8
+
+
+def test_zero_shot_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
+    emb = load_embeddings(dev_embeddings)
+    test = np.flatnonzero(emb.class_ids >= 99)
+    x, c = emb.vectors[test], emb.class_ids[test]
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)  # a query never retrieves itself
+    order = np.argsort(-sims, axis=1)
+    z = bench[0]["zeroshot"]
+    assert z["queries"] == len(test)
+    for k in (1, 2, 4, 8):
+        expected = np.mean([(c[order[i, :k]] == c[i]).any() for i in range(len(test))])
+        assert z[f"recall@{k}"] == pytest.approx(expected, abs=2 / len(test))
+
+
+def test_open_set_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
+    emb = load_embeddings(dev_embeddings)
+    gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
+    gal = gal[emb.class_ids[gal] <= 98]
+    known, unknown = qry[emb.class_ids[qry] <= 98], qry[emb.class_ids[qry] > 98]
+    s_known = (emb.vectors[known] @ emb.vectors[gal].T).max(axis=1)
+    s_unknown = (emb.vectors[unknown] @ emb.vectors[gal].T).max(axis=1)
+    # AUROC by direct pair counting.
+    pairs = (s_known[:, None] > s_unknown[None, :]).sum() + 0.5 * (
+        s_known[:, None] == s_unknown[None, :]
+    ).sum()
+    o = bench[0]["openset"]
+    assert o["auroc"] == pytest.approx(pairs / (len(known) * len(unknown)), abs=1e-4)
+    t95 = np.sort(s_known)[int(np.floor(0.05 * len(s_known) + 1e-9))]
+    assert o["fpr@95tpr"] == pytest.approx(np.mean(s_unknown >= t95), abs=1e-4)
+    assert (o["known_queries"], o["unknown_queries"]) == (len(known), len(unknown))
+    # The deployed threshold comes from the gallery alone (leave-one-out), and its rates follow from it.
+    thr = o["threshold"]
+    assert o["tpr_at_threshold"] == pytest.approx(np.mean(s_known >= thr), abs=1e-4)
+    assert o["fpr_at_threshold"] == pytest.approx(np.mean(s_unknown >= thr), abs=1e-4)
+    coverage = [p["coverage"] for p in o["curve"]]
+    assert coverage == sorted(coverage, reverse=True) and coverage[0] == 1.0
+
+
+def test_confusion_matrix_counts(bench: tuple[dict, Path]) -> None:
+    conf = bench[0]["confusion"]
+    m = np.array(conf["matrix"])
+    assert m.shape == (len(conf["classes"]), len(conf["classes"])) and len(conf["classes"]) <= 12
+    assert (m - np.diag(np.diag(m))).sum() > 0  # the matrix shows mistakes between its classes
+
+
+def test_files_and_valid_pngs(bench: tuple[dict, Path]) -> None:
+    report, out = bench
+    assert json.loads((out / "report.json").read_text())["closed"]["Flat"] == report["closed"]["Flat"]
+    md = (out / "report.md").read_text()
+    assert "## Closed-set kNN classification" in md and "## Open set" in md and "| `HNSW32` |" in md
+    assert set(report["plots"]) == {"recall_vs_qps", "top1_by_index", "accuracy_coverage", "confusion"}
+    for name in report["plots"].values():
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(out / name) as img:
+            img.verify()
+
+
+def test_cli_end_to_end_and_json(dev_embeddings: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "bench",
+            str(dev_embeddings),
+            "--out",
+            str(tmp_path / "r"),
+            "--factory",
+            "Flat",
+            "--protocol",
+            "closed,zeroshot",
+            "--no-peers",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert (
+        printed["closed"]["Flat"]["model"]["top1"] > 0 and "index" not in printed and "openset" not in printed
+    )
+    assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "r" / "top1_by_index.png").is_file()
+    human = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "bench",
+            str(dev_embeddings),
+            "--out",
+            str(tmp_path / "h"),
+            "--factory",
+            "Flat",
+            "--protocol",
+            "closed",
+            "--no-plots",
+        ],
+    )
+    assert human.exit_code == 0 and "top-1" in human.stdout
+    bad = CliRunner().invoke(
+        cli, ["bench", str(dev_embeddings), "--out", str(tmp_path / "x"), "--protocol", "speed"]
+    )
+    assert bad.exit_code == 1 and "unknown protocol 'speed'" in bad.stderr
+
+
+def test_unlabelled_embeddings_allow_only_the_index_protocol(tmp_path: Path) -> None:
+    import shutil
+
+    from carsearch.embed import embed_dataset
+    from tests.conftest import DEV
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in sorted(p.name for p in (DEV / "images").iterdir())[:30]:
+        shutil.copyfile(DEV / "images" / name, photos / name)
+    embed_dataset(photos, tmp_path / "emb", backbone="efficientnet_lite0", weights="none", progress=False)
+    with pytest.raises(CarsearchError, match="needs labelled images"):
+        run_bench(tmp_path / "emb", tmp_path / "r", BenchSettings(factories=["Flat"]), progress=False)
+    report = run_bench(
+        tmp_path / "emb",
+        tmp_path / "r",
+        BenchSettings(factories=["Flat"], protocols=("index",), peers=False, plots=False),
+        progress=False,
+    )
+    assert report["index"]["Flat"]["recall@10"] == 1.0 and "top1" not in report["index"]["Flat"]
