@@ -17,10 +17,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# End to end on the dev images: embed with the offline ImageNet weights, index, search and classify.
+# End to end on the dev images: embed with the offline ImageNet weights, index, search, classify, bench.
+# Three photos are taken out of the index (ids 0-2 = images/00001-00003.jpg, the first three records) so
+# the classify step answers for cars the index has never seen.
 demo: venv
 	$(BIN)/carsearch embed $(DATA) --out $(OUT)/emb --backbone efficientnet_lite0
-	@echo "embeddings, manifest.json and failures.jsonl are in $(OUT)/emb"
+	$(BIN)/carsearch index build $(OUT)/emb --out $(OUT)/index
+	$(BIN)/carsearch index remove $(OUT)/index 0 1 2
+	$(BIN)/carsearch search --index $(OUT)/index $(DATA)/images/00001.jpg -k 5
+	$(BIN)/carsearch classify --index $(OUT)/index $(DATA)/images/00001.jpg $(DATA)/images/00002.jpg $(DATA)/images/00003.jpg
+	$(BIN)/carsearch bench $(OUT)/emb --out $(OUT)/report --factory Flat --factory HNSW32 --no-sweep --no-peers
+	@echo "demo outputs in $(OUT)/: emb/ (shards, manifest.json, failures.jsonl), index/, report/report.md"
 
 # Debian's chromium drives the browser test (Playwright uses the system binary; nothing is downloaded).
 chromium:

@@ -656,6 +656,9 @@ def _human_bench(r: dict) -> str:
 @click.option("--openset-k", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
+    "--max-queries", type=click.IntRange(1), help="Time and score at most this many held-out queries."
+)
+@click.option(
     "--peers/--no-peers",
     default=True,
     show_default=True,
@@ -677,6 +680,7 @@ def bench(
     test_classes: str,
     openset_k: int,
     target_recall: float,
+    max_queries: int | None,
     peers: bool,
     sweep: bool,
     plots: bool,
@@ -699,12 +703,86 @@ def bench(
         test_classes=test_classes,
         openset_k=openset_k,
         target_recall=target_recall,
+        max_queries=max_queries,
         peers=peers,
         sweep=sweep,
         plots=plots,
     )
     report = run_bench(emb_dir, out, settings)
     emit({**report, "out": str(Path(out).resolve())}, as_json, _human_bench)
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; the default answers this machine only.",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Server processes, each with its own copy of the index.",
+)
+@click.option(
+    "--max-upload-mb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Larger uploads are refused (413) while they are read.",
+)
+@click.option(
+    "--max-pixels",
+    default=89_478_485,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Larger images are refused (400).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def serve(
+    index_dir: str, host: str, port: int, workers: int, max_upload_mb: float, max_pixels: int, device: str
+) -> None:
+    """Serve the HTTP API and the web page over INDEX_DIR (read-only).
+
+    \b
+    POST /api/search        multipart field `image`; ?k=1..200&level=model|make|year
+    GET  /images/{id}       an indexed image by id (?size=N for a thumbnail)
+    GET  /api/info, /healthz, /api/docs, /  (the page)
+    """
+    import os
+
+    import uvicorn
+
+    from carsearch.index.store import open_bundle
+    from carsearch.serve import app as serve_app
+
+    open_bundle(index_dir)  # a damaged or missing index fails here, in one sentence, before any worker starts
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: other machines can reach this server.", host)
+    os.environ.update(
+        {
+            serve_app.ENV_INDEX: str(Path(index_dir).resolve()),
+            serve_app.ENV_UPLOAD: str(int(max_upload_mb * 1e6)),
+            serve_app.ENV_PIXELS: str(max_pixels),
+            serve_app.ENV_DEVICE: device,
+        }
+    )
+    log.info("carsearch serving %s on http://%s:%d/", index_dir, host, port)
+    uvicorn.run(
+        "carsearch.serve.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+    )
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ class BenchSettings:
     openset_k: int = DEFAULT_OPENSET_K
     tpr: float = DEFAULT_TPR
     target_recall: float = 0.95
+    max_queries: int | None = None  # index / closed protocols: a seeded sample of the held-out queries
     peers: bool = True
     sweep: bool = True
     plots: bool = True
@@ -138,6 +139,8 @@ def run_bench(
         raise CarsearchError(f"{emb.folder} holds {len(emb)} embeddings; a benchmark needs at least 10.")
     class_ids = emb.class_ids if labelled else np.arange(len(emb)) % 10
     gal, qry = stratified_split(class_ids, s.gallery_fraction, s.seed)
+    if s.max_queries and len(qry) > s.max_queries:
+        qry = np.sort(np.random.default_rng(s.seed).choice(qry, s.max_queries, replace=False))
     factories = s.factories or default_factories(len(gal), emb.dim)
     prov = emb.provenance
     report: dict = {

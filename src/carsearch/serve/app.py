@@ -1,0 +1,173 @@
+"""FastAPI app: POST /api/search, GET /images/{id}, GET /api/info, GET /healthz, GET / (the page).
+
+Concurrency: one Searcher is shared by every request, read-only. FastAPI runs the plain `def` handlers
+in its thread pool; faiss searches run concurrently, and the network's forward pass is serialised by
+the Searcher's lock (one CPU forward pass already uses every core). The index folder is never written.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mimetypes
+from dataclasses import asdict
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from carsearch import __version__
+from carsearch.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image, safe_join
+from carsearch.search import Searcher
+from carsearch.serve.limits import read_form
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD = 20_000_000
+MAX_K = 200
+THUMB_MAX = 1024
+
+
+def create_app(
+    index_dir: str | Path | None = None,
+    searcher: Searcher | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str = "auto",
+) -> FastAPI:
+    """The app over an index folder (or an already open Searcher)."""
+    if searcher is None:
+        if index_dir is None:
+            raise ValueError("give index_dir or searcher")
+        searcher = Searcher.open(index_dir, device=device, max_pixels=max_pixels)
+    searcher.max_pixels = max_pixels
+    s = searcher
+    app = FastAPI(title="carsearch", version=__version__, docs_url="/api/docs", redoc_url=None)
+    static = resources.files("carsearch.serve") / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    page = (resources.files("carsearch.serve") / "templates" / "index.html").read_text()
+
+    def image_url(image_id: int) -> str:
+        return f"/images/{image_id}"
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "images": int(s.bundle.index.ntotal)}
+
+    @app.get("/api/info")
+    def info() -> dict:
+        i = s.info
+        return {
+            "images": i["ntotal"],
+            "factory": i["factory"],
+            "search_params": i["search_params"],
+            "dim": i["dim"],
+            "backbone": i["provenance"]["backbone"],
+            "weights": i["provenance"]["weights"],
+            "crop": i["provenance"]["preprocessing"]["crop"],
+            "recall@10": (i.get("recall") or {}).get("measured"),
+            "openset": i.get("openset"),
+            "labelled": bool(any(s.bundle.gallery.labels)),
+            "max_upload_bytes": max_upload_bytes,
+            "max_k": MAX_K,
+            "version": __version__,
+        }
+
+    @app.post("/api/search")
+    async def search(
+        request: Request,
+        k: int = Query(20, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
+        level: Literal["model", "make", "year"] = Query("model"),
+    ) -> dict:
+        form = await read_form(request, max_upload_bytes)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(400, "send the photo in the multipart field 'image'")
+        data = await upload.read()
+        await form.close()
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(_classify, data, upload.filename or "upload", k, level)
+
+    def _classify(data: bytes, name: str, k: int, level: str) -> dict:
+        try:
+            image = load_image(data, s.max_pixels)
+        except BadImage as e:
+            raise HTTPException(400, f"not a usable image ({e.reason}): {e.detail}") from None
+        result = s.classify([image], k=k, level=level)[0]
+        body = asdict(result)
+        body["query"] = name
+        for n in body["neighbors"]:
+            n["image_url"] = image_url(n["id"])
+        return body
+
+    @lru_cache(maxsize=512)
+    def _thumbnail(image_id: int, size: int) -> bytes:
+        path = _resolve(image_id)
+        try:
+            img = load_image(path, s.max_pixels)
+        except BadImage:
+            raise HTTPException(404, f"image {image_id} cannot be read") from None
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+    def _resolve(image_id: int) -> Path:
+        """The file of an indexed image, by id only; it must lie under its dataset root."""
+        rows = s.bundle.gallery.rows([image_id])
+        if rows[0] < 0:
+            raise HTTPException(404, f"no image with id {image_id} in this index")
+        row = int(rows[0])
+        try:
+            path = safe_join(s.bundle.root_of(row), str(s.bundle.gallery.paths[row]))
+        except BadImage:
+            raise HTTPException(404, f"image {image_id} lies outside its dataset folder") from None
+        if not path.is_file():
+            raise HTTPException(404, f"the file of image {image_id} is missing")
+        return path
+
+    @app.get("/images/{image_id}")
+    def image(image_id: int, size: int | None = Query(None, ge=16, le=THUMB_MAX)) -> Response:
+        if size is None:
+            path = _resolve(image_id)
+            return FileResponse(
+                path,
+                media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                headers={"Cache-Control": "public, max-age=3600"},
+            )
+        return Response(
+            _thumbnail(image_id, size),
+            media_type="image/jpeg",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+
+    @app.get("/", response_class=HTMLResponse)
+    def index_page() -> str:
+        return page
+
+    return app
+
+
+ENV_INDEX, ENV_UPLOAD, ENV_PIXELS, ENV_DEVICE = (
+    "CARSEARCH_SERVE_INDEX",
+    "CARSEARCH_SERVE_MAX_UPLOAD",
+    "CARSEARCH_SERVE_MAX_PIXELS",
+    "CARSEARCH_SERVE_DEVICE",
+)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for `--workers N`: each worker process opens the index itself."""
+    import os
+
+    return create_app(
+        os.environ[ENV_INDEX],
+        max_upload_bytes=int(os.environ.get(ENV_UPLOAD, DEFAULT_MAX_UPLOAD)),
+        max_pixels=int(os.environ.get(ENV_PIXELS, DEFAULT_MAX_PIXELS)),
+        device=os.environ.get(ENV_DEVICE, "auto"),
+    )

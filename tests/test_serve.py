@@ -1,0 +1,177 @@
+"""HTTP API through FastAPI's TestClient on a small real index: shapes, limits, traversal, concurrency."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from carsearch.index.build import build_index
+from carsearch.search import Searcher
+from carsearch.serve.app import create_app
+from tests.conftest import DEV, live_server
+
+PHOTO = DEV / "images" / "00001.jpg"
+
+
+@pytest.fixture(scope="module")
+def index_dir(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "idx"
+    build_index([dev_embeddings], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(index_dir: Path) -> TestClient:
+    app = create_app(searcher=Searcher.open(index_dir), max_upload_bytes=2_000_000, max_pixels=20_000_000)
+    with TestClient(app) as c:
+        yield c
+
+
+def _post(client: TestClient, data: bytes, params: str = "", name: str = "car.jpg") -> object:
+    return client.post(f"/api/search{params}", files={"image": (name, data, "image/jpeg")})
+
+
+def test_search_response_shape(client: TestClient) -> None:
+    r = _post(client, PHOTO.read_bytes(), "?k=7&level=model")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {
+        "query",
+        "label",
+        "confidence",
+        "top5",
+        "unknown",
+        "neighbors",
+        "openset_score",
+        "threshold",
+    } <= set(body)
+    assert body["query"] == "car.jpg" and body["label"] == "Audi TTS Coupe 2012"
+    assert len(body["neighbors"]) == 7 and 1 <= len(body["top5"]) <= 5
+    n = body["neighbors"][0]
+    assert {"id", "label", "score", "image_url", "path"} <= set(n) and n["image_url"] == f"/images/{n['id']}"
+    assert isinstance(body["unknown"], bool) and 0 < body["confidence"] <= 1
+    make = _post(client, PHOTO.read_bytes(), "?level=make").json()
+    assert make["label"] == "Audi" and len(make["neighbors"]) == 20
+
+
+def test_info_health_page(client: TestClient) -> None:
+    info = client.get("/api/info").json()
+    assert info["images"] == 1568 and info["backbone"] == "efficientnet_lite0" and info["max_k"] == 200
+    assert client.get("/healthz").json() == {"status": "ok", "images": 1568}
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>carsearch" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+    for asset in ("/static/app.js", "/static/style.css"):
+        got = client.get(asset)
+        assert (
+            got.status_code == 200 and "http" not in got.text.replace("https://", "").split("fetch(")[0][:0]
+        )
+
+
+def test_images_by_id_only(client: TestClient, index_dir: Path) -> None:
+    from carsearch.index.store import open_bundle
+
+    bundle = open_bundle(index_dir)
+    some_id = int(bundle.gallery.ids[0])
+    full = client.get(f"/images/{some_id}")
+    assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg"
+    assert full.content == (DEV / bundle.gallery.paths[0]).read_bytes()
+    thumb = client.get(f"/images/{some_id}?size=64")
+    assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) <= 64
+    assert client.get("/images/987654321").status_code == 404
+    assert client.get(f"/images/{some_id}?size=5000").status_code == 422
+    for attempt in (
+        "/images/../../etc/passwd",
+        "/images/..%2F..%2Fetc%2Fpasswd",
+        "/images/%2e%2e%2f%2e%2e%2fetc",
+        "/images/1%2F..%2F..%2Fetc%2Fpasswd",
+        "/images/-1",
+        "/images/abc",
+        "/images/1.5",
+    ):
+        r = client.get(attempt)
+        assert r.status_code in (404, 422), (attempt, r.status_code)
+        assert b"root:" not in r.content
+
+
+def test_limits(client: TestClient) -> None:
+    # Too large: 413 (2 MB limit in this app).
+    big = _post(client, b"\xff" * 3_000_000)
+    assert big.status_code == 413 and "larger than 2 MB" in big.json()["detail"]
+    # Not an image: 400.
+    r = _post(client, b"just some text")
+    assert r.status_code == 400 and "not_an_image" in r.json()["detail"]
+    # Over the pixel limit (20 Mpx here): 400, refused from the header.
+    huge = io.BytesIO()
+    Image.new("L", (6000, 4000)).save(huge, "PNG")
+    r = _post(client, huge.getvalue(), name="huge.png")
+    assert r.status_code == 400 and "too_many_pixels" in r.json()["detail"]
+    # k out of range, bad level: 422.
+    for params in ("?k=0", "?k=201", "?k=abc", "?level=trim"):
+        assert _post(client, PHOTO.read_bytes(), params).status_code == 422, params
+    # No image field, or not multipart: 400.
+    assert client.post("/api/search", files={"photo": ("a.jpg", b"x")}).status_code == 400
+    assert (
+        client.post(
+            "/api/search", content=PHOTO.read_bytes(), headers={"content-type": "image/jpeg"}
+        ).status_code
+        == 400
+    )
+
+
+def test_413_is_answered_while_reading(index_dir: Path) -> None:
+    """Over a real socket: a chunked upload (no Content-Length) of up to 200 MB against a 2 MB limit.
+    The 413 must arrive while the client is still sending, long before everything is sent."""
+    import select
+    import socket
+
+    app = create_app(searcher=Searcher.open(index_dir), max_upload_bytes=2_000_000)
+    with live_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(
+            b"POST /api/search HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=B\r\n\r\n"
+        )
+        head = b'--B\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+        sent_mb, response = 0, b""
+        chunk = b"%x\r\n%s\r\n" % (1_000_000, b"\0" * 1_000_000)
+        try:
+            for _ in range(200):
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server has answered
+                sock.sendall(chunk)
+                sent_mb += 1
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection after answering
+        try:
+            while b"\r\n\r\n" not in response:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                response += data
+        finally:
+            sock.close()
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    # 2 MB read by the server, plus what the kernel's socket buffers had accepted meanwhile.
+    assert sent_mb < 40, f"{sent_mb} MB were sent before the 413"
+
+
+def test_concurrent_requests_agree(client: TestClient) -> None:
+    photos = [DEV / "images" / f"{i:05d}.jpg" for i in (1, 2, 3, 4)]
+    expected = {p.name: _post(client, p.read_bytes(), "?k=5").json()["neighbors"][0]["id"] for p in photos}
+
+    def one(p: Path) -> tuple[str, int]:
+        r = _post(client, p.read_bytes(), "?k=5", name=p.name)
+        assert r.status_code == 200
+        return p.name, r.json()["neighbors"][0]["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, photos * 6))
+    assert all(expected[name] == first for name, first in results)
