@@ -98,3 +98,27 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_descriptor(path: Path, kind: str, what: str, remedy: str, missing: str | None = None) -> dict:
+    """Read a carsearch JSON descriptor (manifest.json, index.json, checkpoint.json) and check its kind and
+    schema version. Every refusal is one sentence naming the file, ending with `remedy`."""
+    import json
+
+    from carsearch import SCHEMA_VERSION
+    from carsearch.errors import CarsearchError
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CarsearchError(missing or f"{path.parent} has no {path.name}; {remedy}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CarsearchError(f"{path} is damaged ({e}); {remedy}") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise CarsearchError(f"{path} is not a carsearch {what}.")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise CarsearchError(
+            f"{path} has schema version {data.get('schema_version')}, this carsearch reads {SCHEMA_VERSION}; "
+            f"{remedy}"
+        )
+    return data

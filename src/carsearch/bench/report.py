@@ -17,6 +17,24 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+SPEED_COLUMNS = ["tuned", "R@1", "R@10", "QPS batched", "QPS single", "p50 ms", "p99 ms", "build s", "memory"]
+
+
+def _speed_cells(x: dict) -> list[str]:
+    """The cells of SPEED_COLUMNS for one index type or peer."""
+    return [
+        x["params"] or "exact",
+        f"{x['recall@1']:.3f}",
+        f"{x['recall@10']:.3f}",
+        f"{x['qps_batched']:,.0f}",
+        f"{x['qps_single']:,.0f}",
+        f"{x['p50_ms']:.2f}",
+        f"{x['p99_ms']:.2f}",
+        f"{x['build_seconds']:.1f}",
+        human_bytes(x["memory_bytes"]),
+    ]
+
+
 def markdown(r: dict) -> str:
     e, sp = r["embeddings"], r["split"]
     lines = [
@@ -103,73 +121,19 @@ def markdown(r: dict) -> str:
         ]
     if r.get("index"):
         lines += ["", "## Index types (database: gallery; queries: held-out images; truth: exact search)", ""]
-        rows = []
-        for f, x in r["index"].items():
-            rows.append(
-                [
-                    f"`{f}`",
-                    x["params"] or "exact",
-                    f"{x['recall@1']:.3f}",
-                    f"{x['recall@10']:.3f}",
-                    f"{x['qps_batched']:,.0f}",
-                    f"{x['qps_single']:,.0f}",
-                    f"{x['p50_ms']:.2f}",
-                    f"{x['p99_ms']:.2f}",
-                    f"{x['build_seconds']:.1f}",
-                    human_bytes(x["memory_bytes"]),
-                    _pct(x["top1"]) if "top1" in x else "-",
-                    _pct(x["top5"]) if "top5" in x else "-",
-                ]
-            )
-        lines += _table(
-            [
-                "index",
-                "tuned",
-                "R@1",
-                "R@10",
-                "QPS batched",
-                "QPS single",
-                "p50 ms",
-                "p99 ms",
-                "build s",
-                "memory",
-                "kNN top-1",
-                "kNN top-5",
-            ],
-            rows,
-        )
-    if r.get("peers"):
-        lines += ["", "## Peers, same run, same queries", ""]
         rows = [
             [
-                p["name"],
-                p["params"] or "exact",
-                f"{p['recall@1']:.3f}",
-                f"{p['recall@10']:.3f}",
-                f"{p['qps_batched']:,.0f}",
-                f"{p['qps_single']:,.0f}",
-                f"{p['p50_ms']:.2f}",
-                f"{p['p99_ms']:.2f}",
-                f"{p['build_seconds']:.1f}",
-                human_bytes(p["memory_bytes"]),
+                f"`{f}`",
+                *_speed_cells(x),
+                _pct(x["top1"]) if "top1" in x else "-",
+                _pct(x["top5"]) if "top5" in x else "-",
             ]
-            for p in r["peers"]
+            for f, x in r["index"].items()
         ]
-        lines += _table(
-            [
-                "peer",
-                "tuned",
-                "R@1",
-                "R@10",
-                "QPS batched",
-                "QPS single",
-                "p50 ms",
-                "p99 ms",
-                "build s",
-                "memory",
-            ],
-            rows,
-        )
+        lines += _table(["index", *SPEED_COLUMNS, "kNN top-1", "kNN top-5"], rows)
+    if r.get("peers"):
+        lines += ["", "## Peers, same run, same queries", ""]
+        lines += _table(["peer", *SPEED_COLUMNS], [[p["name"], *_speed_cells(p)] for p in r["peers"]])
         lines += [f"- skipped: {s}" for s in r.get("peers_skipped", [])]
     if r.get("plots"):
         lines += ["", "## Plots", "", *(f"![{name}]({file})" for name, file in r["plots"].items())]

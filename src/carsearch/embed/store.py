@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from carsearch import SCHEMA_VERSION
 from carsearch.embed.shards import STRING_FIELDS, read_shard
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import sha256_file
+from carsearch.fsutil import read_descriptor, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +61,13 @@ class EmbeddingSet:
 
 
 def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CarsearchError(
-            f"{folder} has no {MANIFEST}; run `carsearch embed DATA_DIR --out {folder}` first."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CarsearchError(f"{path} is not valid JSON ({e}); re-run embed with --overwrite.") from e
-    if manifest.get("kind") != MANIFEST_KIND:
-        raise CarsearchError(f"{path} is not a carsearch embeddings manifest.")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CarsearchError(
-            f"{path} has schema version {manifest.get('schema_version')}, this carsearch reads "
-            f"{SCHEMA_VERSION}; re-run embed with --overwrite."
-        )
-    return manifest
+    return read_descriptor(
+        folder / MANIFEST,
+        MANIFEST_KIND,
+        "embeddings manifest",
+        "re-run embed with --overwrite.",
+        missing=f"{folder} has no {MANIFEST}; run `carsearch embed DATA_DIR --out {folder}` first.",
+    )
 
 
 def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] | None = None) -> EmbeddingSet:

@@ -6,7 +6,6 @@ half-written file is detected at load and refused by name.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ import numpy as np
 from carsearch import SCHEMA_VERSION
 from carsearch.embed.shards import STRING_FIELDS, read_h5, write_h5
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import atomic_path, sha256_file, write_json_atomic
+from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +138,14 @@ def save_bundle(folder: Path, index: faiss.Index, gallery: Gallery, info: dict) 
 
 
 def read_info(folder: Path) -> dict:
-    path = folder / INFO_FILE
-    if not path.is_file():
-        raise CarsearchError(
-            f"{folder} has no {INFO_FILE}; build one with `carsearch index build EMB_DIR --out {folder}`."
-        )
-    try:
-        info = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CarsearchError(
-            f"{path} is damaged ({e}); rebuild the index with `carsearch index build`."
-        ) from None
-    if info.get("kind") != INDEX_KIND:
-        raise CarsearchError(f"{path} is not a carsearch index description.")
-    if info.get("schema_version") != SCHEMA_VERSION:
-        raise CarsearchError(
-            f"{path} has schema version {info.get('schema_version')}; this carsearch reads {SCHEMA_VERSION}: "
-            "rebuild the index."
-        )
-    return info
+    return read_descriptor(
+        folder / INFO_FILE,
+        INDEX_KIND,
+        "index description",
+        "rebuild the index with `carsearch index build`.",
+        missing=f"{folder} has no {INFO_FILE}; build one with "
+        f"`carsearch index build EMB_DIR --out {folder}`.",
+    )
 
 
 def _refuse(path: Path, what: str) -> CarsearchError:
