@@ -240,3 +240,11 @@ def test_unlabelled_embeddings_allow_only_the_index_protocol(tmp_path: Path) -> 
         progress=False,
     )
     assert report["index"]["Flat"]["recall@10"] == 1.0 and "top1" not in report["index"]["Flat"]
+
+
+def test_split_of_a_class_does_not_depend_on_the_other_classes() -> None:
+    classes = np.repeat(np.arange(1, 21), 9)
+    full_gal, _ = stratified_split(classes, 2 / 3, 5)
+    subset = classes <= 10
+    sub_gal, _ = stratified_split(classes[subset], 2 / 3, 5)
+    assert set(full_gal[classes[full_gal] <= 10].tolist()) == set(sub_gal.tolist())

@@ -23,15 +23,18 @@ GALLERY_FRACTION = 2 / 3
 def stratified_split(
     class_ids: np.ndarray, gallery_fraction: float = GALLERY_FRACTION, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, a seeded shuffle; the first round(fraction * n) images go to the gallery, the rest are
-    queries. A class with two or more images keeps at least one on each side. Returns sorted indices."""
+    """Per class, a shuffle seeded by (seed, class id); the first round(fraction * n) images go to the
+    gallery, the rest are queries. A class with two or more images keeps at least one on each side.
+
+    Each class's split depends only on the seed, the class id and the class's own images (in order), not
+    on which other classes are present: `carsearch train --train-fraction` and `carsearch bench
+    --gallery-fraction` with the same seed hold out exactly the same images. Returns sorted indices."""
     if not 0 < gallery_fraction < 1:
         raise CarsearchError("the gallery fraction must be between 0 and 1.")
-    rng = np.random.default_rng(seed)
     gallery, queries = [], []
     for c in np.unique(class_ids):
         members = np.flatnonzero(class_ids == c)
-        rng.shuffle(members)
+        np.random.default_rng([seed, int(c) & 0x7FFFFFFF]).shuffle(members)
         n_gal = round(gallery_fraction * len(members))
         if len(members) >= 2:
             n_gal = min(max(n_gal, 1), len(members) - 1)

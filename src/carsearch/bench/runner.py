@@ -51,6 +51,7 @@ class BenchSettings:
     tpr: float = DEFAULT_TPR
     target_recall: float = 0.95
     max_queries: int | None = None  # index / closed protocols: a seeded sample of the held-out queries
+    classes: str | None = None  # only these class ids take part (e.g. the classes a model was trained on)
     peers: bool = True
     sweep: bool = True
     plots: bool = True
@@ -127,6 +128,8 @@ def run_bench(
     s = settings or BenchSettings()
     t_start = time.perf_counter()
     emb = emb if emb is not None else load_embeddings(emb_dir)
+    if s.classes:
+        emb = emb.subset(np.isin(emb.class_ids, sorted(class_range(s.classes))))
     out = Path(out).expanduser().resolve()
     labelled = bool(len(emb)) and (emb.class_ids >= 0).all()
     needs_labels = [p for p in s.protocols if p != "index"]
