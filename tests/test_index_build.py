@@ -233,3 +233,20 @@ def test_build_refuses_mixed_embeddings(two_parts: tuple[Path, Path], tmp_path: 
     with pytest.raises(ProvenanceMismatch) as e:
         build_index([a, other], tmp_path / "idx")
     assert e.value.field in ("weights_sha256", "weights")
+
+
+def test_add_after_a_limited_embed_was_finished(small_dataset: Path, tmp_path: Path) -> None:
+    """embed --limit stops inside a shard; the index built then; embed finishes; index add == rebuild."""
+    settings = {"backbone": "efficientnet_lite0", "shard_size": 5, "progress": False}
+    emb = tmp_path / "emb"
+    embed_dataset(small_dataset, emb, limit=7, **settings)  # shard 1 holds 2 of its 5 records
+    build_index([emb], tmp_path / "idx", factory="Flat", calibrate=False)
+    embed_dataset(small_dataset, emb, **settings)  # finishes shard 1 and the rest
+    added = add_to_index(tmp_path / "idx", emb)
+    assert added["added"] == 24 - 7 and added["ntotal"] == 24
+    build_index([emb], tmp_path / "rebuilt", factory="Flat", calibrate=False)
+    grown, rebuilt = open_bundle(tmp_path / "idx"), open_bundle(tmp_path / "rebuilt")
+    q = load_embeddings(emb).vectors
+    assert (grown.index.search(q, 5)[1] == rebuilt.index.search(q, 5)[1]).all()
+    assert [s["file"] for s in grown.info["sources"][0]["shards"]] == [f"shard-0000{i}.h5" for i in range(5)]
+    assert add_to_index(tmp_path / "idx", emb)["added"] == 0

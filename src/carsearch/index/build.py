@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,14 +24,14 @@ log = logging.getLogger(__name__)
 CALIBRATION_SAMPLE = 2000
 
 
-def _source(emb: EmbeddingSet) -> dict:
-    m = emb.manifest
+def _source(folder: Path, m: dict) -> dict:
+    """What index.json records of an embedding folder it holds rows from."""
     return {
-        "embeddings": str(emb.folder),
+        "embeddings": str(folder),
         "root": m["dataset"]["root"],
         "format": m["dataset"]["format"],
         "records_sha256": m["dataset"]["records_sha256"],
-        "manifest_sha256": sha256_file(emb.folder / MANIFEST),
+        "manifest_sha256": sha256_file(folder / MANIFEST),
         "complete": m.get("complete", False),
         "shards": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"]} for s in m["shards"]],
     }
@@ -54,6 +55,22 @@ def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
             "range; "
             "embed the second collection with --id-start above the first one's largest id."
         )
+
+
+def _trained_on_this_collection(sets: list[EmbeddingSet]) -> bool:
+    """Whether the embeddings come from a `carsearch train` checkpoint trained on the same records."""
+    from carsearch.train.checkpoint import INFO_FILE
+
+    for emb in sets:
+        info_path = Path(emb.provenance.get("weights", "")) / INFO_FILE
+        if info_path.is_file():
+            try:
+                training = json.loads(info_path.read_text()).get("training", {})
+            except ValueError:
+                continue
+            if training.get("data") == emb.manifest["dataset"]["records_sha256"]:
+                return True
+    return False
 
 
 def leave_one_out_scores(
@@ -143,12 +160,21 @@ def build_index(
     openset = None
     if calibrate and len(ids) > openset_k:
         scores = leave_one_out_scores(index, vectors, ids, openset_k, CALIBRATION_SAMPLE, seed)
-        openset = _openset(scores, openset_k, tpr, f"leave-one-out on {len(scores)} collection images")
+        method = f"leave-one-out on {len(scores)} collection images"
+        if _trained_on_this_collection(sets):
+            method += " (the model was trained on this collection: the threshold is too strict)"
+            log.warning(
+                "these embeddings come from a checkpoint trained on this dataset: images it was trained on "
+                "sit closer together than new photos will, so a leave-one-out threshold rejects too many "
+                "known cars; calibrate on held-out images: carsearch index calibrate %s --queries EMB_DIR",
+                out,
+            )
+        openset = _openset(scores, openset_k, tpr, method)
     info = {
         "factory": factory,
         "search_params": tuned.params,
         "provenance": {k: v for k, v in sets[0].provenance.items() if k != "precision"},
-        "sources": [_source(s) for s in sets],
+        "sources": [_source(s.folder, s.manifest) for s in sets],
         "auto": auto,
         "build": {
             "train_seconds": round(train_s, 3),
@@ -184,12 +210,27 @@ def add_to_index(index_dir: str | Path, emb_dir: str | Path) -> dict:
             log.info("%s has no shards the index does not already hold.", emb_folder)
             return {**bundle.info, "added": 0}
         emb = load_embeddings(emb_folder, shards=new)
+        if src is not None:
+            # A shard of the same folder can come back grown: `embed --limit` stopped inside it, a later
+            # run finished it. Ids are record positions, so its rows already indexed are the same images:
+            # skip them (after checking that they are), add the rest.
+            rows = bundle.gallery.rows(emb.ids)
+            held_rows = rows >= 0
+            if held_rows.any():
+                if not (bundle.gallery.paths[rows[held_rows]] == emb.paths[held_rows]).all():
+                    raise CarsearchError(
+                        f"{emb_folder} reuses ids the index holds for other images; rebuild the index."
+                    )
+                emb = emb.subset(~held_rows)
         _check_unique(emb.ids, bundle.gallery.ids)
+        fresh = _source(emb_folder, manifest)
         if src is None:
             src = len(sources)
-            sources.append(_source(emb))
+            sources.append({**fresh, "shards": [s for s in fresh["shards"] if s["file"] in new]})
         else:
-            sources[src] = {**_source(emb), "shards": sources[src]["shards"] + _source(emb)["shards"]}
+            # The source now holds every shard of the manifest it has rows from.
+            kept = [s for s in sources[src]["shards"] if s["file"] not in new]
+            sources[src] = {**fresh, "shards": kept + [s for s in fresh["shards"] if s["file"] in new]}
         t0 = time.perf_counter()
         bundle.index.add_with_ids(np.ascontiguousarray(emb.vectors), emb.ids.astype(np.int64))
         gallery = bundle.gallery.concat(Gallery.from_embeddings(emb, src))
