@@ -61,6 +61,42 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
         click.echo(human(result))
 
 
+def device_options(f: Callable) -> Callable:
+    """--device and --precision, as every command that runs the network takes them."""
+    f = click.option(
+        "--precision",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "fp32", "bf16"]),
+        help="auto: bf16 autocast where the hardware runs it natively (CUDA, AVX-512-BF16/AMX CPUs).",
+    )(f)
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(f)
+
+
+def dataset_options(f: Callable) -> Callable:
+    """--format, --labels and --split: how a dataset folder is read."""
+    f = click.option(
+        "--split",
+        default="all",
+        show_default=True,
+        type=click.Choice(["train", "test", "all"]),
+        help="stanford layout: which split.",
+    )(f)
+    f = click.option(
+        "--labels",
+        type=click.Path(dir_okay=False),
+        help="csv layout: labels file (default DATA_DIR/labels.csv).",
+    )(f)
+    return click.option(
+        "--format",
+        "format",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled"]),
+        help="Dataset layout.",
+    )(f)
+
+
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
 
@@ -143,24 +179,7 @@ def _human_embed(r: dict) -> str:
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for shards + manifest."
 )
-@click.option(
-    "--format",
-    "format",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled"]),
-    help="Dataset layout.",
-)
-@click.option(
-    "--labels", type=click.Path(dir_okay=False), help="csv layout: labels file (default DATA_DIR/labels.csv)."
-)
-@click.option(
-    "--split",
-    default="all",
-    show_default=True,
-    type=click.Choice(["train", "test", "all"]),
-    help="stanford layout: which split.",
-)
+@dataset_options
 @click.option("--bbox-crop", is_flag=True, help="stanford layout: crop each image to its annotated box.")
 @click.option("--backbone", default="resnet50", show_default=True, help="Network; see `carsearch backbones`.")
 @click.option(
@@ -189,14 +208,7 @@ def _human_embed(r: dict) -> str:
 @click.option(
     "--shard-size", default=4096, show_default=True, type=click.IntRange(1), help="Records per shard."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option(
-    "--precision",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    help="auto: bf16 autocast where the hardware runs it natively (CUDA, AVX-512-BF16/AMX CPUs).",
-)
+@device_options
 @click.option(
     "--limit", type=click.IntRange(1), help="Embed only the first N images (a later run continues)."
 )
@@ -292,15 +304,7 @@ def backbones(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--format",
-    "format",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled"]),
-)
-@click.option("--labels", type=click.Path(dir_okay=False), help="csv layout: labels file.")
-@click.option("--split", default="all", show_default=True, type=click.Choice(["train", "test", "all"]))
+@dataset_options
 @json_option
 def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json: bool) -> None:
     """Show how DATA_DIR is read: layout, image and class counts, a few parsed records."""
@@ -494,13 +498,6 @@ def index_calibrate(index_dir: str, queries: str, tpr: float, k: int | None, as_
 # --- search / classify ---------------------------------------------------------------------------------
 
 
-def _device_option(f: Callable) -> Callable:
-    f = click.option(
-        "--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"])
-    )(f)
-    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(f)
-
-
 def _exit_if_all_failed(results: list) -> None:
     if results and all(r.error for r in results):
         sys.exit(1)
@@ -523,7 +520,7 @@ def _human_search(results: list[dict]) -> str:
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Neighbours per query.")
-@_device_option
+@device_options
 @json_option
 def search(
     index_dir: str, queries: tuple[str, ...], k: int, device: str, precision: str, as_json: bool
@@ -574,7 +571,7 @@ def _human_classify(results: list[dict]) -> str:
     help="Vote weight exp(cosine / T) (DINO's kNN protocol).",
 )
 @click.option("--no-reject", is_flag=True, help="Never answer unknown, even below the threshold.")
-@_device_option
+@device_options
 @json_option
 def classify(
     index_dir: str,
@@ -651,6 +648,7 @@ def _human_bench(r: dict) -> str:
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     help="Share of each class in the gallery.",
 )
+@click.option("--classes", help="Only these class ids take part, e.g. 1-98 (default: all).")
 @click.option("--known-classes", default="1-98", show_default=True, help="openset: class ids in the gallery.")
 @click.option("--test-classes", default="99-196", show_default=True, help="zeroshot: class ids queried.")
 @click.option("--openset-k", default=1, show_default=True, type=click.IntRange(1))
@@ -676,6 +674,7 @@ def bench(
     temperature: float,
     seed: int,
     gallery_fraction: float,
+    classes: str | None,
     known_classes: str,
     test_classes: str,
     openset_k: int,
@@ -699,6 +698,7 @@ def bench(
         temperature=temperature,
         seed=seed,
         gallery_fraction=gallery_fraction,
+        classes=classes,
         known_classes=known_classes,
         test_classes=test_classes,
         openset_k=openset_k,
@@ -783,6 +783,163 @@ def serve(
         workers=workers,
         log_level="warning",
     )
+
+
+# --- train ---------------------------------------------------------------------------------------------
+
+
+def _human_train(r: dict) -> str:
+    lines = [f"{r['mode']} training of {r['backbone']} ({r['dim']}-d) -> {r['out']}"]
+    for h in r["history"][-5:]:
+        speed = f", {h['images_per_second']:.1f} images/s" if "images_per_second" in h else ""
+        lines.append(
+            f"  epoch {h['epoch']}: loss {h['loss']:.4f}, validation Recall@1 {h['recall@1']:.1%}{speed}"
+        )
+    lines.append(
+        f"  best: epoch {r['best_epoch']}, Recall@1 {r['best_recall_at_1']:.1%} "
+        f"(frozen features: {r['baseline_recall_at_1']:.1%})"
+    )
+    lines.append(
+        f"  use it: carsearch embed DATA_DIR --out EMB --backbone {r['backbone']} --weights {r['out']}"
+    )
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option(
+    "--weights", default="imagenet", show_default=True, help="Starting weights (imagenet, none, a file)."
+)
+@click.option("--classes", help="Class ids to train on, e.g. 1-98 (default: all).")
+@click.option(
+    "--val-classes",
+    help="Class ids for validation Recall@1 (default: the other classes; if none "
+    "remain, 20% of the training classes' images).",
+)
+@click.option(
+    "--train-fraction",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Train on this share of each class (the split `bench --gallery-fraction` makes with the same "
+    "--seed); the rest is held out and validates when no --val-classes are given.",
+)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--loss",
+    default="proxy-anchor",
+    show_default=True,
+    type=click.Choice(["proxy-anchor", "normalized-softmax"]),
+)
+@click.option(
+    "--embed-dim",
+    default=512,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Projection size after the backbone (0: no projection).",
+)
+@click.option("--batch-size", type=click.IntRange(2), help="Images per batch [default: 32; --head-only 256].")
+@click.option(
+    "--per-class", default=4, show_default=True, type=click.IntRange(2), help="Images per class in a batch."
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(0, min_open=True),
+    help="Learning rate of the backbone [default: 1e-4; --head-only 1e-3]; head 10x, proxies 100x.",
+)
+@click.option(
+    "--freeze-epochs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="First epochs with the backbone frozen (head and proxies only).",
+)
+@click.option("--warmup-epochs", default=1, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--image-size",
+    type=click.IntRange(32),
+    help="Train and embed at this resolution (default: the backbone's).",
+)
+@click.option("--crop", default="squash", show_default=True, type=click.Choice(["center", "squash", "pad"]))
+@device_options
+@click.option("--workers", default="auto", show_default=True, type=_Workers())
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--head-only",
+    is_flag=True,
+    help="Train only a projection head on cached embeddings: DATA_DIR is "
+    "then an embedding folder from `carsearch embed` (seconds on a CPU).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
+@json_option
+def train(
+    data_dir: str,
+    out: str,
+    backbone: str,
+    weights: str,
+    classes: str | None,
+    val_classes: str | None,
+    train_fraction: float,
+    epochs: int,
+    loss: str,
+    embed_dim: int,
+    batch_size: int | None,
+    per_class: int,
+    lr: float | None,
+    freeze_epochs: int,
+    warmup_epochs: int,
+    image_size: int | None,
+    crop: str,
+    device: str,
+    precision: str,
+    workers: int | None,
+    seed: int,
+    head_only: bool,
+    resume: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Fine-tune a backbone so that neighbours are the same car model (metric learning).
+
+    The checkpoint plugs into every stage: carsearch embed DATA --out EMB --backbone B --weights CKPT_DIR.
+    """
+    from carsearch.train.loop import train_head, train_model
+
+    common = {
+        "classes": classes,
+        "val_classes": val_classes,
+        "train_fraction": train_fraction,
+        "epochs": epochs,
+        "loss": loss,
+        "embed_dim": embed_dim or None,
+        "per_class": per_class,
+        "seed": seed,
+        "resume": resume,
+        "overwrite": overwrite,
+    }
+    if head_only:
+        result = train_head(data_dir, out, batch_size=batch_size or 256, lr=lr or 1e-3, **common)
+    else:
+        result = train_model(
+            data_dir,
+            out,
+            backbone=backbone,
+            weights=weights,
+            batch_size=batch_size or 32,
+            lr=lr or 1e-4,
+            freeze_epochs=freeze_epochs,
+            warmup_epochs=warmup_epochs,
+            image_size=image_size,
+            crop=crop,
+            device=device,
+            precision=precision,
+            workers=workers,
+            **common,
+        )
+    emit(result.to_json(), as_json, _human_train)
 
 
 def main() -> None:

@@ -79,7 +79,13 @@ def load_backbone(name: str, weights: str = "imagenet", weights_sha256: str | No
     if weights not in spec.weight_choices and Path(weights).expanduser().is_dir():
         from carsearch.train.checkpoint import load_checkpoint  # the trainer's own format
 
-        return load_checkpoint(Path(weights).expanduser(), expected_backbone=name)
+        loaded = load_checkpoint(Path(weights).expanduser(), expected_backbone=name)
+        if weights_sha256 and loaded.weights.sha256 != weights_sha256:
+            raise CarsearchError(
+                f"the checkpoint {weights} changed since these embeddings were made (sha256 "
+                f"{loaded.weights.sha256[:12]}..., expected {weights_sha256[:12]}...); re-embed with it."
+            )
+        return loaded
     if weights not in spec.weight_choices and not _looks_like_path(weights):
         raise CarsearchError(
             f"unknown weights {weights!r} for {name}; choose one of {', '.join(spec.weight_choices)}, "

@@ -1,0 +1,96 @@
+"""Checkpoint folders: model.safetensors (the whole network) + checkpoint.json (what it is) +
+train_state.pt (optimizer, schedule, epoch: for --resume). Each file is written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from carsearch import SCHEMA_VERSION
+from carsearch.embed.backbones import Loaded, WeightsInfo, load_backbone
+from carsearch.embed.preprocess import Preprocessing
+from carsearch.errors import CarsearchError
+from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
+from carsearch.train.model import EmbeddingNet
+
+MODEL_FILE = "model.safetensors"
+INFO_FILE = "checkpoint.json"
+STATE_FILE = "train_state.pt"
+BEST_FILE = "best.safetensors"
+KIND = "carsearch.checkpoint"
+
+
+def save_model(folder: Path, net: EmbeddingNet, name: str = MODEL_FILE) -> str:
+    """The network's weights as safetensors (no pickle); returns the file's sha256."""
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    with atomic_path(folder / name) as tmp:
+        save_file(state, str(tmp))
+    return sha256_file(folder / name)
+
+
+def save_info(folder: Path, info: dict) -> None:
+    write_json_atomic(folder / INFO_FILE, {"kind": KIND, "schema_version": SCHEMA_VERSION, **info})
+
+
+def save_state(folder: Path, state: dict) -> None:
+    with atomic_path(folder / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(folder: Path) -> dict:
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CarsearchError(
+            f"{folder} has no {STATE_FILE} to resume from; start without --resume."
+        ) from None
+    except Exception as e:  # damaged or foreign file
+        raise CarsearchError(
+            f"{folder / STATE_FILE} cannot be loaded ({e}); start again without --resume."
+        ) from e
+
+
+def read_info(folder: Path) -> dict:
+    return read_descriptor(
+        folder / INFO_FILE,
+        KIND,
+        "checkpoint description",
+        "train it again.",
+        missing=f"{folder} is not a carsearch checkpoint (no {INFO_FILE}).",
+    )
+
+
+def build_net(info: dict) -> EmbeddingNet:
+    """The architecture a checkpoint describes, with random weights (they are loaded next)."""
+    base = load_backbone(info["backbone"], "none")
+    return EmbeddingNet(base.model, base.dim, info.get("embed_dim"))
+
+
+def load_checkpoint(folder: Path, expected_backbone: str | None = None, best: bool = True) -> Loaded:
+    """A checkpoint folder as a registry entry: the trained network, its preprocessing and dimension.
+
+    `best` loads the weights of the best validation epoch (best.safetensors) when there is one.
+    """
+    folder = folder.resolve()
+    info = read_info(folder)
+    if expected_backbone and info["backbone"] != expected_backbone:
+        raise CarsearchError(
+            f"{folder} holds a fine-tuned {info['backbone']}; pass --backbone {info['backbone']} to use it."
+        )
+    name = BEST_FILE if best and (folder / BEST_FILE).is_file() else MODEL_FILE
+    path = folder / name
+    if not path.is_file():
+        raise CarsearchError(f"{folder} has no {name}; the training run did not finish an epoch.")
+    expected = info.get("files", {}).get(name)
+    digest = sha256_file(path)
+    if expected and digest != expected:
+        raise CarsearchError(f"{path} does not match the sha256 in {INFO_FILE}; it was changed or damaged.")
+    net = build_net(info)
+    try:
+        net.load_state_dict(load_file(str(path)), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise CarsearchError(f"{path} does not fit the network {INFO_FILE} describes ({e}).") from None
+    prep = Preprocessing.from_dict(info["preprocessing"])
+    return Loaded(net, WeightsInfo(str(folder), digest, str(path)), prep, net.dim)
