@@ -153,38 +153,21 @@ def test_train_fraction_holds_out_exactly_the_bench_split(dev_embeddings: Path) 
 
 
 def test_cli_head_only_json(dev_embeddings: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        cli,
-        [
-            "-q",
-            "train",
-            str(dev_embeddings),
-            "--out",
-            str(tmp_path / "c"),
-            "--head-only",
-            "--classes",
-            "1-98",
-            "--epochs",
-            "3",
-            "--json",
-        ],
-    )
+    args = [
+        "-q",
+        "train",
+        str(dev_embeddings),
+        "--out",
+        str(tmp_path / "c"),
+        "--head-only",
+        "--classes",
+        "1-98",
+        "--epochs",
+        "3",
+    ]
+    result = CliRunner().invoke(cli, [*args, "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["mode"] == "head-only" and len(out["history"]) == 3 and out["dim"] == 512
-    again = CliRunner().invoke(
-        cli,
-        [
-            "-q",
-            "train",
-            str(dev_embeddings),
-            "--out",
-            str(tmp_path / "c"),
-            "--head-only",
-            "--classes",
-            "1-98",
-            "--epochs",
-            "3",
-        ],
-    )
+    again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "--resume" in again.stderr

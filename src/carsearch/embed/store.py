@@ -19,8 +19,25 @@ FAILURES = "failures.jsonl"
 MANIFEST_KIND = "carsearch.embeddings"
 
 
+LEVELS = ("model", "make", "year")
+
+
+class LabelLevels:
+    """Labels at a classification level, for anything with `labels`, `make` and `year` arrays."""
+
+    labels: np.ndarray
+    make: np.ndarray
+    year: np.ndarray
+
+    def level(self, level: str) -> np.ndarray:
+        """model (the full class name, e.g. "Audi TTS Coupe 2012"), make ("Audi") or year ("2012")."""
+        if level not in LEVELS:
+            raise CarsearchError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}.")
+        return {"model": self.labels, "make": self.make, "year": self.year}[level]
+
+
 @dataclass
-class EmbeddingSet:
+class EmbeddingSet(LabelLevels):
     """All rows of an embedding folder: vectors (n, d) float32 and per-row metadata arrays."""
 
     vectors: np.ndarray
@@ -49,10 +66,6 @@ class EmbeddingSet:
     @property
     def provenance(self) -> dict:
         return self.manifest["provenance"]
-
-    def level(self, level: str) -> np.ndarray:
-        """Labels at a classification level: model (the full class name), make or year."""
-        return {"model": self.labels, "make": self.make, "year": self.year}[level]
 
     def subset(self, index: np.ndarray) -> EmbeddingSet:
         """Rows selected by a boolean mask or an index array."""

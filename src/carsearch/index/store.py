@@ -16,6 +16,7 @@ import numpy as np
 
 from carsearch import SCHEMA_VERSION
 from carsearch.embed.shards import STRING_FIELDS, read_h5, write_h5
+from carsearch.embed.store import LabelLevels
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
 
@@ -25,11 +26,10 @@ INDEX_FILE = "index.faiss"
 META_FILE = "metadata.h5"
 INFO_FILE = "index.json"
 INDEX_KIND = "carsearch.index"
-LEVELS = ("model", "make", "year")
 
 
 @dataclass
-class Gallery:
+class Gallery(LabelLevels):
     """Per-id metadata of the indexed images, in one order; `source` points into index.json's sources."""
 
     ids: np.ndarray
@@ -55,12 +55,6 @@ class Gallery:
             return np.full(ids.shape, -1, dtype=np.int64)
         pos = np.searchsorted(self._sorted, ids).clip(0, len(self._sorted) - 1)
         return np.where(self._sorted[pos] == ids, self._order[pos], -1)
-
-    def level(self, level: str) -> np.ndarray:
-        """Labels at a classification level: model (the full class name), make or year."""
-        if level not in LEVELS:
-            raise CarsearchError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}.")
-        return {"model": self.labels, "make": self.make, "year": self.year}[level]
 
     def take(self, rows: np.ndarray) -> Gallery:
         return Gallery(**{f: getattr(self, f)[rows] for f in ("ids", *STRING_FIELDS, "source")})

@@ -13,7 +13,7 @@ from PIL import Image
 from carsearch.datasets.scan import image_files
 from carsearch.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image
 from carsearch.errors import CarsearchError
-from carsearch.index.store import LEVELS, IndexBundle, open_bundle
+from carsearch.index.store import IndexBundle, open_bundle
 from carsearch.search.openset import kth_similarity
 from carsearch.search.vote import DEFAULT_K, DEFAULT_TEMPERATURE, vote
 
@@ -220,14 +220,12 @@ class Searcher:
         A query is unknown when its similarity to its k_openset-th neighbour (k_openset recorded at
         calibration) is below the calibrated threshold; `reject=False` never says unknown.
         """
-        if level not in LEVELS:
-            raise CarsearchError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}.")
+        labels = self.bundle.gallery.level(level)  # an unknown level fails here, before any search
         if temperature <= 0:
             raise CarsearchError("the temperature must be positive.")
         cal = self.openset
         k_os = int(cal["k"]) if cal else 0
         names, errors, sims, ids = self._run(queries, max(k, k_os))
-        labels = self.bundle.gallery.level(level)
         out, j = [], 0
         for name, err in zip(names, errors, strict=True):
             if err is not None:
