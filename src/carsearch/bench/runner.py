@@ -180,14 +180,22 @@ def run_bench(
             for factory in factories:
                 log.info("bench: %s", factory)
                 run = build_run(factory, g_vec, s.target_recall, s.seed)
+                # One k-neighbour search per index type serves the closed-set metrics, the index table's
+                # kNN accuracy and (for Flat) the confusion matrix and confidence curve.
+                knn = _knn(run, emb, gal, qry, s) if labelled else None
                 if "closed" in s.protocols:
-                    report["closed"][factory] = _closed(run, emb, gal, qry, s)
+                    report["closed"][factory] = {
+                        "params": run.params,
+                        "k": s.k,
+                        "temperature": s.temperature,
+                        "model": knn["model"],
+                        "make": knn["make"],
+                    }
                     if factory == "Flat" or flat_pred is None:
-                        sims, rows = run.search(q_vec, s.k)
-                        flat_pred = vote_details(emb.labels[gal], sims, rows, s.k, s.temperature)
+                        flat_pred = knn["votes"]
                     bar.update(1)
                 if "index" in s.protocols:
-                    report["index"][factory] = _index(run, q_vec, truth, emb, gal, qry, s, labelled)
+                    report["index"][factory] = _index(run, q_vec, truth, s, knn)
                     bar.update(1)
             if not report["closed"]:
                 del report["closed"]
@@ -221,25 +229,18 @@ def run_bench(
     return report
 
 
-def _closed(run: IndexRun, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: BenchSettings) -> dict:
+def _knn(run: IndexRun, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: BenchSettings) -> dict:
+    """kNN metrics (model and make levels) and each query's vote (label, confidence), from one search."""
     sims, rows = run.search(emb.vectors[qry], s.k)
-    out = {"params": run.params, "k": s.k, "temperature": s.temperature}
+    out = {}
     for level in ("model", "make"):
         labels = emb.level(level)
         out[level] = knn_metrics(labels[gal], labels[qry], sims, rows, s.k, s.temperature)
+    out["votes"] = vote_details(emb.labels[gal], sims, rows, s.k, s.temperature)
     return out
 
 
-def _index(
-    run: IndexRun,
-    q_vec: np.ndarray,
-    truth: np.ndarray,
-    emb: EmbeddingSet,
-    gal: np.ndarray,
-    qry: np.ndarray,
-    s: BenchSettings,
-    labelled: bool,
-) -> dict:
+def _index(run: IndexRun, q_vec: np.ndarray, truth: np.ndarray, s: BenchSettings, knn: dict | None) -> dict:
     out = {
         "params": run.params,
         "build_seconds": run.build_seconds,
@@ -248,10 +249,8 @@ def _index(
         "tuned_recall@10": run.tuned_recall,
         **measure(run, q_vec, truth),
     }
-    if labelled:
-        sims, rows = run.search(q_vec, s.k)
-        m = knn_metrics(emb.labels[gal], emb.labels[qry], sims, rows, s.k, s.temperature)
-        out.update({key: m[key] for key in ("top1", "top5", "hit1", "hit5")})
+    if knn is not None:
+        out.update({key: knn["model"][key] for key in ("top1", "top5", "hit1", "hit5")})
     if s.sweep:
         out["sweep"] = sweep(run, q_vec, truth)
     return out
