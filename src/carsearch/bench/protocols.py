@@ -12,6 +12,7 @@ import numpy as np
 
 from carsearch.embed.store import EmbeddingSet
 from carsearch.errors import CarsearchError
+from carsearch.index.build import leave_one_out_scores
 from carsearch.index.factory import make_index, set_search_params, train_and_add
 from carsearch.index.tune import tune
 from carsearch.search.openset import auroc, fpr_at_tpr, kth_similarity, threshold_for_tpr
@@ -136,58 +137,26 @@ def vote_details(
     return preds, np.array(conf)
 
 
-def predictions(
-    gallery_labels: np.ndarray,
-    sims: np.ndarray,
-    rows: np.ndarray,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> list[str | None]:
-    """The winning label of each query's vote."""
-    return vote_details(gallery_labels, sims, rows, k, temperature)[0]
-
-
-def closed_set(
-    emb: EmbeddingSet,
-    factory: str = "Flat",
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    levels: tuple[str, ...] = ("model", "make"),
-    gallery_fraction: float = GALLERY_FRACTION,
-    seed: int = 0,
-    target_recall: float = 0.95,
-) -> dict:
-    """Closed-set kNN classification: stratified gallery / query split of every class."""
-    gal, qry = stratified_split(emb.class_ids, gallery_fraction, seed)
-    index = SearchIndex.build(emb.vectors[gal], factory, target_recall, seed=seed)
-    sims, rows = index.search(emb.vectors[qry], k)
-    out = {
-        "factory": factory,
-        "params": index.params,
-        "gallery": len(gal),
-        "k": k,
-        "temperature": temperature,
-    }
-    for level in levels:
-        labels = emb.level(level)
-        out[level] = knn_metrics(labels[gal], labels[qry], sims, rows, k, temperature)
-    return out
-
-
 def zero_shot(emb: EmbeddingSet, test_classes: set[int], ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     """Cars196 protocol: every test-class image queries all other test-class images (exact search);
     Recall@K = share of queries with an image of their class among their K nearest."""
     test = np.flatnonzero(np.isin(emb.class_ids, sorted(test_classes)))
     if len(test) < 2:
         raise CarsearchError("the zero-shot test classes hold fewer than two images.")
-    x, cls = emb.vectors[test], emb.class_ids[test]
-    index = SearchIndex.build(x, "Flat", None)
-    _, rows = index.search(x, max(ks) + 1)
+    return retrieval_recall(emb.vectors[test], emb.class_ids[test], ks) | {"queries": len(test)}
+
+
+def retrieval_recall(vectors: np.ndarray, classes: np.ndarray, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+    """Each (L2-normalised) vector queries all the others by exact cosine; Recall@K = share of queries with
+    a vector of their class among their K nearest. The metric of the zero-shot protocol and of training's
+    validation."""
+    index = SearchIndex.build(vectors, "Flat", None)
+    _, rows = index.search(vectors, min(max(ks) + 1, len(vectors)))
     # Drop each query itself (it is its own nearest neighbour); the rest keep their order.
-    own = rows == np.arange(len(test))[:, None]
+    own = rows == np.arange(len(vectors))[:, None]
     neigh = np.array([r[~o][: max(ks)] for r, o in zip(rows, own, strict=True)])
-    same = cls[neigh] == cls[:, None]
-    return {f"recall@{k}": float(np.mean(same[:, :k].any(axis=1))) for k in ks} | {"queries": len(test)}
+    same = classes[neigh] == classes[:, None]
+    return {f"recall@{k}": float(np.mean(same[:, :k].any(axis=1))) for k in ks}
 
 
 def open_set(
@@ -222,12 +191,12 @@ def open_set(
     sims_u, _ = index.search(emb.vectors[q_unknown], depth)
     s_known, s_unknown = kth_similarity(sims_k, k_openset), kth_similarity(sims_u, k_openset)
     # The deployable threshold: leave-one-out over the gallery.
-    g_sims, g_rows = index.search(emb.vectors[gal], k_openset + 1)
-    loo = np.array([s[r != i][:k_openset] for i, (s, r) in enumerate(zip(g_sims, g_rows, strict=True))])
-    threshold = threshold_for_tpr(kth_similarity(loo, k_openset), tpr)
+    loo = leave_one_out_scores(index.index, emb.vectors[gal], np.arange(len(gal)), k_openset, len(gal), seed)
+    threshold = threshold_for_tpr(loo, tpr)
     labels = emb.labels
-    pred = predictions(labels[gal], sims_k, rows_k, k, temperature)
-    right_known = (np.array(pred, dtype=object) == labels[q_known]) & (s_known >= threshold)
+    pred, _ = vote_details(labels[gal], sims_k, rows_k, k, temperature)
+    correct = np.array(pred, dtype=object) == labels[q_known]
+    right_known = correct & (s_known >= threshold)
     rejected_unknown = s_unknown < threshold
     return {
         "k_openset": k_openset,
@@ -239,11 +208,11 @@ def open_set(
         "open_set_accuracy": float(
             (right_known.sum() + rejected_unknown.sum()) / (len(q_known) + len(q_unknown))
         ),
-        "closed_set_top1_known": float(np.mean(np.array(pred, dtype=object) == labels[q_known])),
+        "closed_set_top1_known": float(np.mean(correct)),
         "known_queries": len(q_known),
         "unknown_queries": len(q_unknown),
         "gallery": len(gal),
         "scores_known": s_known,
         "scores_unknown": s_unknown,
-        "correct_known": np.array(pred, dtype=object) == labels[q_known],
+        "correct_known": correct,
     }
