@@ -14,8 +14,8 @@ from carsearch.errors import CarsearchError
 from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.factory import index_bytes, make_index, remove_ids, train_and_add
-from carsearch.index.store import Gallery, IndexBundle, open_bundle, save_bundle
-from carsearch.index.tune import drop_self, sample_queries, tune
+from carsearch.index.store import Gallery, open_bundle, save_bundle
+from carsearch.index.tune import sample_queries, tune
 from carsearch.provenance import check_compatible, library_versions
 from carsearch.search.openset import DEFAULT_OPENSET_K, DEFAULT_TPR, kth_similarity, threshold_for_tpr
 
@@ -302,11 +302,10 @@ def index_info(index_dir: str | Path) -> dict:
 
 
 __all__ = [
-    "IndexBundle",
     "add_to_index",
     "build_index",
     "calibrate_index",
-    "drop_self",
     "index_info",
+    "leave_one_out_scores",
     "remove_from_index",
 ]
