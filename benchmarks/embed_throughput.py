@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from carsearch.datasets import read_dataset
 from carsearch.embed import embed_dataset
-from carsearch.embed.backbones import load_backbone
+from carsearch.models import load_backbone
 from carsearch.embed.encoder import cpu_has_native_bf16
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from carsearch.embed.backbones import backbone_names, get_backbone, load_backbone
+from carsearch.models import backbone_names, get_backbone, load_backbone
 from carsearch.errors import CarsearchError
 
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from carsearch.bench.protocols import stratified_split
+from carsearch.eval.splits import stratified_split
 from carsearch.bench.runner import BenchSettings, run_bench
 from carsearch.cli import cli
 from carsearch.embed import load_embeddings

@@ -38,14 +38,14 @@ def _separation(x: np.ndarray, classes: np.ndarray) -> tuple[float, float, float
 
 def test_same_class_is_nearer_than_other_classes(photos) -> None:
     images, classes = photos
-    enc = Encoder("efficientnet_lite0", "imagenet", precision="fp32", device="cpu")
+    enc = Encoder.load("efficientnet_lite0", "imagenet", precision="fp32", device="cpu")
     x = enc.encode_images(images)
     assert x.shape == (len(images), 1280) and x.dtype == np.float32
     assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
     intra, inter, per_image, nn1 = _separation(x, classes)
     assert intra > inter + 0.1, (intra, inter)
     # Against the same network with random weights (the oracle for "the weights carry car knowledge"):
-    rand = Encoder("efficientnet_lite0", "none", precision="fp32", device="cpu").encode_images(images)
+    rand = Encoder.load("efficientnet_lite0", "none", precision="fp32", device="cpu").encode_images(images)
     _, _, per_image_rand, nn1_rand = _separation(rand, classes)
     assert per_image >= per_image_rand + 0.25, (per_image, per_image_rand)
     assert nn1 >= 0.4 and nn1 >= 3 * nn1_rand, (nn1, nn1_rand)  # chance is 4/39
@@ -53,26 +53,26 @@ def test_same_class_is_nearer_than_other_classes(photos) -> None:
 
 def test_bf16_agrees_with_fp32(photos) -> None:
     images, _ = photos
-    fp32 = Encoder("efficientnet_lite0", precision="fp32", device="cpu").encode_images(images[:8])
-    bf16 = Encoder("efficientnet_lite0", precision="bf16", device="cpu").encode_images(images[:8])
+    fp32 = Encoder.load("efficientnet_lite0", precision="fp32", device="cpu").encode_images(images[:8])
+    bf16 = Encoder.load("efficientnet_lite0", precision="bf16", device="cpu").encode_images(images[:8])
     assert (np.sum(fp32 * bf16, axis=1) > 0.99).all()
 
 
 def test_provenance_round_trip(photos) -> None:
     images, _ = photos
-    enc = Encoder("efficientnet_lite0", crop="pad", precision="fp32", device="cpu")
+    enc = Encoder.load("efficientnet_lite0", crop="pad", precision="fp32", device="cpu")
     again = Encoder.from_provenance(enc.provenance(), device="cpu", precision="fp32")
     assert again.preprocessing == enc.preprocessing and again.weights == enc.weights
     assert np.array_equal(enc.encode_images(images[:2]), again.encode_images(images[:2]))
 
 
 def test_empty_batch_and_bad_settings() -> None:
-    enc = Encoder("efficientnet_lite0", "none", device="cpu")
+    enc = Encoder.load("efficientnet_lite0", "none", device="cpu")
     assert enc.encode(torch.zeros((0, 224, 224, 3), dtype=torch.uint8)).shape == (0, 1280)
     with pytest.raises(CarsearchError, match="unknown crop mode"):
-        Encoder("efficientnet_lite0", "none", crop="zoom")
+        Encoder.load("efficientnet_lite0", "none", crop="zoom")
     with pytest.raises(CarsearchError, match="unknown precision"):
         resolve_precision("fp8", torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(CarsearchError, match="no CUDA GPU"):
-            Encoder("efficientnet_lite0", "none", device="cuda")
+            Encoder.load("efficientnet_lite0", "none", device="cuda")

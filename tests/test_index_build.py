@@ -13,8 +13,8 @@ from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.index.build import add_to_index, build_index, calibrate_index, remove_from_index
 from carsearch.index.store import open_bundle
-from carsearch.index.tune import recall_at_k
-from carsearch.search.openset import kth_similarity
+from carsearch.eval.neighbors import recall_at_k
+from carsearch.eval.openset import kth_similarity
 from tests.conftest import DEV, pick_range
 
 
@@ -136,9 +136,7 @@ def test_add_equals_rebuild(factory: str, two_parts: tuple[Path, Path], tmp_path
     build_index([a, b], tmp_path / "rebuilt", factory="Flat", calibrate=False)
     grown, rebuilt = open_bundle(tmp_path / "grown"), open_bundle(tmp_path / "rebuilt")
     if factory.startswith("IVF"):
-        from carsearch.index.factory import set_search_params
-
-        set_search_params(grown.index, "nprobe=8")  # every list: exhaustive, comparable to exact search
+        grown.index.set_params("nprobe=8")  # every list: exhaustive, comparable to exact search
     q = load_embeddings(a).vectors[:50]
     s1, i1 = grown.index.search(q, 10)
     s2, i2 = rebuilt.index.search(q, 10)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from carsearch.search.openset import auroc, fpr_at_tpr, kth_similarity, threshold_for_tpr
+from carsearch.eval.openset import auroc, fpr_at_tpr, kth_similarity, threshold_for_tpr
 
 
 def _auroc_pairs(known: np.ndarray, unknown: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from carsearch.embed.preprocess import Preprocessing
+from carsearch.models import Preprocessing
 from tests.conftest import DEV
 
 PREP = Preprocessing(size=224, resize=256, interpolation="bilinear")

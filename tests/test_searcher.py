@@ -11,7 +11,7 @@ from carsearch.embed import load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.index.build import build_index
 from carsearch.search import Searcher, expand_queries
-from carsearch.search.vote import vote
+from carsearch.eval.vote import vote
 from tests.conftest import DEV
 
 

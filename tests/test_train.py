@@ -11,14 +11,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from carsearch.bench.protocols import stratified_split
+from carsearch.eval.splits import stratified_split
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.index.build import build_index
 from carsearch.search import Searcher
-from carsearch.train.checkpoint import load_checkpoint
-from carsearch.train.loop import _split_classes, recall_at_1, train_head, train_model
+from carsearch.models.checkpoint import load_checkpoint
+from carsearch.train import train_head, train_model
+from carsearch.train.data import split_classes
+from carsearch.train.validation import recall_at_1
 from tests.conftest import pick, write_csv_dataset
 
 TINY = {
@@ -140,13 +142,13 @@ def test_head_only_improves_zero_shot_recall_honestly(dev_embeddings: Path, tmp_
 
 def test_train_fraction_holds_out_exactly_the_bench_split(dev_embeddings: Path) -> None:
     emb = load_embeddings(dev_embeddings)
-    tmask, vmask, how = _split_classes(emb.class_ids, "1-98", None, 0, 0.75)
+    tmask, vmask, how = split_classes(emb.class_ids, "1-98", None, 0, 0.75)
     gal, qry = stratified_split(emb.class_ids, 0.75, 0)
     assert set(np.flatnonzero(tmask)) == set(gal[emb.class_ids[gal] <= 98].tolist())
     assert set(np.flatnonzero(vmask)) == set(qry[emb.class_ids[qry] <= 98].tolist())
     assert how.startswith("held-out images of the training classes")
     # Without a fraction, the other classes validate.
-    tmask, vmask, how = _split_classes(emb.class_ids, "1-98", None, 0)
+    tmask, vmask, how = split_classes(emb.class_ids, "1-98", None, 0)
     assert (
         (emb.class_ids[tmask] <= 98).all() and (emb.class_ids[vmask] > 98).all() and how == "held-out classes"
     )

@@ -3,7 +3,8 @@
 import numpy as np
 
 from carsearch.index.factory import make_index, train_and_add
-from carsearch.index.tune import drop_self, exact_search, recall_at_k, tune
+from carsearch.eval.neighbors import drop_self, exact_search, recall_at_k
+from carsearch.index.tune import tune
 
 
 def _data(n: int = 4000, d: int = 48) -> np.ndarray:
@@ -27,7 +28,8 @@ def test_recall_and_drop_self() -> None:
     truth = np.array([[1, 2, 3], [4, 5, 6]])
     found = np.array([[1, 9, 3], [-1, -1, -1]])
     assert recall_at_k(found, truth, 3) == (2 + 0) / 6
-    assert drop_self(np.array([[7, 1, 2], [3, 7, 4]]), np.array([7, 7]), 2).tolist() == [[1, 2], [3, 4]]
+    found = np.array([[7, 1, 2], [3, 7, 4]])
+    assert drop_self(np.zeros(found.shape), found, np.array([7, 7]), 2)[1].tolist() == [[1, 2], [3, 4]]
 
 
 def test_tuning_reaches_the_target_with_the_cheapest_value() -> None:

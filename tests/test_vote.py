@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from carsearch.search.vote import vote
+from carsearch.eval.vote import vote
 
 
 def test_hand_computed_vote() -> None:

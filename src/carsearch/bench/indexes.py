@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from carsearch.eval.neighbors import recall_at_k
 from carsearch.index.auto import ivf_lists
-from carsearch.index.factory import index_bytes, make_index, set_search_params, train_and_add, tunable
-from carsearch.index.tune import recall_at_k, tune
+from carsearch.index.core import Index
+from carsearch.index.factory import tunable
 
 SINGLE_QUERIES = 200  # one-at-a-time queries timed for latency percentiles
 
@@ -65,35 +65,7 @@ def time_single(search: Callable[[np.ndarray, int], object], queries: np.ndarray
     }
 
 
-@dataclass
-class IndexRun:
-    """One index type built on the gallery, tuned, and measured on the queries."""
-
-    factory: str
-    index: object
-    params: str
-    build_seconds: float
-    train_seconds: float
-    memory_bytes: int
-    tuned_recall: float
-    metrics: dict = field(default_factory=dict)
-    sweep: list[dict] = field(default_factory=list)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-def build_run(factory: str, gallery: np.ndarray, target_recall: float, seed: int) -> IndexRun:
-    ids = np.arange(len(gallery))
-    index = make_index(factory, gallery.shape[1])
-    t0 = time.perf_counter()
-    train_s, _ = train_and_add(index, gallery, ids, seed)
-    build_s = time.perf_counter() - t0
-    tuned = tune(index, gallery, ids, target_recall, seed=seed)
-    return IndexRun(factory, index, tuned.params, build_s, train_s, index_bytes(index), tuned.recall)
-
-
-def measure(run: IndexRun, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> dict:
+def measure(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> dict:
     """Recall@1 / @10 against exact search, batched and single-query speed."""
     _, found = run.search(queries, k)
     return {
@@ -104,14 +76,15 @@ def measure(run: IndexRun, queries: np.ndarray, truth: np.ndarray, k: int = 10) 
     }
 
 
-def sweep(run: IndexRun, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> list[dict]:
+def sweep(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> list[dict]:
     """Recall@10 and batched QPS for each value of the index's search parameter (the recall-QPS curve)."""
-    knob = tunable(run.index)
+    knob = tunable(run.faiss)
+    tuned = run.params
     points = []
     values = knob.values if knob.name else (None,)
     for v in values:
         if knob.name:
-            set_search_params(run.index, f"{knob.name}={v}")
+            run.set_params(f"{knob.name}={v}")
         _, found = run.search(queries, k)
         points.append(
             {
@@ -120,5 +93,5 @@ def sweep(run: IndexRun, queries: np.ndarray, truth: np.ndarray, k: int = 10) ->
                 "qps_batched": time_batched(run.search, queries, k, min_seconds=0.2, repeats=2),
             }
         )
-    set_search_params(run.index, run.params)
+    run.set_params(tuned)
     return points

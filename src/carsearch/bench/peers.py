@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from carsearch.bench.indexes import time_batched, time_single
-from carsearch.index.tune import drop_self, exact_search, recall_at_k, sample_queries
+from carsearch.eval.neighbors import drop_self, exact_search, recall_at_k, sample_queries
 
 HNSW_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -116,11 +116,11 @@ def measure_peers(
 
     sample = sample_queries(len(gallery), 1000, seed)
     ids = np.arange(len(gallery))
-    self_truth = drop_self(exact_search(gallery, ids, gallery[sample], k + 1)[1], ids[sample], k)
+    self_truth = drop_self(*exact_search(gallery, ids, gallery[sample], k + 1), ids[sample], k)[1]
     chosen = HNSW_EF[-1]
     for ef in HNSW_EF:
         index.set_ef(max(ef, k + 1))
-        found = drop_self(search(gallery[sample], k + 1)[1], ids[sample], k)
+        found = drop_self(*search(gallery[sample], k + 1), ids[sample], k)[1]
         if recall_at_k(found, self_truth, k) >= target_recall:
             chosen = ef
             break

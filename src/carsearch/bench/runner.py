@@ -11,25 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from carsearch import SCHEMA_VERSION
-from carsearch.bench.indexes import IndexRun, build_run, default_factories, measure, sweep
-from carsearch.bench.protocols import (
-    GALLERY_FRACTION,
-    class_range,
-    knn_metrics,
-    open_set,
-    stratified_split,
-    vote_details,
-    zero_shot,
-)
+from carsearch import SCHEMA_VERSION, defaults
+from carsearch.bench.indexes import default_factories, measure, sweep
+from carsearch.bench.protocols import open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
+from carsearch.eval.knn import knn_metrics, vote_details
+from carsearch.eval.neighbors import exact_search
+from carsearch.eval.splits import class_range, stratified_split
 from carsearch.fsutil import write_json_atomic, write_text_atomic
-from carsearch.index.tune import exact_search
+from carsearch.index.core import Index
 from carsearch.progress import Progress
 from carsearch.provenance import library_versions
-from carsearch.search.openset import DEFAULT_OPENSET_K, DEFAULT_TPR
-from carsearch.search.vote import DEFAULT_K, DEFAULT_TEMPERATURE
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +34,15 @@ CONFUSION_CLASSES = 12
 class BenchSettings:
     factories: list[str] = field(default_factory=list)  # empty: default_factories() for the gallery size
     protocols: tuple[str, ...] = PROTOCOLS
-    k: int = DEFAULT_K
-    temperature: float = DEFAULT_TEMPERATURE
-    seed: int = 0
-    gallery_fraction: float = GALLERY_FRACTION
-    known_classes: str = "1-98"
-    test_classes: str = "99-196"
-    openset_k: int = DEFAULT_OPENSET_K
-    tpr: float = DEFAULT_TPR
-    target_recall: float = 0.95
+    k: int = defaults.K_VOTE
+    temperature: float = defaults.TEMPERATURE
+    seed: int = defaults.SEED
+    gallery_fraction: float = defaults.GALLERY_FRACTION
+    known_classes: str = defaults.KNOWN_CLASSES
+    test_classes: str = defaults.TEST_CLASSES
+    openset_k: int = defaults.OPENSET_K
+    tpr: float = defaults.TPR
+    target_recall: float = defaults.TARGET_RECALL
     max_queries: int | None = None  # index / closed protocols: a seeded sample of the held-out queries
     classes: str | None = None  # only these class ids take part (e.g. the classes a model was trained on)
     peers: bool = True
@@ -179,7 +172,7 @@ def run_bench(
             report["closed"], report["index"] = {}, {}
             for factory in factories:
                 log.info("bench: %s", factory)
-                run = build_run(factory, g_vec, s.target_recall, s.seed)
+                run = Index.build(factory, g_vec, seed=s.seed, target_recall=s.target_recall)
                 # One k-neighbour search per index type serves the closed-set metrics, the index table's
                 # kNN accuracy and (for Flat) the confusion matrix and confidence curve.
                 knn = _knn(run, emb, gal, qry, s) if labelled else None
@@ -191,7 +184,7 @@ def run_bench(
                         "model": knn["model"],
                         "make": knn["make"],
                     }
-                    if factory == "Flat" or flat_pred is None:
+                    if factory == "Flat":
                         flat_pred = knn["votes"]
                     bar.update(1)
                 if "index" in s.protocols:
@@ -211,6 +204,11 @@ def run_bench(
         report["zeroshot"] = {"test_classes": s.test_classes, **zero_shot(emb, class_range(s.test_classes))}
     if "openset" in s.protocols:
         report["openset"] = _openset(emb, s)
+    if flat_pred is None and "closed" in s.protocols and labelled:
+        # The confusion matrix and the confidence curve describe the classifier, not an index type:
+        # always from exact search, also when Flat is not among the compared factories.
+        sims, rows = exact_search(g_vec, np.arange(len(gal)), q_vec, s.k)
+        flat_pred = vote_details(emb.labels[gal], sims, rows, s.k, s.temperature)
     if flat_pred is not None:
         pred, conf = flat_pred
         correct = np.array(pred, dtype=object) == emb.labels[qry]
@@ -229,7 +227,7 @@ def run_bench(
     return report
 
 
-def _knn(run: IndexRun, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: BenchSettings) -> dict:
+def _knn(run: Index, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: BenchSettings) -> dict:
     """kNN metrics (model and make levels) and each query's vote (label, confidence), from one search."""
     sims, rows = run.search(emb.vectors[qry], s.k)
     out = {}
@@ -240,13 +238,13 @@ def _knn(run: IndexRun, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: 
     return out
 
 
-def _index(run: IndexRun, q_vec: np.ndarray, truth: np.ndarray, s: BenchSettings, knn: dict | None) -> dict:
+def _index(run: Index, q_vec: np.ndarray, truth: np.ndarray, s: BenchSettings, knn: dict | None) -> dict:
     out = {
         "params": run.params,
         "build_seconds": run.build_seconds,
-        "train_seconds": run.train_seconds,
+        "train_seconds": run.timings["train"],
         "memory_bytes": run.memory_bytes,
-        "tuned_recall@10": run.tuned_recall,
+        "tuned_recall@10": run.tuned.recall,
         **measure(run, q_vec, truth),
     }
     if knn is not None:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carsearch.embed.backbones import load_backbone
-from carsearch.embed.preprocess import CROP_MODES, Preprocessing
+from carsearch import defaults
 from carsearch.errors import CarsearchError, ProvenanceMismatch
+from carsearch.models import CROP_MODES, Loaded, Preprocessing, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +53,60 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class Encoder:
-    """A headless backbone ready for inference: eval mode, channels-last, inference mode, autocast."""
+    """A headless network ready for inference: eval mode, channels-last, inference mode, autocast.
+
+    `Encoder.load(backbone, weights, ...)` builds one from the registry; `Encoder(loaded, ...)` wraps a
+    network in hand (training's validation wraps the network it trains, with `freeze=False`)."""
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        weights: str = "imagenet",
-        crop: str = "squash",
-        device: str = "auto",
-        precision: str = "auto",
-        weights_sha256: str | None = None,
+        loaded: Loaded,
+        backbone: str,
+        crop: str | None = None,
+        device: str | torch.device = defaults.DEVICE,
+        precision: str = defaults.PRECISION,
+        freeze: bool = True,
     ) -> None:
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.backbone = backbone
+        self.weights = loaded.weights
+        self.preprocessing: Preprocessing = (
+            loaded.preprocessing.with_crop(crop) if crop else loaded.preprocessing
+        )
+        self.dim = loaded.dim
+        self.model = loaded.model.eval().to(self.device, memory_format=torch.channels_last)
+        if freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    @classmethod
+    def load(
+        cls,
+        backbone: str = defaults.BACKBONE,
+        weights: str = defaults.WEIGHTS,
+        crop: str = defaults.CROP,
+        device: str = defaults.DEVICE,
+        precision: str = defaults.PRECISION,
+        weights_sha256: str | None = None,
+    ) -> Encoder:
+        """The registry's network `backbone` with `weights`, framed by `crop`."""
         if crop not in CROP_MODES:
             raise CarsearchError(f"unknown crop mode {crop!r}; choose one of {', '.join(CROP_MODES)}.")
         # Cheap checks first: a typo in --device must not wait for (or trigger) a weights download.
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        loaded = load_backbone(backbone, weights, weights_sha256)
-        self.backbone = backbone
-        self.weights = loaded.weights
-        self.preprocessing: Preprocessing = loaded.preprocessing.with_crop(crop)
-        self.dim = loaded.dim
-        self.model = loaded.model.eval().to(self.device, memory_format=torch.channels_last)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        dev = resolve_device(device)
+        resolve_precision(precision, dev)
+        return cls(load_backbone(backbone, weights, weights_sha256), backbone, crop, dev, precision)
 
     @classmethod
-    def from_provenance(cls, prov: dict, device: str = "auto", precision: str = "auto") -> Encoder:
+    def from_provenance(
+        cls, prov: dict, device: str = defaults.DEVICE, precision: str = defaults.PRECISION
+    ) -> Encoder:
         """The encoder an artifact was made with, so that queries land in the same embedding space."""
         prep = Preprocessing.from_dict(prov["preprocessing"])
-        enc = cls(prov["backbone"], prov["weights"], prep.crop, device, precision, prov.get("weights_sha256"))
+        enc = cls.load(
+            prov["backbone"], prov["weights"], prep.crop, device, precision, prov.get("weights_sha256")
+        )
         if enc.preprocessing != prep:
             raise ProvenanceMismatch(
                 f"the {prov['backbone']} preprocessing of this version ({enc.preprocessing.to_dict()}) "
@@ -116,7 +140,17 @@ class Encoder:
         y = torch.nn.functional.normalize(y.float(), dim=1)
         return y.cpu().numpy()
 
-    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+    def encode_arrays(self, arrays: np.ndarray, batch_size: int = defaults.BATCH_SIZE) -> np.ndarray:
+        """Embed preprocessed uint8 images (n, size, size, 3), `batch_size` at a time."""
+        out = [
+            self.encode(torch.from_numpy(arrays[i : i + batch_size]))
+            for i in range(0, len(arrays), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_images(
+        self, images: Sequence[Image.Image], batch_size: int = defaults.BATCH_SIZE
+    ) -> np.ndarray:
         """Embed decoded RGB images (queries)."""
         out = []
         for i in range(0, len(images), batch_size):

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from carsearch import defaults
+
 # Pillow's own default limit (about 89.5 megapixels); images above it are decompression-bomb suspects.
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = defaults.MAX_PIXELS
 
 # Reasons a file is skipped, as counted in manifests and failures.jsonl.
 REASONS = (

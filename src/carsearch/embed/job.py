@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,11 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from carsearch import SCHEMA_VERSION
+from carsearch import SCHEMA_VERSION, defaults
 from carsearch.datasets import Dataset, Record, read_dataset
 from carsearch.embed.encoder import Encoder
-from carsearch.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image, read_file, safe_join
-from carsearch.embed.preprocess import Preprocessing
+from carsearch.embed.images import BadImage, load_image, read_file, safe_join
 from carsearch.embed.shards import ShardRows, shard_name, write_shard
 from carsearch.embed.store import FAILURES, MANIFEST, MANIFEST_KIND, read_manifest
 from carsearch.errors import CarsearchError, ProvenanceMismatch
@@ -39,6 +37,7 @@ from carsearch.fsutil import (
     write_json_atomic,
     write_text_atomic,
 )
+from carsearch.models import Preprocessing
 from carsearch.progress import Progress
 from carsearch.provenance import library_versions
 
@@ -83,11 +82,6 @@ class EmbedResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def default_workers() -> int:
-    """Decoding workers: one per spare core, at least one so decoding overlaps the network."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 # --- image loading in DataLoader workers ---------------------------------------------------------------
@@ -242,19 +236,19 @@ def embed_dataset(
     labels_file: str | Path | None = None,
     split: str = "all",
     bbox_crop: bool = False,
-    backbone: str = "resnet50",
-    weights: str = "imagenet",
+    backbone: str = defaults.BACKBONE,
+    weights: str = defaults.WEIGHTS,
     weights_sha256: str | None = None,
-    crop: str = "squash",
-    batch_size: int = 32,
+    crop: str = defaults.CROP,
+    batch_size: int = defaults.BATCH_SIZE,
     workers: int | None = None,
-    shard_size: int = 4096,
-    device: str = "auto",
-    precision: str = "auto",
+    shard_size: int = defaults.SHARD_SIZE,
+    device: str = defaults.DEVICE,
+    precision: str = defaults.PRECISION,
     limit: int | None = None,
     overwrite: bool = False,
     id_start: int = 0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = defaults.MAX_PIXELS,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
@@ -273,7 +267,7 @@ def embed_dataset(
         raise CarsearchError(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
-    encoder = Encoder(backbone, weights, crop, device, precision, weights_sha256)
+    encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256)
     fingerprint = _fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
@@ -354,7 +348,7 @@ def _run(
     if done:
         log.info("resuming %s: %d of %d shards already finished.", out, len(done), len(plans))
     total = sum(p.run_stop - p.start for p in todo)
-    workers = default_workers() if workers is None else workers
+    workers = defaults.default_workers() if workers is None else workers
     t0, images, failed_run = time.perf_counter(), 0, Counter()
     if todo:
         batches = [

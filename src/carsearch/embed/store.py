@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carsearch.datasets.levels import LabelLevels
 from carsearch.embed.shards import STRING_FIELDS, read_shard
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import read_descriptor, sha256_file
@@ -17,23 +18,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 MANIFEST_KIND = "carsearch.embeddings"
-
-
-LEVELS = ("model", "make", "year")
-
-
-class LabelLevels:
-    """Labels at a classification level, for anything with `labels`, `make` and `year` arrays."""
-
-    labels: np.ndarray
-    make: np.ndarray
-    year: np.ndarray
-
-    def level(self, level: str) -> np.ndarray:
-        """model (the full class name, e.g. "Audi TTS Coupe 2012"), make ("Audi") or year ("2012")."""
-        if level not in LEVELS:
-            raise CarsearchError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}.")
-        return {"model": self.labels, "make": self.make, "year": self.year}[level]
 
 
 @dataclass

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 
-from carsearch.embed.store import MANIFEST, EmbeddingSet, load_embeddings
+from carsearch import defaults
+from carsearch.embed.store import MANIFEST, EmbeddingSet, load_embeddings, read_manifest
 from carsearch.errors import CarsearchError
+from carsearch.eval.neighbors import drop_self
+from carsearch.eval.openset import kth_similarity, leave_one_out_scores, threshold_for_tpr
 from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
-from carsearch.index.factory import index_bytes, make_index, remove_ids, train_and_add
+from carsearch.index.core import Index
 from carsearch.index.store import Gallery, open_bundle, save_bundle
-from carsearch.index.tune import sample_queries, tune
+from carsearch.models.checkpoint import INFO_FILE as CHECKPOINT_INFO
 from carsearch.provenance import check_compatible, library_versions
-from carsearch.search.openset import DEFAULT_OPENSET_K, DEFAULT_TPR, kth_similarity, threshold_for_tpr
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_SAMPLE = 2000
 
 
 def _source(folder: Path, m: dict) -> dict:
@@ -59,10 +58,8 @@ def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
 
 def _trained_on_this_collection(sets: list[EmbeddingSet]) -> bool:
     """Whether the embeddings come from a `carsearch train` checkpoint trained on the same records."""
-    from carsearch.train.checkpoint import INFO_FILE
-
     for emb in sets:
-        info_path = Path(emb.provenance.get("weights", "")) / INFO_FILE
+        info_path = Path(emb.provenance.get("weights", "")) / CHECKPOINT_INFO
         if info_path.is_file():
             try:
                 training = json.loads(info_path.read_text()).get("training", {})
@@ -71,19 +68,6 @@ def _trained_on_this_collection(sets: list[EmbeddingSet]) -> bool:
             if training.get("data") == emb.manifest["dataset"]["records_sha256"]:
                 return True
     return False
-
-
-def leave_one_out_scores(
-    index, vectors: np.ndarray, ids: np.ndarray, k: int, sample: int, seed: int
-) -> np.ndarray:
-    """Open-set scores of collection images searched against the collection without themselves."""
-    q = sample_queries(len(ids), sample, seed)
-    sims, found = index.search(np.ascontiguousarray(vectors[q]), k + 1)
-    kept = np.full((len(q), k), -np.inf)
-    for i, me in enumerate(ids[q]):
-        row = sims[i][(found[i] != me) & (found[i] >= 0)][:k]
-        kept[i, : len(row)] = row
-    return kth_similarity(kept, k)
 
 
 def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.ndarray | None = None) -> dict:
@@ -105,13 +89,13 @@ def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.nd
 def build_index(
     emb_dirs: list[str | Path],
     out: str | Path,
-    factory: str = "auto",
-    memory_budget: int = 4 << 30,
-    target_recall: float = 0.95,
+    factory: str = defaults.FACTORY,
+    memory_budget: int = defaults.MEMORY_BUDGET,
+    target_recall: float = defaults.TARGET_RECALL,
     calibrate: bool = True,
-    openset_k: int = DEFAULT_OPENSET_K,
-    tpr: float = DEFAULT_TPR,
-    seed: int = 0,
+    openset_k: int = defaults.OPENSET_K,
+    tpr: float = defaults.TPR,
+    seed: int = defaults.SEED,
 ) -> dict:
     """Build an index over one or more embedding folders; returns the index.json contents."""
     if not emb_dirs:
@@ -144,11 +128,8 @@ def build_index(
             },
         )
         log.info("auto: %s (%s)", choice.factory, choice.reason)
-    index = make_index(factory, d)
-    train_s, add_s = train_and_add(index, vectors, ids, seed)
-    t0 = time.perf_counter()
-    tuned = tune(index, vectors, ids, target_recall, seed=seed)
-    tune_s = time.perf_counter() - t0
+    index = Index.build(factory, vectors, ids, seed=seed, target_recall=target_recall)
+    tuned = index.tuned
     if not tuned.reached:
         log.warning(
             "%s reaches recall@10 %.3f at best (%s), below the target %.2f.",
@@ -159,7 +140,7 @@ def build_index(
         )
     openset = None
     if calibrate and len(ids) > openset_k:
-        scores = leave_one_out_scores(index, vectors, ids, openset_k, CALIBRATION_SAMPLE, seed)
+        scores = leave_one_out_scores(index, vectors, ids, openset_k, defaults.CALIBRATION_SAMPLE, seed)
         method = f"leave-one-out on {len(scores)} collection images"
         if _trained_on_this_collection(sets):
             method += " (the model was trained on this collection: the threshold is too strict)"
@@ -177,13 +158,13 @@ def build_index(
         "sources": [_source(s.folder, s.manifest) for s in sets],
         "auto": auto,
         "build": {
-            "train_seconds": round(train_s, 3),
-            "add_seconds": round(add_s, 3),
-            "tune_seconds": round(tune_s, 3),
+            "train_seconds": round(index.timings["train"], 3),
+            "add_seconds": round(index.timings["add"], 3),
+            "tune_seconds": round(index.timings["tune"], 3),
             "seed": seed,
         },
         "recall": tuned.to_json(target_recall),
-        "memory_bytes": index_bytes(index),
+        "memory_bytes": index.memory_bytes,
         "openset": openset,
         "versions": library_versions(),
     }
@@ -198,8 +179,6 @@ def add_to_index(index_dir: str | Path, emb_dir: str | Path) -> dict:
     with exclusive_lock(folder):
         bundle = open_bundle(folder)
         emb_folder = Path(emb_dir).expanduser().resolve()
-        from carsearch.embed.store import read_manifest
-
         manifest = read_manifest(emb_folder)
         check_compatible(bundle.provenance, manifest["provenance"], str(folder), str(emb_folder))
         sources = list(bundle.info["sources"])
@@ -231,11 +210,10 @@ def add_to_index(index_dir: str | Path, emb_dir: str | Path) -> dict:
             # The source now holds every shard of the manifest it has rows from.
             kept = [s for s in sources[src]["shards"] if s["file"] not in new]
             sources[src] = {**fresh, "shards": kept + [s for s in fresh["shards"] if s["file"] in new]}
-        t0 = time.perf_counter()
-        bundle.index.add_with_ids(np.ascontiguousarray(emb.vectors), emb.ids.astype(np.int64))
+        add_s = bundle.index.add(emb.vectors, emb.ids)
         gallery = bundle.gallery.concat(Gallery.from_embeddings(emb, src))
-        info = {**bundle.info, "sources": sources, "memory_bytes": index_bytes(bundle.index)}
-        info["build"] = {**info["build"], "last_add_seconds": round(time.perf_counter() - t0, 3)}
+        info = {**bundle.info, "sources": sources, "memory_bytes": bundle.index.memory_bytes}
+        info["build"] = {**info["build"], "last_add_seconds": round(add_s, 3)}
         info = save_bundle(folder, bundle.index, gallery, info)
         return {**info, "added": len(emb)}
 
@@ -250,20 +228,20 @@ def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:
         missing = np.setdiff1d(wanted, present)
         if len(present) == 0:
             raise CarsearchError(f"none of the {len(wanted)} ids is in the index (first: {int(wanted[0])}).")
-        removed = remove_ids(bundle.index, present)
+        removed = bundle.index.remove(present)
         keep = np.ones(len(bundle.gallery), bool)
         keep[bundle.gallery.rows(present)] = False
         info = save_bundle(
             folder,
             bundle.index,
             bundle.gallery.take(np.flatnonzero(keep)),
-            {**bundle.info, "memory_bytes": index_bytes(bundle.index)},
+            {**bundle.info, "memory_bytes": bundle.index.memory_bytes},
         )
         return {**info, "removed": removed, "not_found": [int(i) for i in missing]}
 
 
 def calibrate_index(
-    index_dir: str | Path, queries_dir: str | Path, tpr: float = DEFAULT_TPR, k: int | None = None
+    index_dir: str | Path, queries_dir: str | Path, tpr: float = defaults.TPR, k: int | None = None
 ) -> dict:
     """Set the open-set threshold from held-out images of known classes (an embedding folder).
 
@@ -277,14 +255,23 @@ def calibrate_index(
         check_compatible(bundle.provenance, queries.provenance, str(folder), str(queries.folder))
         if len(queries) == 0:
             raise CarsearchError(f"{queries.folder} holds no embeddings to calibrate on.")
-        k = k or (bundle.info.get("openset") or {}).get("k", DEFAULT_OPENSET_K)
+        k = k or (bundle.info.get("openset") or {}).get("k", defaults.OPENSET_K)
         overlap = np.intersect1d(queries.ids, bundle.gallery.ids)
         if len(overlap) == len(queries.ids) and set(queries.paths) <= set(bundle.gallery.paths):
             raise CarsearchError(
                 f"all {len(queries)} calibration images are in the index itself; calibrate on held-out "
                 "images."
             )
-        sims, _ = bundle.index.search(np.ascontiguousarray(queries.vectors), k)
+        # An image that is also in the index would find itself at similarity 1: search it without itself.
+        in_index = bundle.gallery.rows(queries.ids) >= 0
+        if in_index.any():
+            log.warning(
+                "%d of the %d calibration images are in the index; each is scored without itself.",
+                int(in_index.sum()),
+                len(queries),
+            )
+        sims, found = bundle.index.search(queries.vectors, k + 1)
+        sims, _ = drop_self(sims, found, np.where(in_index, queries.ids, -2), k)
         scores = kth_similarity(sims, k)
         known_labels = set(bundle.gallery.labels.tolist()) - {""}
         known = np.array([lab in known_labels or not lab for lab in queries.labels])
@@ -301,11 +288,4 @@ def index_info(index_dir: str | Path) -> dict:
     return {**bundle.info, "memory": human_bytes(bundle.info["memory_bytes"])}
 
 
-__all__ = [
-    "add_to_index",
-    "build_index",
-    "calibrate_index",
-    "index_info",
-    "leave_one_out_scores",
-    "remove_from_index",
-]
+__all__ = ["add_to_index", "build_index", "calibrate_index", "index_info", "remove_from_index"]

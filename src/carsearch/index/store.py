@@ -15,10 +15,11 @@ import faiss
 import numpy as np
 
 from carsearch import SCHEMA_VERSION
+from carsearch.datasets.levels import LabelLevels
 from carsearch.embed.shards import STRING_FIELDS, read_h5, write_h5
-from carsearch.embed.store import LabelLevels
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
+from carsearch.index.core import Index
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class IndexBundle:
     """A loaded index folder."""
 
     folder: Path
-    index: faiss.Index
+    index: Index
     gallery: Gallery
     info: dict
 
@@ -94,11 +95,11 @@ class IndexBundle:
         return Path(self.info["sources"][int(self.gallery.source[row])]["root"])
 
 
-def save_bundle(folder: Path, index: faiss.Index, gallery: Gallery, info: dict) -> dict:
+def save_bundle(folder: Path, index: Index, gallery: Gallery, info: dict) -> dict:
     """Write the three files (each to a temporary name, then renamed); index.json last. Returns info."""
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / INDEX_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
+        index.save(tmp)
     meta_sha = write_h5(
         folder / META_FILE,
         {
@@ -114,8 +115,10 @@ def save_bundle(folder: Path, index: faiss.Index, gallery: Gallery, info: dict) 
         "kind": INDEX_KIND,
         "schema_version": SCHEMA_VERSION,
         "metric": "inner_product",
-        "dim": int(index.d),
-        "ntotal": int(index.ntotal),
+        "factory": index.factory,
+        "search_params": index.params,
+        "dim": index.d,
+        "ntotal": index.ntotal,
         "files": {
             INDEX_FILE: {
                 "sha256": sha256_file(folder / INDEX_FILE),
@@ -160,7 +163,8 @@ def open_bundle(folder: str | Path, verify: bool = True) -> IndexBundle:
             )
     index_path = folder / INDEX_FILE
     try:
-        index = faiss.read_index(str(index_path), faiss.IO_FLAG_READ_ONLY)
+        # Not IO_FLAG_READ_ONLY: add / remove / calibrate open the same way and then change the index.
+        index = Index.read(index_path, info["factory"])
     except RuntimeError:
         raise _refuse(index_path, "cannot be read by faiss (truncated or not an index)") from None
     if (
@@ -185,7 +189,5 @@ def open_bundle(folder: str | Path, verify: bool = True) -> IndexBundle:
         raise _refuse(folder / META_FILE, "is damaged") from None
     if len(gallery) != index.ntotal:
         raise _refuse(folder / META_FILE, f"lists {len(gallery)} images but the index holds {index.ntotal}")
-    from carsearch.index.factory import set_search_params
-
-    set_search_params(index, info.get("search_params", ""))
+    index.set_params(info.get("search_params", ""))
     return IndexBundle(folder, index, gallery, info)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from carsearch.defaults import TARGET_RECALL, TUNE_K, TUNE_QUERIES
+from carsearch.eval.neighbors import drop_self, exact_search, recall_at_k, sample_queries
 from carsearch.index.factory import set_search_params, tunable
 
 
@@ -33,45 +35,13 @@ class TuneResult:
         }
 
 
-def exact_search(
-    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle: exhaustive inner-product search (similarities, ids), best first."""
-    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    flat.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
-    return flat.search(np.ascontiguousarray(queries, np.float32), min(k, len(ids)))
-
-
-def drop_self(found: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
-    """Each row without the query's own id, cut to k (rows padded with -1 if short)."""
-    out = np.full((len(found), k), -1, dtype=np.int64)
-    for i, (row, me) in enumerate(zip(found, self_ids, strict=True)):
-        kept = row[row != me][:k]
-        out[i, : len(kept)] = kept
-    return out
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean over queries of |found[:k] ∩ truth[:k]| / k (faiss's "k-recall@k"); -1 entries never match."""
-    hits = 0
-    for f, t in zip(found[:, :k], truth[:, :k], strict=True):
-        hits += len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist()))
-    denom = sum(min(k, int((t >= 0).sum())) for t in truth[:, :k])
-    return hits / denom if denom else 1.0
-
-
-def sample_queries(n: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=min(size, n), replace=False))
-
-
 def tune(
     index: faiss.Index,
     vectors: np.ndarray,
     ids: np.ndarray,
-    target: float = 0.95,
-    k: int = 10,
-    sample: int = 1000,
+    target: float = TARGET_RECALL,
+    k: int = TUNE_K,
+    sample: int = TUNE_QUERIES,
     seed: int = 0,
 ) -> TuneResult:
     """Set on `index` the cheapest value of its search parameter whose recall@k reaches `target`.
@@ -81,11 +51,11 @@ def tune(
     """
     q = sample_queries(len(ids), sample, seed)
     queries, self_ids = vectors[q], ids[q]
-    truth = drop_self(exact_search(vectors, ids, queries, k + 1)[1], self_ids, k)
+    truth = drop_self(*exact_search(vectors, ids, queries, k + 1), self_ids, k)[1]
     knob = tunable(index)
 
     def measure() -> float:
-        return recall_at_k(drop_self(index.search(queries, k + 1)[1], self_ids, k), truth, k)
+        return recall_at_k(drop_self(*index.search(queries, k + 1), self_ids, k)[1], truth, k)
 
     if knob.name is None:
         r = measure()

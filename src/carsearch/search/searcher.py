@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from carsearch import defaults
 from carsearch.datasets.scan import image_files
-from carsearch.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image
+from carsearch.embed.images import BadImage, load_image, safe_join
 from carsearch.errors import CarsearchError
+from carsearch.eval.openset import kth_similarity
+from carsearch.eval.vote import ranked_votes
 from carsearch.index.store import IndexBundle, open_bundle
-from carsearch.search.openset import kth_similarity
-from carsearch.search.vote import DEFAULT_K, DEFAULT_TEMPERATURE, vote
 
-MAX_K = 1000
+MAX_K = defaults.MAX_K
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 Query = str | Path | bytes | Image.Image
 
@@ -92,12 +94,14 @@ class Searcher:
     def __init__(
         self,
         bundle: IndexBundle,
-        device: str = "auto",
-        precision: str = "auto",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        device: str = defaults.DEVICE,
+        precision: str = defaults.PRECISION,
+        max_pixels: int = defaults.MAX_PIXELS,
+        batch_size: int = defaults.BATCH_SIZE,
     ) -> None:
         self.bundle = bundle
         self._device, self._precision, self.max_pixels = device, precision, max_pixels
+        self.batch_size = batch_size
         self._encoder = None
         self._lock = threading.Lock()  # one forward pass at a time; faiss search itself is read-only
 
@@ -105,10 +109,10 @@ class Searcher:
     def open(
         cls,
         index_dir: str | Path,
-        device: str = "auto",
-        precision: str = "auto",
+        device: str = defaults.DEVICE,
+        precision: str = defaults.PRECISION,
         verify: bool = True,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = defaults.MAX_PIXELS,
     ) -> Searcher:
         return cls(open_bundle(index_dir, verify=verify), device, precision, max_pixels)
 
@@ -127,21 +131,44 @@ class Searcher:
     # --- embedding queries ---------------------------------------------------------------------------
 
     def embed(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[str | None]]:
-        """Embed query images; returns (vectors of the good ones, per-query error or None)."""
-        images: list[Image.Image] = []
+        """Embed query images; returns (vectors of the good ones, per-query error or None).
+
+        Images are decoded one batch at a time, so a large query folder is never held in memory whole."""
         errors: list[str | None] = []
-        for q in queries:
-            try:
-                img = q.convert("RGB") if isinstance(q, Image.Image) else load_image(q, self.max_pixels)
-                images.append(img)
-                errors.append(None)
-            except BadImage as e:
-                errors.append(f"{e.reason}: {e.detail}" if e.detail else e.reason)
-        if not images:
+        parts: list[np.ndarray] = []
+        for start in range(0, len(queries), self.batch_size):
+            images: list[Image.Image] = []
+            for q in queries[start : start + self.batch_size]:
+                try:
+                    img = q.convert("RGB") if isinstance(q, Image.Image) else load_image(q, self.max_pixels)
+                    images.append(img)
+                    errors.append(None)
+                except BadImage as e:
+                    errors.append(f"{e.reason}: {e.detail}" if e.detail else e.reason)
+            if images:
+                with self._lock:
+                    parts.append(self.encoder.encode_images(images, self.batch_size))
+        if not parts:
             return np.zeros((0, self.bundle.index.d), np.float32), errors
-        with self._lock:
-            vectors = self.encoder.encode_images(images)
-        return vectors, errors
+        return np.concatenate(parts), errors
+
+    def path_of(self, image_id: int) -> Path:
+        """The file of an indexed image, by id; it must lie under its dataset root and exist.
+
+        Raises CarsearchError (the server answers 404 with its message)."""
+        if not INT64[0] <= image_id <= INT64[1]:
+            raise CarsearchError(f"no image with id {image_id} in this index")
+        rows = self.bundle.gallery.rows([image_id])
+        if rows[0] < 0:
+            raise CarsearchError(f"no image with id {image_id} in this index")
+        row = int(rows[0])
+        try:
+            path = safe_join(self.bundle.root_of(row), str(self.bundle.gallery.paths[row]))
+        except BadImage:
+            raise CarsearchError(f"image {image_id} lies outside its dataset folder") from None
+        if not path.is_file():
+            raise CarsearchError(f"the file of image {image_id} is missing")
+        return path
 
     # --- search ----------------------------------------------------------------------------------------
 
@@ -189,7 +216,7 @@ class Searcher:
         )
         return names, errors, sims, ids
 
-    def search(self, queries: Sequence[Query] | np.ndarray, k: int = 10) -> list[SearchResult]:
+    def search(self, queries: Sequence[Query] | np.ndarray, k: int = defaults.K_SEARCH) -> list[SearchResult]:
         """The k most similar indexed images of each query (image files, bytes, PIL images or vectors)."""
         names, errors, sims, ids = self._run(queries, k)
         out, j = [], 0
@@ -210,9 +237,9 @@ class Searcher:
     def classify(
         self,
         queries: Sequence[Query] | np.ndarray,
-        k: int = DEFAULT_K,
+        k: int = defaults.K_VOTE,
         level: str = "model",
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float = defaults.TEMPERATURE,
         reject: bool = True,
     ) -> list[Classification]:
         """Label each query by the weighted vote of its k nearest indexed images, or say "unknown".
@@ -231,9 +258,7 @@ class Searcher:
             if err is not None:
                 out.append(Classification(name, None, 0.0, [], False, None, None, level, [], err))
                 continue
-            rows = self.bundle.gallery.rows(ids[j][:k])
-            valid = rows >= 0
-            ranked = vote([str(labels[r]) for r in rows[valid]], sims[j][:k][valid], temperature)
+            ranked = ranked_votes(labels, sims[j], self.bundle.gallery.rows(ids[j]), k, temperature)
             score = float(kth_similarity(sims[j], k_os)[0]) if cal else None
             unknown = bool(reject and cal is not None and score < cal["threshold"])
             top = ranked[0] if ranked else (None, 0.0)

@@ -8,8 +8,10 @@ the Searcher's lock (one CPU forward pass already uses every core). The index fo
 from __future__ import annotations
 
 import io
+import json
 import logging
 import mimetypes
+import os
 from dataclasses import asdict
 from functools import lru_cache
 from importlib import resources
@@ -20,30 +22,32 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from carsearch import __version__
-from carsearch.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image, safe_join
+from carsearch import __version__, defaults
+from carsearch.embed.images import BadImage, load_image
+from carsearch.errors import CarsearchError
 from carsearch.search import Searcher
 from carsearch.serve.limits import read_form
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_UPLOAD = 20_000_000
-MAX_K = 200
-THUMB_MAX = 1024
+DEFAULT_MAX_UPLOAD = int(defaults.MAX_UPLOAD_MB * 1e6)
+MAX_K = defaults.SERVE_MAX_K
+THUMB_MAX = defaults.THUMB_MAX
 
 
 def create_app(
     index_dir: str | Path | None = None,
     searcher: Searcher | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    device: str = "auto",
+    max_pixels: int = defaults.MAX_PIXELS,
+    device: str = defaults.DEVICE,
+    precision: str = defaults.PRECISION,
 ) -> FastAPI:
     """The app over an index folder (or an already open Searcher)."""
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
-        searcher = Searcher.open(index_dir, device=device, max_pixels=max_pixels)
+        searcher = Searcher.open(index_dir, device=device, precision=precision, max_pixels=max_pixels)
     searcher.max_pixels = max_pixels
     s = searcher
     app = FastAPI(title="carsearch", version=__version__, docs_url="/api/docs", redoc_url=None)
@@ -80,7 +84,7 @@ def create_app(
     @app.post("/api/search")
     async def search(
         request: Request,
-        k: int = Query(20, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
+        k: int = Query(defaults.K_VOTE, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
         level: Literal["model", "make", "year"] = Query("model"),
     ) -> dict:
         form = await read_form(request, max_upload_bytes)
@@ -118,18 +122,11 @@ def create_app(
         return buf.getvalue()
 
     def _resolve(image_id: int) -> Path:
-        """The file of an indexed image, by id only; it must lie under its dataset root."""
-        rows = s.bundle.gallery.rows([image_id])
-        if rows[0] < 0:
-            raise HTTPException(404, f"no image with id {image_id} in this index")
-        row = int(rows[0])
+        """The file of an indexed image, by id only (the Searcher checks it lies under its dataset root)."""
         try:
-            path = safe_join(s.bundle.root_of(row), str(s.bundle.gallery.paths[row]))
-        except BadImage:
-            raise HTTPException(404, f"image {image_id} lies outside its dataset folder") from None
-        if not path.is_file():
-            raise HTTPException(404, f"the file of image {image_id} is missing")
-        return path
+            return s.path_of(image_id)
+        except CarsearchError as e:
+            raise HTTPException(404, str(e)) from None
 
     @app.get("/images/{image_id}")
     def image(image_id: int, size: int | None = Query(None, ge=16, le=THUMB_MAX)) -> Response:
@@ -153,21 +150,11 @@ def create_app(
     return app
 
 
-ENV_INDEX, ENV_UPLOAD, ENV_PIXELS, ENV_DEVICE = (
-    "CARSEARCH_SERVE_INDEX",
-    "CARSEARCH_SERVE_MAX_UPLOAD",
-    "CARSEARCH_SERVE_MAX_PIXELS",
-    "CARSEARCH_SERVE_DEVICE",
-)
+# How `carsearch serve --workers N` hands its settings to each uvicorn worker process: one JSON variable
+# whose name cannot collide with click's CARSEARCH_SERVE_<OPTION> variables.
+ENV_SETTINGS = "_CARSEARCH_SERVE_APP_SETTINGS"
 
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N`: each worker process opens the index itself."""
-    import os
-
-    return create_app(
-        os.environ[ENV_INDEX],
-        max_upload_bytes=int(os.environ.get(ENV_UPLOAD, DEFAULT_MAX_UPLOAD)),
-        max_pixels=int(os.environ.get(ENV_PIXELS, DEFAULT_MAX_PIXELS)),
-        device=os.environ.get(ENV_DEVICE, "auto"),
-    )
+    return create_app(**json.loads(os.environ[ENV_SETTINGS]))

@@ -1,4 +1,5 @@
-"""Training data: class-balanced batches and augmentation suited to car photos."""
+"""Training data: which images train and which validate, class-balanced batches, and augmentation
+suited to car photos."""
 
 from __future__ import annotations
 
@@ -14,9 +15,54 @@ from PIL import Image
 
 from carsearch.datasets import Record
 from carsearch.embed.images import BadImage, load_image, safe_join
-from carsearch.embed.preprocess import Preprocessing
+from carsearch.errors import CarsearchError
+from carsearch.eval.splits import class_range, stratified_split
+from carsearch.models import Preprocessing
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
+def split_classes(
+    class_ids: np.ndarray,
+    classes: str | None,
+    val_classes: str | None,
+    seed: int,
+    train_fraction: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train mask, validation mask, how).
+
+    Training uses the images of `classes` (all classes by default), or with train_fraction < 1 only that
+    share of each (the stratified split `carsearch bench --gallery-fraction` makes with the same seed).
+    Validation uses `val_classes` when given; else the held-out images of the training classes when
+    train_fraction < 1; else the remaining classes; else 20% of the training classes' images."""
+    if not 0 < train_fraction <= 1:
+        raise CarsearchError("--train-fraction must be in (0, 1].")
+    present = set(np.unique(class_ids).tolist()) - {-1}
+    train = class_range(classes) & present if classes else present
+    if not train:
+        raise CarsearchError(f"no images of the classes {classes!r} in this dataset.")
+    member = np.isin(class_ids, sorted(train))
+    val = class_range(val_classes) & present if val_classes else set()
+    if val & train:
+        raise CarsearchError("--classes and --val-classes overlap; validation needs other classes.")
+
+    def held_out(fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        gal, qry = stratified_split(class_ids, fraction, seed)
+        tmask, hmask = np.zeros(len(class_ids), bool), np.zeros(len(class_ids), bool)
+        tmask[gal], hmask[qry] = member[gal], member[qry]
+        return tmask, hmask
+
+    if train_fraction < 1:
+        tmask, hmask = held_out(train_fraction)
+        if val:
+            return tmask, np.isin(class_ids, sorted(val)), "held-out classes"
+        return tmask, hmask, f"held-out images of the training classes ({1 - train_fraction:.0%})"
+    if not val:
+        val = present - train
+    if val:
+        return member, np.isin(class_ids, sorted(val)), "held-out classes"
+    tmask, hmask = held_out(0.8)
+    return tmask, hmask, "held-out images of the training classes (20%)"
 
 
 class BalancedBatches(torch.utils.data.Sampler[list[int]]):

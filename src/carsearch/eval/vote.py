@@ -6,12 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_K = 20
-DEFAULT_TEMPERATURE = 0.07
+from carsearch.defaults import TEMPERATURE
 
 
 def vote(
-    labels: Sequence[str], similarities: np.ndarray, temperature: float = DEFAULT_TEMPERATURE
+    labels: Sequence[str], similarities: np.ndarray, temperature: float = TEMPERATURE
 ) -> list[tuple[str, float]]:
     """Labels ranked by vote share (shares sum to 1), for one query's neighbours, nearest first.
 
@@ -39,3 +38,12 @@ def vote(
     shares = {label: t / norm for label, t in totals.items()}
     ranked = sorted(shares, key=lambda lab: (-round(shares[lab], 9), first[lab], lab))
     return [(label, shares[label]) for label in ranked]
+
+
+def ranked_votes(
+    labels: np.ndarray, sims: np.ndarray, rows: np.ndarray, k: int, temperature: float = TEMPERATURE
+) -> list[tuple[str, float]]:
+    """One query's vote from its search result: `rows` index `labels` (-1 = no neighbour found there)."""
+    rows, sims = np.asarray(rows)[:k], np.asarray(sims)[:k]
+    ok = rows >= 0
+    return vote([str(lab) for lab in labels[rows[ok]]], sims[ok], temperature)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_OPENSET_K = 1
-DEFAULT_TPR = 0.95
+from carsearch.defaults import TPR
+from carsearch.eval.neighbors import drop_self, sample_queries
 
 
 def kth_similarity(similarities: np.ndarray, k: int) -> np.ndarray:
@@ -21,7 +21,7 @@ def kth_similarity(similarities: np.ndarray, k: int) -> np.ndarray:
     return np.where(np.isfinite(col), col, -np.inf)
 
 
-def threshold_for_tpr(known_scores: np.ndarray, tpr: float = DEFAULT_TPR) -> float:
+def threshold_for_tpr(known_scores: np.ndarray, tpr: float = TPR) -> float:
     """The largest threshold that keeps at least `tpr` of the known queries (score >= threshold)."""
     s = np.sort(np.asarray(known_scores, dtype=np.float64))
     if len(s) == 0:
@@ -53,8 +53,20 @@ def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     return float(u_stat / (len(k) * len(u)))
 
 
-def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = DEFAULT_TPR) -> float:
+def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = TPR) -> float:
     """Share of unknown queries still accepted at the threshold that keeps `tpr` of the known ones."""
     t = threshold_for_tpr(known_scores, tpr)
     u = np.asarray(unknown_scores, dtype=np.float64)
     return float(np.mean(u >= t)) if len(u) else float("nan")
+
+
+def leave_one_out_scores(
+    index, vectors: np.ndarray, ids: np.ndarray, k: int, sample: int, seed: int
+) -> np.ndarray:
+    """Open-set scores of collection images searched against the collection without themselves.
+
+    `index` is anything with faiss's `search(queries, k) -> (similarities, ids)`."""
+    q = sample_queries(len(ids), sample, seed)
+    sims, found = index.search(np.ascontiguousarray(vectors[q]), k + 1)
+    kept, _ = drop_self(sims, found, ids[q], k)
+    return kth_similarity(kept, k)

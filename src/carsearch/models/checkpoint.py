@@ -1,5 +1,7 @@
-"""Checkpoint folders: model.safetensors (the whole network) + checkpoint.json (what it is) +
-train_state.pt (optimizer, schedule, epoch: for --resume). Each file is written atomically."""
+"""Checkpoint folders, one more weights source of the registry: model.safetensors (the whole network) +
+best.safetensors (its best validation epoch) + checkpoint.json (what it is) + train_state.pt (optimizer,
+schedule, epoch: for --resume). Each file is written atomically; `carsearch train` writes them through
+this module and every stage loads them through `load_backbone(..., weights=CKPT_DIR)`."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from carsearch import SCHEMA_VERSION
-from carsearch.embed.backbones import Loaded, WeightsInfo, load_backbone
-from carsearch.embed.preprocess import Preprocessing
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
-from carsearch.train.model import EmbeddingNet
+from carsearch.models.network import EmbeddingNet
+from carsearch.models.preprocess import Preprocessing
+from carsearch.models.registry import Loaded, build_headless
+from carsearch.models.weights import WeightsInfo
 
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "checkpoint.json"
@@ -22,9 +25,9 @@ BEST_FILE = "best.safetensors"
 KIND = "carsearch.checkpoint"
 
 
-def save_model(folder: Path, net: EmbeddingNet, name: str = MODEL_FILE) -> str:
-    """The network's weights as safetensors (no pickle); returns the file's sha256."""
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+def save_weights(folder: Path, state: dict[str, torch.Tensor], name: str = MODEL_FILE) -> str:
+    """A network's state dict as safetensors (no pickle); returns the file's sha256."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(folder / name) as tmp:
         save_file(state, str(tmp))
     return sha256_file(folder / name)
@@ -62,10 +65,23 @@ def read_info(folder: Path) -> dict:
     )
 
 
+def architecture(net: EmbeddingNet, backbone: str) -> dict:
+    """What checkpoint.json records so that `build_net` can rebuild `net` (nested heads included)."""
+    inner = net.backbone
+    return {
+        "backbone": backbone,
+        "backbone_dim": net.backbone_dim,
+        "embed_dim": net.dim if isinstance(net.head, torch.nn.Linear) else None,
+        "head_input": net.head_input,
+        "base": architecture(inner, backbone) if isinstance(inner, EmbeddingNet) else None,
+    }
+
+
 def build_net(info: dict) -> EmbeddingNet:
     """The architecture a checkpoint describes, with random weights (they are loaded next)."""
-    base = load_backbone(info["backbone"], "none")
-    return EmbeddingNet(base.model, base.dim, info.get("embed_dim"))
+    base = info.get("base")
+    inner = build_net(base) if base else build_headless(info["backbone"])
+    return EmbeddingNet(inner, info["backbone_dim"], info.get("embed_dim"), info.get("head_input", "raw"))
 
 
 def load_checkpoint(folder: Path, expected_backbone: str | None = None, best: bool = True) -> Loaded:

@@ -1,0 +1,186 @@
+"""`carsearch embed`, `backbones` and `dataset`: images into embedding shards, and what is available."""
+
+from __future__ import annotations
+
+import click
+
+from carsearch import defaults
+from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option
+
+
+def _human_embed(r: dict) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "none"
+    state = "complete" if r["complete"] else "incomplete: run again to continue"
+    return (
+        f"{r['rows']} embeddings in {r['shards']} shards at {r['out']} ({state}); "
+        f"this run: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_second']:.1f} images/s "
+        f"({r['backbone']}, {r['precision']}, {r['device']}), {r['resumed_shards']} shards resumed; "
+        f"skipped: {failed}"
+    )
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for shards + manifest."
+)
+@dataset_options
+@click.option("--bbox-crop", is_flag=True, help="stanford layout: crop each image to its annotated box.")
+@click.option(
+    "--backbone", default=defaults.BACKBONE, show_default=True, help="Network; see `carsearch backbones`."
+)
+@click.option(
+    "--weights",
+    default=defaults.WEIGHTS,
+    show_default=True,
+    help="imagenet, imagenet-v1, none, a .pth file, or a `carsearch train` checkpoint folder.",
+)
+@click.option("--weights-sha256", help="Expected sha256 of the weights file.")
+@click.option(
+    "--crop",
+    default=defaults.CROP,
+    show_default=True,
+    type=click.Choice(["center", "squash", "pad"]),
+    help="squash: resize to a square (best for wide cars, docs/benchmarks.md); center: resize + centre "
+    "crop; pad: letterbox.",
+)
+@click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    type=WORKERS,
+    help="Image decoding processes (0 = decode in the main process).",
+)
+@click.option(
+    "--shard-size",
+    default=defaults.SHARD_SIZE,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Records per shard.",
+)
+@device_options
+@click.option(
+    "--limit", type=click.IntRange(1), help="Embed only the first N images (a later run continues)."
+)
+@click.option(
+    "--id-start",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="First id: give a second collection its own id range to add it to an index.",
+)
+@click.option(
+    "--max-pixels",
+    default=defaults.MAX_PIXELS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Skip images with more pixels (decompression bombs).",
+)
+@click.option("--overwrite", is_flag=True, help="Discard what an earlier run wrote to --out and start again.")
+@json_option
+def embed(
+    data_dir: str,
+    out: str,
+    format: str,
+    labels: str | None,
+    split: str,
+    bbox_crop: bool,
+    backbone: str,
+    weights: str,
+    weights_sha256: str | None,
+    crop: str,
+    batch_size: int,
+    workers: int | None,
+    shard_size: int,
+    device: str,
+    precision: str,
+    limit: int | None,
+    id_start: int,
+    max_pixels: int,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Embed every image of DATA_DIR into HDF5 shards under --out (resumable).
+
+    A second run with the same settings skips finished shards; one with different settings is refused
+    and names the setting. Unreadable images are skipped, counted by reason and listed in failures.jsonl.
+    """
+    from carsearch.embed import embed_dataset
+
+    result = embed_dataset(
+        data_dir,
+        out,
+        format=format,
+        labels_file=labels,
+        split=split,
+        bbox_crop=bbox_crop,
+        backbone=backbone,
+        weights=weights,
+        weights_sha256=weights_sha256,
+        crop=crop,
+        batch_size=batch_size,
+        workers=workers,
+        shard_size=shard_size,
+        device=device,
+        precision=precision,
+        limit=limit,
+        overwrite=overwrite,
+        id_start=id_start,
+        max_pixels=max_pixels,
+        progress=True,
+    )
+    emit(result.to_json(), as_json, _human_embed)
+
+
+@click.command()
+@json_option
+def backbones(as_json: bool) -> None:
+    """List the registered backbones: embedding size, parameters, input size, weights choices, and the
+    accuracy a user can expect as published (not measured here)."""
+    from carsearch.models import list_backbones
+
+    emit(
+        [spec.describe() for spec in list_backbones()],
+        as_json,
+        lambda rs: "\n".join(
+            f"{r['name']:<20} {r['dim']:>5}-d  {r['params_millions']:>5.1f}M params  {r['input']} px  "
+            f"weights: {', '.join(r['weights'])}\n{'':<22}{r['description']}; published: {r['published']}"
+            for r in rs
+        ),
+    )
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@dataset_options
+@json_option
+def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json: bool) -> None:
+    """Show how DATA_DIR is read: layout, image and class counts, a few parsed records."""
+    from collections import Counter
+
+    from carsearch.datasets import read_dataset
+
+    ds = read_dataset(data_dir, format, labels_file=labels, split=split)
+    classes = Counter(r.label for r in ds.records if r.label)
+    info = {
+        "root": str(ds.root),
+        "format": ds.format,
+        "images": len(ds.records),
+        "classes": len(classes),
+        "makes": len({r.make for r in ds.records if r.make}),
+        "images_per_class": {"min": min(classes.values()), "max": max(classes.values())} if classes else None,
+        "examples": [
+            {"path": r.path, "label": r.label, "make": r.make, "model": r.model, "year": r.year}
+            for r in ds.records[:: max(1, len(ds.records) // 5)][:5]
+        ],
+    }
+    emit(
+        info,
+        as_json,
+        lambda i: (
+            f"{i['root']}: {i['format']} layout, {i['images']} images, {i['classes']} classes, "
+            f"{i['makes']} makes\n"
+            + "\n".join(f"  {e['path']}: {e['make']} | {e['model']} | {e['year']}" for e in i["examples"])
+        ),
+    )

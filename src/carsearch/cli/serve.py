@@ -1,0 +1,91 @@
+"""`carsearch serve`: the HTTP API and web page over an index folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from carsearch import defaults
+from carsearch.cli.common import device_options
+
+log = logging.getLogger("carsearch")
+
+
+@click.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
+@click.option(
+    "--host",
+    default=defaults.HOST,
+    show_default=True,
+    help="Address to bind; the default answers this machine only.",
+)
+@click.option("--port", default=defaults.PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Server processes, each with its own copy of the index.",
+)
+@click.option(
+    "--max-upload-mb",
+    default=defaults.MAX_UPLOAD_MB,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Larger uploads are refused (413) while they are read.",
+)
+@click.option(
+    "--max-pixels",
+    default=defaults.MAX_PIXELS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Larger images are refused (400).",
+)
+@device_options
+def serve(
+    index_dir: str,
+    host: str,
+    port: int,
+    workers: int,
+    max_upload_mb: float,
+    max_pixels: int,
+    device: str,
+    precision: str,
+) -> None:
+    """Serve the HTTP API and the web page over INDEX_DIR (read-only).
+
+    \b
+    POST /api/search        multipart field `image`; ?k=1..200&level=model|make|year
+    GET  /images/{id}       an indexed image by id (?size=N for a thumbnail)
+    GET  /api/info, /healthz, /api/docs, /  (the page)
+    """
+    import uvicorn
+
+    from carsearch.index.store import open_bundle
+    from carsearch.serve import app as serve_app
+
+    open_bundle(index_dir)  # a damaged or missing index fails here, in one sentence, before any worker starts
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: other machines can reach this server.", host)
+    os.environ[serve_app.ENV_SETTINGS] = json.dumps(
+        {
+            "index_dir": str(Path(index_dir).resolve()),
+            "max_upload_bytes": int(max_upload_mb * 1e6),
+            "max_pixels": max_pixels,
+            "device": device,
+            "precision": precision,
+        }
+    )
+    log.info("carsearch serving %s on http://%s:%d/", index_dir, host, port)
+    uvicorn.run(
+        "carsearch.serve.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+    )

@@ -1,0 +1,81 @@
+"""Every default carsearch uses, in one import-light place (no torch, faiss or numpy).
+
+The CLI, the Python API, the bench settings, the trainer and the server read their defaults from here,
+so a default is written once; configs/default.toml mirrors the embed table (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+import os
+
+# --- embedding -----------------------------------------------------------------------------------------
+BACKBONE = "resnet50"  # the design card's default
+TRAIN_BACKBONE = "efficientnet_lite0"  # the backbone with real ImageNet weights offline
+WEIGHTS = "imagenet"
+CROP = "squash"  # measured best for wide car photos (docs/benchmarks.md)
+BATCH_SIZE = 32
+SHARD_SIZE = 4096
+DEVICE = "auto"
+PRECISION = "auto"
+# Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): batch embedding skips larger images.
+MAX_PIXELS = 89_478_485
+
+# --- classification and search -------------------------------------------------------------------------
+K_SEARCH = 10  # neighbours shown by `search`
+K_VOTE = 20  # neighbours that vote (DINO's kNN protocol)
+TEMPERATURE = 0.07  # vote weight exp(cos / T) (DINO's kNN protocol)
+MAX_K = 1000  # the most neighbours one query may ask for (CLI and Python API)
+LEVELS = ("model", "make", "year")
+
+# --- open set ------------------------------------------------------------------------------------------
+OPENSET_K = 1  # score = similarity to this neighbour (1 = the nearest): measured best (docs/benchmarks.md)
+TPR = 0.95  # share of known-model images the threshold keeps
+CALIBRATION_SAMPLE = 2000  # collection images scored leave-one-out when an index is built
+
+# --- index ---------------------------------------------------------------------------------------------
+FACTORY = "auto"
+MEMORY_BUDGET = 4 << 30
+MEMORY_BUDGET_TEXT = "4G"
+TARGET_RECALL = 0.95
+TUNE_K = 10
+TUNE_QUERIES = 1000
+MAX_TRAIN_VECTORS = 200_000
+SEED = 0
+
+# --- evaluation ----------------------------------------------------------------------------------------
+GALLERY_FRACTION = 2 / 3  # dev protocol: 2/3 of each class gallery (and training), 1/3 queries
+KNOWN_CLASSES = "1-98"  # open set: classes in the gallery
+TEST_CLASSES = "99-196"  # Cars196 zero-shot protocol: test classes
+
+# --- training ------------------------------------------------------------------------------------------
+EPOCHS = 10
+HEAD_EPOCHS = 60
+LOSS = "proxy-anchor"
+EMBED_DIM = 512
+TRAIN_BATCH = 32
+HEAD_BATCH = 256
+PER_CLASS = 4
+LR = 1e-4
+HEAD_LR = 1e-3
+# Learning-rate multipliers: the projection head and the loss's proxies start random and must move faster
+# than the pretrained backbone (Proxy-Anchor trains its proxies at 100x the network's rate).
+HEAD_LR_MULT = 10
+PROXY_LR_MULT = 100  # full fine-tune: proxies at 100x the backbone's rate
+HEAD_ONLY_PROXY_LR_MULT = 10  # head-only: proxies at 10x the head's rate
+WEIGHT_DECAY = 1e-4
+FREEZE_EPOCHS = 1
+WARMUP_EPOCHS = 1
+VAL_IMAGES = 3000
+TRAIN_FRACTION = 1.0
+
+# --- serving -------------------------------------------------------------------------------------------
+HOST = "127.0.0.1"
+PORT = 8000
+MAX_UPLOAD_MB = 20.0
+SERVE_MAX_K = 200  # a page shows at most this many cards
+THUMB_MAX = 1024
+
+
+def default_workers() -> int:
+    """Image decoding workers: one per spare core, at least one so decoding overlaps the network."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
