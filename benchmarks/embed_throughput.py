@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from carsearch.datasets import read_dataset
 from carsearch.embed import embed_dataset
-from carsearch.models import load_backbone
 from carsearch.embed.encoder import cpu_has_native_bf16
+from carsearch.models import load_backbone
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev"
 

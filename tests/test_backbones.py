@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from carsearch.models import backbone_names, get_backbone, load_backbone
 from carsearch.errors import CarsearchError
+from carsearch.models import backbone_names, get_backbone, load_backbone
 
 
 def _resnet50_state(seed: int) -> dict[str, torch.Tensor]:

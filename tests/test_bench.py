@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from carsearch.eval.splits import stratified_split
 from carsearch.bench.runner import BenchSettings, run_bench
 from carsearch.cli import cli
 from carsearch.embed import load_embeddings
 from carsearch.errors import CarsearchError
+from carsearch.eval.splits import stratified_split
 
 FACTORIES = ["Flat", "HNSW32", "IVF16,Flat", "IVF16,PQ40"]
 
@@ -101,7 +101,7 @@ def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
         assert r["recall@1"] == pytest.approx(recall1, abs=2 / len(qry))
     for r in report["index"].values():
         assert r["qps_batched"] > 0 and r["qps_single"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
-        assert r["memory_bytes"] > 0 and r["build_seconds"] >= 0
+        assert r["memory_bytes"] > 0 and r["build_seconds"] > 0 and r["build_seconds"] >= r["train_seconds"]
     pq = report["index"]["IVF16,PQ40"]
     # 40-byte codes + 8-byte ids per vector, plus the fixed PQ codebooks and IVF centroids.
     n, d = len(gal), emb.dim
@@ -248,3 +248,20 @@ def test_split_of_a_class_does_not_depend_on_the_other_classes() -> None:
     subset = classes <= 10
     sub_gal, _ = stratified_split(classes[subset], 2 / 3, 5)
     assert set(full_gal[classes[full_gal] <= 10].tolist()) == set(sub_gal.tolist())
+
+
+def test_confusion_and_confidence_come_from_exact_search_without_flat(
+    dev_embeddings: Path, tmp_path: Path
+) -> None:
+    """They describe the classifier, not an index type: a bench of IVF-PQ alone draws them from exact
+    search, so they equal those of a Flat bench."""
+    common = {"protocols": ("closed",), "peers": False, "sweep": False, "plots": False}
+    pq = run_bench(
+        dev_embeddings, tmp_path / "pq", BenchSettings(factories=["IVF16,PQ40"], **common), progress=False
+    )
+    flat = run_bench(
+        dev_embeddings, tmp_path / "flat", BenchSettings(factories=["Flat"], **common), progress=False
+    )
+    assert pq["closed"]["IVF16,PQ40"]["model"]["top1"] != flat["closed"]["Flat"]["model"]["top1"]
+    assert pq["confusion"] == flat["confusion"]
+    assert pq["closed_confidence_curve"] == flat["closed_confidence_curve"]

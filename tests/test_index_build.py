@@ -11,10 +11,10 @@ import pytest
 
 from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.errors import CarsearchError, ProvenanceMismatch
+from carsearch.eval.neighbors import recall_at_k
+from carsearch.eval.openset import kth_similarity, threshold_for_tpr
 from carsearch.index.build import add_to_index, build_index, calibrate_index, remove_from_index
 from carsearch.index.store import open_bundle
-from carsearch.eval.neighbors import recall_at_k
-from carsearch.eval.openset import kth_similarity
 from tests.conftest import DEV, pick_range
 
 
@@ -248,3 +248,21 @@ def test_add_after_a_limited_embed_was_finished(small_dataset: Path, tmp_path: P
     assert (grown.index.search(q, 5)[1] == rebuilt.index.search(q, 5)[1]).all()
     assert [s["file"] for s in grown.info["sources"][0]["shards"]] == [f"shard-0000{i}.h5" for i in range(5)]
     assert add_to_index(tmp_path / "idx", emb)["added"] == 0
+
+
+def test_calibration_images_also_in_the_index_are_scored_without_themselves(
+    two_parts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Calibration on images 3..8 of each class against an index of images 0..5: half of them are the
+    same files (under other ids). Each is scored by its nearest *other* image, as a hand computation."""
+    a, _ = two_parts
+    build_index([a], tmp_path / "idx", factory="Flat", calibrate=False)
+    overlap = _split_folder(tmp_path, "cal", 3, 9, 50_000)
+    cal = calibrate_index(tmp_path / "idx", overlap)["openset"]
+    g, q = load_embeddings(a), load_embeddings(overlap)
+    sims = q.vectors @ g.vectors.T
+    sims[q.sha256[:, None] == g.sha256[None, :]] = -np.inf  # the oracle: never the same file
+    assert (np.isin(q.sha256, g.sha256)).sum() == len(q) // 2
+    expected = threshold_for_tpr(sims.max(axis=1), 0.95)
+    assert cal["threshold"] == pytest.approx(expected, abs=1e-5)
+    assert cal["threshold"] < 0.99  # self-matches (similarity 1) would have set it near 1

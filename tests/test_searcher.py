@@ -9,9 +9,9 @@ import pytest
 
 from carsearch.embed import load_embeddings
 from carsearch.errors import CarsearchError
+from carsearch.eval.vote import vote
 from carsearch.index.build import build_index
 from carsearch.search import Searcher, expand_queries
-from carsearch.eval.vote import vote
 from tests.conftest import DEV
 
 
@@ -90,3 +90,35 @@ def test_expand_queries(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CarsearchError, match="holds no images"):
         expand_queries([tmp_path / "empty"])
+
+
+class _CountingQueries(list):
+    """A query list that records how many queries were read before each forward pass."""
+
+    def __init__(self, items: list, log: list[int]) -> None:
+        super().__init__(items)
+        self.read, self.log = 0, log
+
+    def __getitem__(self, i):  # slices: the Searcher takes one batch at a time
+        got = super().__getitem__(i)
+        self.read += len(got) if isinstance(i, slice) else 1
+        return got
+
+
+def test_queries_are_decoded_one_batch_at_a_time(searcher: Searcher, dev_embeddings: Path) -> None:
+    emb = load_embeddings(dev_embeddings)
+    seen: list[int] = []
+    queries = _CountingQueries([DEV / p for p in emb.paths[:10]], seen)
+    encode = searcher.encoder.encode_images
+
+    def spy(images, batch_size=32):
+        seen.append(queries.read)
+        return encode(images, batch_size)
+
+    searcher.encoder.encode_images, searcher.batch_size = spy, 4
+    try:
+        results = searcher.search(queries, k=1)
+    finally:
+        searcher.encoder.encode_images, searcher.batch_size = encode, 32
+    assert seen == [4, 8, 10]  # at the first forward pass only the first batch was read
+    assert [r.neighbors[0].id for r in results] == emb.ids[:10].tolist()

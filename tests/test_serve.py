@@ -175,3 +175,39 @@ def test_concurrent_requests_agree(client: TestClient) -> None:
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, photos * 6))
     assert all(expected[name] == first for name, first in results)
+
+
+def test_ids_beyond_int64_are_not_found(client: TestClient) -> None:
+    for image_id in ("99999999999999999999999", "-99999999999999999999999", str(1 << 63)):
+        r = client.get(f"/images/{image_id}")
+        assert r.status_code == 404, (image_id, r.status_code)
+
+
+def test_worker_settings_do_not_reuse_click_variables(
+    index_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --workers N` hands its settings to each worker in one variable of its own; click reads
+    CARSEARCH_SERVE_<OPTION> for the options, and a hand-off must not be mistaken for one of them."""
+    import json
+
+    from carsearch.serve import app as serve_app
+
+    assert not serve_app.ENV_SETTINGS.startswith("CARSEARCH_SERVE_")
+    monkeypatch.setenv(
+        serve_app.ENV_SETTINGS,
+        json.dumps(
+            {"index_dir": str(index_dir), "max_upload_bytes": 1234, "precision": "fp32", "device": "cpu"}
+        ),
+    )
+    app = serve_app.app_from_env()
+    with TestClient(app) as c:
+        assert c.get("/api/info").json()["max_upload_bytes"] == 1234
+
+
+def test_serve_takes_precision() -> None:
+    from click.testing import CliRunner
+
+    from carsearch.cli import cli
+
+    out = CliRunner().invoke(cli, ["serve", "--help"]).output
+    assert "--precision [auto|fp32|bf16]" in out and "--device" in out

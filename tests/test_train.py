@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from carsearch.eval.splits import stratified_split
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.errors import CarsearchError
+from carsearch.eval.splits import stratified_split
 from carsearch.index.build import build_index
-from carsearch.search import Searcher
 from carsearch.models.checkpoint import load_checkpoint
+from carsearch.search import Searcher
 from carsearch.train import train_head, train_model
 from carsearch.train.data import split_classes
 from carsearch.train.validation import recall_at_1
@@ -173,3 +173,178 @@ def test_cli_head_only_json(dev_embeddings: Path, tmp_path: Path) -> None:
     assert out["mode"] == "head-only" and len(out["history"]) == 3 and out["dim"] == 512
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "--resume" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_emb(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Frozen lite0 embeddings of the 36 tiny images."""
+    out = tmp_path_factory.mktemp("tiny-emb") / "emb"
+    embed_dataset(tiny_data, out, backbone="efficientnet_lite0", workers=0, precision="fp32", progress=False)
+    return out
+
+
+def test_head_applied_to_shards_equals_reembedding(tiny_data: Path, tiny_emb: Path, tmp_path: Path) -> None:
+    """The head is trained on stored (normalised) embeddings; the checkpoint must embed images into the
+    same space: re-embedding with it equals the head applied to the stored vectors."""
+    ckpt_dir = tmp_path / "head"
+    train_head(
+        tiny_emb, ckpt_dir, classes="1-4", epochs=3, embed_dim=16, batch_size=8, per_class=2, progress=False
+    )
+    head = load_file(str(ckpt_dir / "best.safetensors"))
+    stored = load_embeddings(tiny_emb)
+    projected = torch.nn.functional.normalize(
+        torch.from_numpy(stored.vectors) @ head["head.weight"].T + head["head.bias"], dim=1
+    ).numpy()
+    embed_dataset(
+        tiny_data,
+        tmp_path / "re",
+        backbone="efficientnet_lite0",
+        weights=str(ckpt_dir),
+        workers=0,
+        precision="fp32",
+        progress=False,
+    )
+    again = load_embeddings(tmp_path / "re")
+    assert (again.ids == stored.ids).all()
+    assert np.abs(again.vectors - projected).max() < 1e-4
+
+
+def test_head_on_a_checkpoints_embeddings_loads_back(tiny_data: Path, tiny_emb: Path, tmp_path: Path) -> None:
+    """A head trained on embeddings that a checkpoint made stacks on that checkpoint's network, and its
+    checkpoint loads strictly (it used to wrap an EmbeddingNet in another and fail to load)."""
+    first = tmp_path / "first"
+    train_head(
+        tiny_emb, first, classes="1-4", epochs=2, embed_dim=24, batch_size=8, per_class=2, progress=False
+    )
+    embed_dataset(
+        tiny_data,
+        tmp_path / "emb1",
+        backbone="efficientnet_lite0",
+        weights=str(first),
+        workers=0,
+        precision="fp32",
+        progress=False,
+    )
+    second = tmp_path / "second"
+    train_head(
+        tmp_path / "emb1",
+        second,
+        classes="1-4",
+        epochs=2,
+        embed_dim=8,
+        batch_size=8,
+        per_class=2,
+        progress=False,
+    )
+    loaded = load_checkpoint(second)
+    assert loaded.dim == 8
+    info = json.loads((second / "checkpoint.json").read_text())
+    assert info["base"]["embed_dim"] == 24 and info["head_input"] == "normalized"
+    r = embed_dataset(
+        tiny_data,
+        tmp_path / "emb2",
+        backbone="efficientnet_lite0",
+        weights=str(second),
+        workers=0,
+        precision="fp32",
+        progress=False,
+    )
+    assert r.rows == 36 and load_embeddings(tmp_path / "emb2").dim == 8
+
+
+def test_empty_or_diverging_validation_is_one_sentence(
+    tiny_data: Path, tiny_emb: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    # One image per class: holding out a fifth of each class leaves nothing to validate on.
+    lines = (tiny_data / "labels.csv").read_text().splitlines()
+    firsts = {}
+    for ln in lines[1:]:
+        firsts.setdefault(ln.split(",")[1], ln)
+    (tmp_path / "one.csv").write_text("\n".join([lines[0], *firsts.values()]) + "\n")
+    embed_dataset(
+        tiny_data,
+        tmp_path / "one",
+        labels_file=tmp_path / "one.csv",
+        backbone="efficientnet_lite0",
+        workers=0,
+        progress=False,
+    )
+    empty = runner.invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "a"), "--head-only"])
+    assert empty.exit_code == 1 and "Traceback" not in empty.output, empty.output
+    assert "validation set" in empty.output and "at least two" in empty.output
+    absent = runner.invoke(
+        cli, ["train", str(tiny_emb), "--out", str(tmp_path / "c"), "--head-only", "--val-classes", "90-99"]
+    )
+    assert absent.exit_code == 1 and "names no class of this dataset" in absent.output
+    # One validation image: Recall@1 is undefined (it was NaN and the run crashed at its end).
+    single = runner.invoke(
+        cli,
+        [
+            "train",
+            str(tmp_path / "one"),
+            "--out",
+            str(tmp_path / "d"),
+            "--head-only",
+            "--classes",
+            "1-5",
+            "--val-classes",
+            "6",
+        ],
+    )
+    assert single.exit_code == 1 and "holds 1 usable image(s)" in single.output, single.output
+
+
+def test_a_diverging_run_stops_in_one_sentence(tmp_path: Path) -> None:
+    from carsearch.train.loop import Run, fit
+
+    head = torch.nn.Linear(4, 2)
+    run = Run(tmp_path, {}, {"head": head})
+    calls = []
+    with pytest.raises(CarsearchError, match="training diverged at epoch 2"):
+        fit(
+            run,
+            3,
+            train_epoch=lambda e: {"loss": 1.0 if e == 1 else float("nan")},
+            validate=lambda: 0.5,
+            on_improved=calls.append,
+            checkpoint=None,
+            report=lambda entry, improved: None,
+        )
+    assert calls == [1] and [h["epoch"] for h in run.history] == [1]
+
+
+def test_head_only_refuses_image_options_and_help_is_right(tiny_emb: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(
+        cli,
+        [
+            "train",
+            str(tiny_emb),
+            "--out",
+            str(tmp_path / "a"),
+            "--head-only",
+            "--backbone",
+            "resnet50",
+            "--crop",
+            "pad",
+        ],
+    )
+    assert r.exit_code == 2 and "--backbone, --crop cannot apply" in r.output
+    help_text = " ".join(runner.invoke(cli, ["train", "--help"]).output.split())
+    assert "--head-only: 0.001 for the head, proxies 10x" in help_text and "proxies 100x" in help_text
+    assert "--split" in help_text and "--labels" in help_text and "--format" in help_text
+
+
+def test_train_reads_a_labels_file(tiny_data: Path, tmp_path: Path) -> None:
+    """--labels picks the images to train on (e.g. one split of a collection) like `embed --labels`."""
+    lines = (tiny_data / "labels.csv").read_text().splitlines()
+    subset = tmp_path / "train.csv"
+    subset.write_text("\n".join([lines[0], *[ln for ln in lines[1:] if ln.split(",")[1] in "1234"]]) + "\n")
+    result = train_model(
+        tiny_data, tmp_path / "ckpt", labels_file=subset, val_classes="4", classes="1-3", epochs=1, **TINY
+    )
+    info = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert result.epochs == 1 and info["training"]["data"] != ""
+    with pytest.raises(CarsearchError, match="no images of the classes"):
+        train_model(tiny_data, tmp_path / "c2", labels_file=subset, classes="5-6", epochs=1, **TINY)

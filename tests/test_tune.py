@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from carsearch.index.factory import make_index, train_and_add
 from carsearch.eval.neighbors import drop_self, exact_search, recall_at_k
+from carsearch.index.factory import make_index, train_and_add
 from carsearch.index.tune import tune
 
 

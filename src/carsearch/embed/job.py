@@ -7,8 +7,6 @@ the result is identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -20,45 +18,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
-from carsearch import SCHEMA_VERSION, defaults
-from carsearch.datasets import Dataset, Record, read_dataset
+from carsearch import SCHEMA_VERSION, defaults, faults
+from carsearch.datasets import Dataset, read_dataset
+from carsearch.embed import resume
 from carsearch.embed.encoder import Encoder
-from carsearch.embed.images import BadImage, load_image, read_file, safe_join
-from carsearch.embed.shards import ShardRows, shard_name, write_shard
-from carsearch.embed.store import FAILURES, MANIFEST, MANIFEST_KIND, read_manifest
-from carsearch.errors import CarsearchError, ProvenanceMismatch
+from carsearch.embed.reader import Batch, RecordImages, collate
+from carsearch.embed.shards import ShardRows, write_shard
+from carsearch.embed.store import FAILURES, MANIFEST, MANIFEST_KIND
+from carsearch.errors import CarsearchError
 from carsearch.fsutil import (
     exclusive_lock,
     remove_stale_tmp,
-    sha256_file,
     write_json_atomic,
     write_text_atomic,
 )
-from carsearch.models import Preprocessing
 from carsearch.progress import Progress
 from carsearch.provenance import library_versions
 
 log = logging.getLogger(__name__)
-
-# Settings that change the bytes of the shards: a resume with any of them different is refused.
-FINGERPRINT_FIELDS = (
-    "schema_version",
-    "dataset_root",
-    "format",
-    "records",
-    "records_sha256",
-    "backbone",
-    "weights",
-    "weights_sha256",
-    "preprocessing",
-    "precision",
-    "shard_size",
-    "id_start",
-    "max_pixels",
-)
 
 
 @dataclass
@@ -82,150 +61,6 @@ class EmbedResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-# --- image loading in DataLoader workers ---------------------------------------------------------------
-
-
-class _RecordImages(torch.utils.data.Dataset):
-    def __init__(self, root: Path, records: list[Record], prep: Preprocessing, max_pixels: int) -> None:
-        self.root, self.records, self.prep, self.max_pixels = root, records, prep, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, str, str]:
-        rec, digest = self.records[i], ""
-        try:
-            data = read_file(safe_join(self.root, rec.path))
-            digest = hashlib.sha256(data).hexdigest()
-            img = load_image(data, self.max_pixels, None if rec.bbox else self.prep.draft_size)
-            if rec.bbox:
-                x1, y1, x2, y2 = rec.bbox
-                img = img.crop((max(0, x1), max(0, y1), min(img.width, x2 + 1), min(img.height, y2 + 1)))
-            return i, self.prep.apply(img), digest, "", ""
-        except BadImage as e:
-            return i, None, digest, e.reason, e.detail
-
-
-@dataclass
-class _Batch:
-    index: list[int]
-    ok: list[int]  # positions in `index` whose image decoded
-    pixels: torch.Tensor  # uint8 (len(ok), S, S, 3)
-    sha256: list[str]
-    failures: list[tuple[int, str, str]]  # (record index, reason, detail)
-
-    def pin_memory(self) -> _Batch:
-        self.pixels = self.pixels.pin_memory()
-        return self
-
-
-def _collate(items: list[tuple[int, np.ndarray | None, str, str, str]]) -> _Batch:
-    ok = [k for k, it in enumerate(items) if it[1] is not None]
-    arrays = [items[k][1] for k in ok]
-    pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
-    return _Batch(
-        index=[it[0] for it in items],
-        ok=ok,
-        pixels=pixels,
-        sha256=[it[2] for it in items],
-        failures=[(it[0], it[3], it[4]) for it in items if it[1] is None],
-    )
-
-
-# --- the job -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ShardPlan:
-    index: int
-    start: int
-    stop: int  # exclusive; the full range of the shard
-    run_stop: int  # exclusive; where this run stops in it (< stop only under --limit)
-
-    @property
-    def file(self) -> str:
-        return shard_name(self.index)
-
-
-def _clear(out: Path) -> None:
-    """--overwrite: remove what an earlier run wrote (and only that)."""
-    for p in [*out.glob("shard-*.h5"), out / MANIFEST, out / FAILURES]:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    remove_stale_tmp(out)
-
-
-def _fingerprint(dataset: Dataset, encoder: Encoder, shard_size: int, id_start: int, max_pixels: int) -> dict:
-    prov = encoder.provenance()
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dataset_root": str(dataset.root),
-        "format": dataset.format,
-        "records": len(dataset.records),
-        "records_sha256": dataset.records_sha256(),
-        "backbone": prov["backbone"],
-        "weights": prov["weights"],
-        "weights_sha256": prov["weights_sha256"],
-        "preprocessing": prov["preprocessing"],
-        "precision": prov["precision"],
-        "shard_size": shard_size,
-        "id_start": id_start,
-        "max_pixels": max_pixels,
-    }
-
-
-def _check_resume(out: Path, fingerprint: dict) -> dict | None:
-    """The earlier manifest if this run may resume it; a refusal naming the first differing field if not."""
-    if not (out / MANIFEST).exists():
-        return None
-    manifest = read_manifest(out)
-    old = manifest["fingerprint"]
-    for name in FINGERPRINT_FIELDS:
-        if old.get(name) != fingerprint.get(name):
-            what = (
-                "the dataset's files or labels changed"
-                if name in ("records", "records_sha256")
-                else (f"it was {old.get(name)!r}, now {fingerprint.get(name)!r}")
-            )
-            raise ProvenanceMismatch(
-                f"{out} was started with a different {name} ({what}); run with the same settings to resume, "
-                "pass --overwrite to start again, or choose another --out.",
-                name,
-            )
-    return manifest
-
-
-def _done_shards(out: Path, manifest: dict | None, plans: list[_ShardPlan]) -> dict[int, dict]:
-    """Manifest entries still valid for this run: file present, sha256 matching, range covering the run."""
-    if manifest is None:
-        return {}
-    by_index = {p.index: p for p in plans}
-    done = {}
-    for entry in manifest["shards"]:
-        plan = by_index.get(entry["index"])
-        if plan is None or entry["start"] != plan.start or entry["stop"] < plan.run_stop:
-            continue
-        path = out / entry["file"]
-        if path.is_file() and sha256_file(path) == entry["sha256"]:
-            done[plan.index] = entry
-        else:
-            log.warning("shard %s is missing or damaged; it will be embedded again.", path)
-    return done
-
-
-def _read_failures(out: Path, keep: set[int]) -> list[dict]:
-    path = out / FAILURES
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if row.get("shard") in keep:
-                rows.append(row)
-    return rows
 
 
 def embed_dataset(
@@ -268,12 +103,12 @@ def embed_dataset(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
     encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256)
-    fingerprint = _fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
+    fingerprint = resume.fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
         if overwrite:
-            _clear(out)
-        manifest = _check_resume(out, fingerprint)
+            resume.clear(out)
+        manifest = resume.check_resume(out, fingerprint)
         remove_stale_tmp(out)
         return _run(
             dataset, encoder, out, fingerprint, manifest, batch_size, workers, limit, progress, on_batch
@@ -296,12 +131,12 @@ def _run(
     size = fingerprint["shard_size"]
     stop_at = min(n, limit) if limit else n
     plans = [
-        _ShardPlan(i, i * size, min((i + 1) * size, n), min((i + 1) * size, stop_at))
+        resume.ShardPlan(i, i * size, min((i + 1) * size, n), min((i + 1) * size, stop_at))
         for i in range(math.ceil(n / size))
     ]
-    done = _done_shards(out, manifest, plans)
+    done = resume.done_shards(out, manifest, plans)
     todo = [p for p in plans if p.index not in done and p.start < stop_at]
-    failures = _read_failures(out, set(done))
+    failures = resume.read_failures(out, set(done))
     now = datetime.now(UTC).isoformat(timespec="seconds")
     state = {
         "kind": MANIFEST_KIND,
@@ -357,17 +192,17 @@ def _run(
             for s in range(p.start, p.run_stop, batch_size)
         ]
         loader = DataLoader(
-            _RecordImages(dataset.root, dataset.records, encoder.preprocessing, fingerprint["max_pixels"]),
+            RecordImages(dataset.root, dataset.records, encoder.preprocessing, fingerprint["max_pixels"]),
             batch_sampler=batches,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=encoder.device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
         bar = Progress(total, "embed", "img", enabled=progress)
         plan_iter = iter(todo)
         plan = next(plan_iter)
-        buf: list[tuple[_Batch, np.ndarray]] = []
+        buf: list[tuple[Batch, np.ndarray]] = []
         try:
             for batch in loader:
                 vectors = encoder.encode(batch.pixels)
@@ -382,6 +217,7 @@ def _run(
                         out, plan, buf, dataset, encoder, fingerprint, failures
                     )
                     body = save(entries)
+                    faults.reached("embed.shard_saved")
                     buf = []
                     plan = next(plan_iter, plan)
         finally:
@@ -408,8 +244,8 @@ def _run(
 
 def _finish_shard(
     out: Path,
-    plan: _ShardPlan,
-    buf: list[tuple[_Batch, np.ndarray]],
+    plan: resume.ShardPlan,
+    buf: list[tuple[Batch, np.ndarray]],
     dataset: Dataset,
     encoder: Encoder,
     fingerprint: dict,

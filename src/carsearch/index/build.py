@@ -262,16 +262,18 @@ def calibrate_index(
                 f"all {len(queries)} calibration images are in the index itself; calibrate on held-out "
                 "images."
             )
-        # An image that is also in the index would find itself at similarity 1: search it without itself.
-        in_index = bundle.gallery.rows(queries.ids) >= 0
-        if in_index.any():
+        # An image that is also in the index (the same file, under any id) would find itself at similarity
+        # 1: each such image is searched without itself.
+        id_of = dict(zip(bundle.gallery.sha256.tolist(), bundle.gallery.ids.tolist(), strict=True))
+        self_ids = np.array([id_of.get(sha, -2) for sha in queries.sha256.tolist()], dtype=np.int64)
+        if (self_ids != -2).any():
             log.warning(
                 "%d of the %d calibration images are in the index; each is scored without itself.",
-                int(in_index.sum()),
+                int((self_ids != -2).sum()),
                 len(queries),
             )
         sims, found = bundle.index.search(queries.vectors, k + 1)
-        sims, _ = drop_self(sims, found, np.where(in_index, queries.ids, -2), k)
+        sims, _ = drop_self(sims, found, self_ids, k)
         scores = kth_similarity(sims, k)
         known_labels = set(bundle.gallery.labels.tolist()) - {""}
         known = np.array([lab in known_labels or not lab for lab in queries.labels])

@@ -43,6 +43,8 @@ def split_classes(
         raise CarsearchError(f"no images of the classes {classes!r} in this dataset.")
     member = np.isin(class_ids, sorted(train))
     val = class_range(val_classes) & present if val_classes else set()
+    if val_classes and not val:
+        raise CarsearchError(f"--val-classes {val_classes} names no class of this dataset.")
     if val & train:
         raise CarsearchError("--classes and --val-classes overlap; validation needs other classes.")
 

@@ -1,0 +1,62 @@
+"""The reader side of the embed job: DataLoader workers turn records into framed uint8 images, the
+file's sha256, or a failure reason (clip-retrieval's reader)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carsearch.datasets import Record
+from carsearch.embed.images import BadImage, load_image, read_file, safe_join
+from carsearch.models import Preprocessing
+
+
+class RecordImages(torch.utils.data.Dataset):
+    def __init__(self, root: Path, records: list[Record], prep: Preprocessing, max_pixels: int) -> None:
+        self.root, self.records, self.prep, self.max_pixels = root, records, prep, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, str, str]:
+        rec, digest = self.records[i], ""
+        try:
+            data = read_file(safe_join(self.root, rec.path))
+            digest = hashlib.sha256(data).hexdigest()
+            img = load_image(data, self.max_pixels, None if rec.bbox else self.prep.draft_size)
+            if rec.bbox:
+                x1, y1, x2, y2 = rec.bbox
+                img = img.crop((max(0, x1), max(0, y1), min(img.width, x2 + 1), min(img.height, y2 + 1)))
+            return i, self.prep.apply(img), digest, "", ""
+        except BadImage as e:
+            return i, None, digest, e.reason, e.detail
+
+
+@dataclass
+class Batch:
+    index: list[int]
+    ok: list[int]  # positions in `index` whose image decoded
+    pixels: torch.Tensor  # uint8 (len(ok), S, S, 3)
+    sha256: list[str]
+    failures: list[tuple[int, str, str]]  # (record index, reason, detail)
+
+    def pin_memory(self) -> Batch:
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[tuple[int, np.ndarray | None, str, str, str]]) -> Batch:
+    ok = [k for k, it in enumerate(items) if it[1] is not None]
+    arrays = [items[k][1] for k in ok]
+    pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
+    return Batch(
+        index=[it[0] for it in items],
+        ok=ok,
+        pixels=pixels,
+        sha256=[it[2] for it in items],
+        failures=[(it[0], it[3], it[4]) for it in items if it[1] is None],
+    )
