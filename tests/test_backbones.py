@@ -139,3 +139,53 @@ def test_efficientnet_lite_offline_imagenet_weights() -> None:
     assert loaded.model(torch.zeros(1, 3, 224, 224)).shape == (1, 1280)
     lite2 = load_backbone("efficientnet_lite2", "imagenet")
     assert lite2.preprocessing.size == 260 and lite2.weights.sha256
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet50", "resnet101", "resnet152", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+)
+def test_declared_config_matches_the_built_network(name: str) -> None:
+    """Each entry declares its size, preprocessing and parameter count before anything is built; built,
+    the network agrees (timm's pretrained config, torchvision's weight enums)."""
+    import timm
+    import torchvision.models as tvm
+
+    from carsearch.models import preprocessing_for
+    from carsearch.models.registry import build_headless
+
+    spec = get_backbone(name)
+    model = build_headless(name)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert params == pytest.approx(spec.params_millions, abs=0.05), params
+    size = spec.sources[0].preprocessing.size
+    assert model(torch.zeros(1, 3, size, size)).shape == (1, spec.dim)
+    if name.startswith("resnet"):
+        enums = tvm.get_model_weights(name)
+        for choice, enum in (("imagenet", enums.IMAGENET1K_V2), ("imagenet-v1", enums.IMAGENET1K_V1)):
+            keywords = enum.transforms.keywords
+            prep = preprocessing_for(spec, choice)
+            # ImageClassification defaults: resize 256, crop 224 unless the enum says otherwise.
+            assert (prep.resize, prep.size) == (
+                keywords.get("resize_size", 256),
+                keywords.get("crop_size", 224),
+            )
+    else:
+        cfg = timm.create_model(f"tf_{name}", pretrained=False).pretrained_cfg
+        prep = preprocessing_for(spec, "imagenet")
+        assert prep.size == cfg["input_size"][-1] and prep.interpolation == cfg["interpolation"]
+        assert prep.mean == tuple(cfg["mean"]) and prep.std == tuple(cfg["std"])
+        assert prep.resize == int(cfg["input_size"][-1] / cfg["crop_pct"])
+    assert load_backbone(name, "none").preprocessing == preprocessing_for(spec, "none")
+
+
+def test_weights_are_resolved_in_one_place(tmp_path: Path) -> None:
+    from carsearch.models.registry import resolve_weights
+
+    spec = get_backbone("efficientnet_lite0")
+    (tmp_path / "ckpt").mkdir()
+    assert resolve_weights(spec, "imagenet").kind == "named"
+    assert resolve_weights(spec, str(tmp_path / "w.pth")).kind == "file"
+    assert resolve_weights(spec, str(tmp_path / "ckpt")).kind == "checkpoint"
+    with pytest.raises(CarsearchError, match="unknown weights 'imagenet-v1' for efficientnet_lite0"):
+        resolve_weights(spec, "imagenet-v1")
