@@ -53,10 +53,7 @@ def test_auto_build_records_why(dev_embeddings: Path, tmp_path: Path) -> None:
     info = build_index([dev_embeddings], tmp_path / "idx")
     assert info["factory"] == "Flat" and "exact search is cheap" in info["auto"]["reason"]
     on_disk = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert (
-        on_disk["files"]["index.faiss"]["sha256"]
-        and on_disk["provenance"]["backbone"] == "efficientnet_lite0"
-    )
+    assert on_disk["files"]["index"]["sha256"] and on_disk["provenance"]["backbone"] == "efficientnet_lite0"
     assert on_disk["sources"][0]["embeddings"] == str(dev_embeddings)
     tight = build_index([dev_embeddings], tmp_path / "idx2", memory_budget=2 << 20)  # 2 MiB: must compress
     # OPQ's 1280x1280 rotation alone is 6.25 MiB: plain IVF-PQ is what fits.
@@ -188,28 +185,33 @@ def test_remove(two_parts: tuple[Path, Path], tmp_path: Path) -> None:
         remove_from_index(tmp_path / "hnsw", [0])
 
 
+def _named(folder: Path, role: str) -> Path:
+    """The data file of `role` (index, metadata) that the folder's index.json names."""
+    return folder / json.loads((folder / "index.json").read_text())["files"][role]["name"]
+
+
 def test_damaged_swapped_and_mismatched_files_are_refused(
     two_parts: tuple[Path, Path], tmp_path: Path
 ) -> None:
     a, b = two_parts
     build_index([a], tmp_path / "one", calibrate=False)
     build_index([b], tmp_path / "two", calibrate=False)
-    target = tmp_path / "one" / "index.faiss"
+    target = _named(tmp_path / "one", "index")
     good = target.read_bytes()
     target.write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(CarsearchError, match=r"one/index.faiss does not match the sha256.*rebuild"):
+    with pytest.raises(CarsearchError, match=rf"one/{target.name} does not match the sha256.*rebuild"):
         open_bundle(tmp_path / "one")
     with pytest.raises(CarsearchError, match="cannot be read by faiss"):
         open_bundle(tmp_path / "one", verify=False)
-    shutil.copyfile(tmp_path / "two" / "index.faiss", target)  # swapped for another index's file
-    with pytest.raises(CarsearchError, match=r"one/index.faiss does not match"):
+    shutil.copyfile(_named(tmp_path / "two", "index"), target)  # swapped for another index's file
+    with pytest.raises(CarsearchError, match=rf"one/{target.name} does not match"):
         open_bundle(tmp_path / "one")
     with pytest.raises(CarsearchError, match="describes"):
         open_bundle(tmp_path / "one", verify=False)  # even unverified, the count differs from index.json
     target.write_bytes(good)
     assert open_bundle(tmp_path / "one").info["ntotal"] > 0
-    (tmp_path / "one" / "metadata.h5").write_bytes(b"garbage")
-    with pytest.raises(CarsearchError, match=r"metadata\.h5 does not match"):
+    _named(tmp_path / "one", "metadata").write_bytes(b"garbage")
+    with pytest.raises(CarsearchError, match=r"metadata\.[0-9a-f]{16}\.h5 does not match"):
         open_bundle(tmp_path / "one")
     with pytest.raises(CarsearchError, match=r"has no index\.json"):
         open_bundle(tmp_path)

@@ -26,6 +26,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise CarsearchError(f"config file {path} does not exist.") from None
     except tomllib.TOMLDecodeError as e:
         raise CarsearchError(f"config file {path} is not valid TOML: {e}.") from e
+    except UnicodeDecodeError as e:
+        raise CarsearchError(f"config file {path} is not UTF-8 text ({e.reason}); save it as UTF-8.") from e
+    except OSError as e:
+        raise CarsearchError(f"cannot read config file {path} ({e.strerror or e}).") from e
 
 
 def option_names(command: click.Command) -> dict[str, click.Parameter]:

@@ -28,7 +28,7 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # The rename itself must reach the disk too, or a crash can lose the new name.
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -44,14 +44,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On an exception the temporary file is removed and `path` is left as it was.
     """
+    from carsearch import faults
+
     path = Path(path)
     tmp = tmp_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        faults.reached("atomic.before_rename")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 from carsearch.datasets.records import Record, split_make_model_year
 from carsearch.errors import CarsearchError
+
+log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "path", "image_path", "filepath", "file", "filename", "fname", "relative_im_path")
 NAME_COLUMNS = ("class_name", "label", "name", "class")
@@ -30,6 +33,12 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             return list(reader.fieldnames or []), rows
     except UnicodeDecodeError as e:
         raise CarsearchError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8 CSV.") from e
+    except csv.Error as e:
+        raise CarsearchError(f"{path} is not a readable CSV file ({e}).") from e
+    except OSError as e:
+        raise CarsearchError(
+            f"cannot read {path} ({e.strerror or e}); check that it is a readable file."
+        ) from e
 
 
 def read_class_names(path: Path) -> dict[str, str]:
@@ -82,8 +91,16 @@ def read_csv(root: Path, labels_file: Path | None = None) -> list[Record]:
 
     prefix = _image_prefix(root, rows[0][img_col].strip()) if rows else ""
     records: dict[str, Record] = {}
+    conflicts = 0
     for i, row in enumerate(rows, start=2):
+        if None in row.values() or None in row:
+            raise CarsearchError(
+                f"{path} line {i} has {len([v for v in row.values() if v is not None])} cells where the "
+                f"header has {len(fields)}; fix or remove that row."
+            )
         rel = prefix + row[img_col].strip().replace("\\", "/")
+        if not rel:
+            raise CarsearchError(f"{path} line {i} has an empty {img_col!r} cell; fix or remove that row.")
         if name_col is not None:
             label = row[name_col].strip()
         elif id_col is not None:
@@ -98,5 +115,13 @@ def read_csv(root: Path, labels_file: Path | None = None) -> list[Record]:
         model = row[has["model"]].strip() if has["model"] else model
         year = row[has["year"]].strip() if has["year"] else year
         cid = row[id_col].strip() if id_col is not None else ids_by_name.get(label, "")
-        records.setdefault(rel, Record(rel, label, make, model, year, int(cid) if cid.isdigit() else -1))
+        record = Record(rel, label, make, model, year, int(cid) if cid.isdigit() else -1)
+        first = records.setdefault(rel, record)
+        conflicts += first.label != record.label
+    if conflicts:
+        log.warning(
+            "%s lists %d image(s) again with a different label; the first label of each is used.",
+            path,
+            conflicts,
+        )
     return sorted(records.values(), key=lambda r: r.path)

@@ -139,7 +139,16 @@ def train_and_add(
         sample = x if len(x) <= max_train else x[np.sort(rng.choice(len(x), max_train, replace=False))]
         _seed_clustering(index, seed)
         with captured_stderr() as noise:
-            index.train(sample)
+            try:
+                index.train(sample)
+            except RuntimeError as e:
+                lines = str(e).strip().splitlines() or ["failed"]
+                detail = lines[-1].split("failed: ")[-1]
+                raise CarsearchError(
+                    f"faiss cannot train this index on {len(sample)} vectors of {x.shape[1]} dimensions "
+                    f"({detail}); choose another --factory (fewer IVF lists, a smaller PCA/OPQ output, "
+                    "or Flat)."
+                ) from None
         warnings = [line for line in noise if "WARNING" in line]
         if warnings:
             log.warning(

@@ -1,12 +1,19 @@
-"""An index folder: index.faiss + metadata.h5 (id -> path, labels) + index.json (everything else).
+"""An index folder: index.<v>.faiss + metadata.<v>.h5 (id -> path, labels) + index.json (everything else).
 
-index.json is written last and holds the sha256 of the other two, so a truncated, swapped or
-half-written file is detected at load and refused by name.
+A version's data files are named after their content (v = the first 16 hex digits of their sha256) and
+written first; index.json, written last by one atomic rename, names them and records their sha256s; only
+then are the files no version names removed. So a process killed at any moment of a build, add, remove
+or calibrate leaves the folder opening as the old version or the new one, never neither, and the next
+writer removes what the killed one left. A truncated, swapped or changed file is refused by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,19 +21,29 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from carsearch import SCHEMA_VERSION
+from carsearch import SCHEMA_VERSION, faults
 from carsearch.datasets.levels import LabelLevels
 from carsearch.embed.shards import STRING_FIELDS, read_h5, write_h5
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
+from carsearch.fsutil import (
+    fsync_dir,
+    read_descriptor,
+    remove_stale_tmp,
+    sha256_file,
+    tmp_name,
+    write_json_atomic,
+)
 from carsearch.index.core import Index
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
+INDEX_FILE = "index.faiss"  # the names of folders written before versioned files (still read)
 META_FILE = "metadata.h5"
 INFO_FILE = "index.json"
 INDEX_KIND = "carsearch.index"
+REQUIRED_KEYS = ("dim", "ntotal", "factory", "provenance", "sources", "search_params")
+ROLES = {"index": ("index", ".faiss"), "metadata": ("metadata", ".h5")}
+_DATA_FILE = re.compile(r"^(index(\.[0-9a-f]{16})?\.faiss|metadata(\.[0-9a-f]{16})?\.h5)$")
 
 
 @dataclass
@@ -95,43 +112,84 @@ class IndexBundle:
         return Path(self.info["sources"][int(self.gallery.source[row])]["root"])
 
 
+def _write_version(folder: Path, role: str, write: Callable[[Path], object]) -> dict:
+    """Write one data file under a temporary name, then rename it to its content-addressed name."""
+    stem, suffix = ROLES[role]
+    tmp = tmp_name(folder / f"{stem}{suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        name = f"{stem}.{digest[:16]}{suffix}"
+        os.replace(tmp, folder / name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(folder)
+    return {"name": name, "sha256": digest, "bytes": (folder / name).stat().st_size}
+
+
+def _remove_unnamed(folder: Path, info: dict) -> None:
+    """Data files no longer named by index.json: older versions, or a killed writer's new ones."""
+    keep = {entry["name"] for entry in info["files"].values()}
+    for p in folder.iterdir():
+        if _DATA_FILE.match(p.name) and p.name not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 def save_bundle(folder: Path, index: Index, gallery: Gallery, info: dict) -> dict:
-    """Write the three files (each to a temporary name, then renamed); index.json last. Returns info."""
+    """Write a new version of the folder (data files first, index.json last); returns index.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / INDEX_FILE) as tmp:
-        index.save(tmp)
-    meta_sha = write_h5(
-        folder / META_FILE,
-        {
-            "ids": gallery.ids.astype(np.int64),
-            **{f: list(getattr(gallery, f)) for f in STRING_FIELDS},
-            "source": gallery.source.astype(np.int32),
-        },
-        {"schema_version": SCHEMA_VERSION},
+    remove_stale_tmp(folder)  # what a killed writer left half-written
+    data = _write_version(folder, "index", index.save)
+    faults.reached("index.data_written")
+    meta = _write_version(
+        folder,
+        "metadata",
+        lambda tmp: write_h5(
+            tmp,
+            {
+                "ids": gallery.ids.astype(np.int64),
+                **{f: list(getattr(gallery, f)) for f in STRING_FIELDS},
+                "source": gallery.source.astype(np.int32),
+            },
+            {"schema_version": SCHEMA_VERSION},
+        ),
     )
+    faults.reached("index.meta_written")
     now = datetime.now(UTC).isoformat(timespec="seconds")
     info = {
         **info,
         "kind": INDEX_KIND,
         "schema_version": SCHEMA_VERSION,
-        "metric": "inner_product",
         "factory": index.factory,
         "search_params": index.params,
+        "metric": "inner_product",
         "dim": index.d,
         "ntotal": index.ntotal,
-        "files": {
-            INDEX_FILE: {
-                "sha256": sha256_file(folder / INDEX_FILE),
-                "bytes": (folder / INDEX_FILE).stat().st_size,
-            },
-            META_FILE: {"sha256": meta_sha, "bytes": (folder / META_FILE).stat().st_size},
-        },
+        "files": {"index": data, "metadata": meta},
         "faiss_version": faiss.__version__,
         "created": info.get("created", now),
         "updated": now,
     }
-    write_json_atomic(folder / INFO_FILE, info)
+    write_json_atomic(folder / INFO_FILE, info)  # the switch to the new version: one rename
+    faults.reached("index.info_written")
+    _remove_unnamed(folder, info)
     return info
+
+
+def _files(info: dict) -> dict[str, dict]:
+    """{role: {"name", "sha256"}} of an index.json, also of folders written before versioned names."""
+    files = info.get("files") or {}
+    if INDEX_FILE in files:
+        return {
+            "index": {**files[INDEX_FILE], "name": INDEX_FILE},
+            "metadata": {**files[META_FILE], "name": META_FILE},
+        }
+    return files
 
 
 def read_info(folder: Path) -> dict:
@@ -152,16 +210,52 @@ def _refuse(path: Path, what: str) -> CarsearchError:
 def open_bundle(folder: str | Path, verify: bool = True) -> IndexBundle:
     """Load an index folder, checking each file against index.json (sha256, dimension, count, metric)."""
     folder = Path(folder).expanduser().resolve()
+    for _ in range(3):
+        try:
+            return _open(folder, verify)
+        except _Replaced:
+            # A writer switched versions between our reading index.json and opening its files (and
+            # removed the old ones): the new index.json names files that exist; read it again.
+            continue
+    return _open(folder, verify)
+
+
+class _Replaced(Exception):
+    """index.json changed while its files were being opened."""
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _open(folder: Path, verify: bool) -> IndexBundle:
+    stamp = _stamp(folder / INFO_FILE)
     info = read_info(folder)
-    for name in (INDEX_FILE, META_FILE):
-        path = folder / name
+    try:
+        files = _files(info)
+        names = {role: files[role]["name"] for role in ROLES}
+        for key in REQUIRED_KEYS:
+            info[key]
+    except (KeyError, TypeError) as e:
+        raise CarsearchError(
+            f"{folder / INFO_FILE} lacks {e} (damaged or edited); "
+            "rebuild the index with `carsearch index build`."
+        ) from None
+    paths = {role: folder / name for role, name in names.items()}
+    for role, path in paths.items():
         if not path.is_file():
+            if _stamp(folder / INFO_FILE) != stamp:
+                raise _Replaced(path)
             raise _refuse(path, "is missing")
-        if verify and sha256_file(path) != info["files"][name]["sha256"]:
+        if verify and sha256_file(path) != files[role]["sha256"]:
             raise _refuse(
                 path, f"does not match the sha256 recorded in {INFO_FILE} (truncated, swapped or changed)"
             )
-    index_path = folder / INDEX_FILE
+    index_path = paths["index"]
     try:
         # Not IO_FLAG_READ_ONLY: add / remove / calibrate open the same way and then change the index.
         index = Index.read(index_path, info["factory"])
@@ -178,16 +272,17 @@ def open_bundle(folder: str | Path, verify: bool = True) -> IndexBundle:
             f"but {INFO_FILE} "
             f"describes {info['ntotal']} of {info['dim']} with inner product",
         )
+    meta_path = paths["metadata"]
     try:
-        arrays, _ = read_h5(folder / META_FILE)
+        arrays, _ = read_h5(meta_path)
         gallery = Gallery(
             ids=arrays["ids"],
             **{f: np.asarray(arrays[f], dtype=object) for f in STRING_FIELDS},
             source=arrays["source"],
         )
     except (OSError, KeyError):
-        raise _refuse(folder / META_FILE, "is damaged") from None
+        raise _refuse(meta_path, "is damaged") from None
     if len(gallery) != index.ntotal:
-        raise _refuse(folder / META_FILE, f"lists {len(gallery)} images but the index holds {index.ntotal}")
+        raise _refuse(meta_path, f"lists {len(gallery)} images but the index holds {index.ntotal}")
     index.set_params(info.get("search_params", ""))
     return IndexBundle(folder, index, gallery, info)

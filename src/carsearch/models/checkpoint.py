@@ -13,16 +13,13 @@ from safetensors.torch import load_file, save_file
 from carsearch import SCHEMA_VERSION
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, read_descriptor, sha256_file, write_json_atomic
+from carsearch.models.files import BEST_FILE, INFO_FILE, KIND, MODEL_FILE, STATE_FILE
 from carsearch.models.network import EmbeddingNet
 from carsearch.models.preprocess import Preprocessing
 from carsearch.models.registry import Loaded, build_headless
 from carsearch.models.weights import WeightsInfo
 
-MODEL_FILE = "model.safetensors"
-INFO_FILE = "checkpoint.json"
-STATE_FILE = "train_state.pt"
-BEST_FILE = "best.safetensors"
-KIND = "carsearch.checkpoint"
+__all__ = ["BEST_FILE", "INFO_FILE", "KIND", "MODEL_FILE", "STATE_FILE"]
 
 
 def save_weights(folder: Path, state: dict[str, torch.Tensor], name: str = MODEL_FILE) -> str:
