@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import click
 
 from carsearch import defaults
-from carsearch.errors import CarsearchError
+from carsearch.errors import CarsearchError, os_error_sentence
 
 log = logging.getLogger("carsearch")
 
@@ -26,6 +26,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CarsearchError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk, a read-only folder, an unreadable file: said, not traced
+            raise click.ClickException(os_error_sentence(e)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume where it stopped.", err=True)
             sys.exit(130)

@@ -6,16 +6,28 @@ import click
 
 from carsearch import defaults
 from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option
+from carsearch.errors import CarsearchError
 
 
 def _human_embed(r: dict) -> str:
     failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "none"
     state = "complete" if r["complete"] else "incomplete: run again to continue"
+    notes = ""
+    if r["transient_failures"]:
+        notes += (
+            f"\n{r['transient_failures']} images were missing or unreadable: once they are back, "
+            "run again with --retry-failed."
+        )
+    if r["retried_shards"] or r["changed_images"]:
+        notes += (
+            f"\nembedded again: {r['retried_shards']} shards with failures, "
+            f"{r['changed_images']} changed images."
+        )
     return (
         f"{r['rows']} embeddings in {r['shards']} shards at {r['out']} ({state}); "
         f"this run: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_second']:.1f} images/s "
         f"({r['backbone']}, {r['precision']}, {r['device']}), {r['resumed_shards']} shards resumed; "
-        f"skipped: {failed}"
+        f"skipped: {failed}" + notes
     )
 
 
@@ -78,6 +90,16 @@ def _human_embed(r: dict) -> str:
     help="Skip images with more pixels (decompression bombs).",
 )
 @click.option("--overwrite", is_flag=True, help="Discard what an earlier run wrote to --out and start again.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Embed again the finished shards that skipped images (files restored, links or permissions fixed).",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash the images of finished shards and embed again those whose files changed.",
+)
 @json_option
 def embed(
     data_dir: str,
@@ -99,6 +121,8 @@ def embed(
     id_start: int,
     max_pixels: int,
     overwrite: bool,
+    retry_failed: bool,
+    verify: bool,
     as_json: bool,
 ) -> None:
     """Embed every image of DATA_DIR into HDF5 shards under --out (resumable).
@@ -128,9 +152,17 @@ def embed(
         overwrite=overwrite,
         id_start=id_start,
         max_pixels=max_pixels,
+        retry_failed=retry_failed,
+        verify=verify,
         progress=True,
     )
     emit(result.to_json(), as_json, _human_embed)
+    if result.rows == 0 and result.records > 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in result.failed.items()) or "none embedded yet"
+        raise CarsearchError(
+            f"embedded none of the {result.records} images ({reasons}; each is listed in "
+            f"{result.out}/failures.jsonl); fix them and run again with --retry-failed."
+        )
 
 
 @click.command()

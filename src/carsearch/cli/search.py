@@ -10,8 +10,9 @@ from carsearch import defaults
 from carsearch.cli.common import device_options, emit, json_option
 
 
-def _exit_if_all_failed(results: list) -> None:
-    if results and all(r.error for r in results):
+def _exit_if_any_failed(results: list) -> None:
+    """Exit 1 when any query could not be answered (the output still carries every answer)."""
+    if any(r.error for r in results):
         sys.exit(1)
 
 
@@ -49,7 +50,7 @@ def search(
     searcher = Searcher.open(index_dir, device, precision)
     results = searcher.search(expand_queries(queries), k)
     emit([r.to_json() for r in results], as_json, _human_search)
-    _exit_if_all_failed(results)
+    _exit_if_any_failed(results)
 
 
 def _human_classify(results: list[dict]) -> str:
@@ -114,4 +115,4 @@ def classify(
     searcher = Searcher.open(index_dir, device, precision)
     results = searcher.classify(expand_queries(queries), k, level, temperature, reject=not no_reject)
     emit([r.to_json() for r in results], as_json, _human_classify)
-    _exit_if_all_failed(results)
+    _exit_if_any_failed(results)

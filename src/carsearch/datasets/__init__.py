@@ -42,7 +42,9 @@ class Dataset:
         """Fingerprint of the record list: any added, removed or relabelled image changes it."""
         h = hashlib.sha256()
         for r in self.records:
-            h.update(f"{r.path}\t{r.label}\t{r.make}\t{r.model}\t{r.year}\t{r.class_id}\t{r.bbox}\n".encode())
+            line = f"{r.path}\t{r.label}\t{r.make}\t{r.model}\t{r.year}\t{r.class_id}\t{r.bbox}\n"
+            # File names that are not UTF-8 reach us as surrogate escapes: hash their original bytes.
+            h.update(line.encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 

@@ -18,8 +18,16 @@ def image_files(folder: Path, root: Path) -> list[str]:
     Hidden files and folders are skipped: they are editor and OS droppings, not photos.
     """
     out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen: set[str] = set()
+    # Linked folders are followed (split folders made of links); each real folder is walked once, so a
+    # link to a parent cannot loop.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
+        )
         rel = Path(dirpath).relative_to(root)
         out.extend((rel / f).as_posix() for f in filenames if is_image_name(f))
     out.sort()
@@ -32,7 +40,7 @@ def class_folders(root: Path) -> list[Path]:
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
             p = Path(entry.path)
-            if any(is_image_name(f) for _, _, files in os.walk(p) for f in files):
+            if any(is_image_name(f) for _, _, files in os.walk(p, followlinks=True) for f in files):
                 folders.append(p)
     return folders
 

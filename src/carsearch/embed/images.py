@@ -29,7 +29,11 @@ REASONS = (
     "truncated",
     "too_many_pixels",
     "decode_error",
+    "name_not_utf8",
 )
+# Reasons that may go away without changing the dataset's list (a file restored, a permission fixed):
+# `embed --retry-failed` embeds such images again.
+TRANSIENT_REASONS = ("missing", "unreadable")
 
 _WHITE = (255, 255, 255)
 
@@ -44,11 +48,19 @@ class BadImage(Exception):
 
 
 def safe_join(root: Path, rel: str) -> Path:
-    """`root / rel`, refusing paths that leave `root` (absolute paths, "..", symlinks pointing out)."""
-    candidate = (root / rel).resolve()
-    if not candidate.is_relative_to(root.resolve()):
+    """`root / rel`, refusing dataset paths that climb out of `root` (absolute paths, ".." parts) and
+    names that are not UTF-8 text. Symbolic links are followed: DVC and git-annex checkouts and split
+    folders made of links are datasets like any other; it is the dataset's own paths that must stay in."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadImage(
+            "name_not_utf8", rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        ) from None
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or not parts:
         raise BadImage("outside_root", rel)
-    return candidate
+    return root / rel
 
 
 def read_file(path: Path) -> bytes:

@@ -24,6 +24,7 @@ from carsearch import SCHEMA_VERSION, defaults, faults
 from carsearch.datasets import Dataset, read_dataset
 from carsearch.embed import resume
 from carsearch.embed.encoder import Encoder
+from carsearch.embed.images import TRANSIENT_REASONS
 from carsearch.embed.reader import Batch, RecordImages, collate
 from carsearch.embed.shards import ShardRows, write_shard
 from carsearch.embed.store import FAILURES, MANIFEST, MANIFEST_KIND
@@ -58,9 +59,17 @@ class EmbedResult:
     precision: str
     device: str
     failed_this_run: dict[str, int] = field(default_factory=dict)
+    retried_shards: int = 0  # finished shards embedded again by --retry-failed
+    changed_images: int = 0  # images found changed by --verify (their shards embedded again)
+    records: int = 0  # images the dataset lists
+
+    @property
+    def transient_failures(self) -> int:
+        """Skipped images whose reason may go away (a file restored, a permission fixed)."""
+        return sum(n for reason, n in self.failed.items() if reason in TRANSIENT_REASONS)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "transient_failures": self.transient_failures}
 
 
 def embed_dataset(
@@ -84,12 +93,16 @@ def embed_dataset(
     overwrite: bool = False,
     id_start: int = 0,
     max_pixels: int = defaults.MAX_PIXELS,
+    retry_failed: bool = False,
+    verify: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
     """Embed every image of `data_dir` into shards under `out`, resuming an earlier run of the same settings.
 
     `limit` embeds only the first `limit` records (a later run without it goes on from there).
+    `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
+    `verify` re-hashes the images of finished shards and embeds again those whose files changed.
     `on_batch(images_done, images_total)` is called after each batch of this run.
     """
     if batch_size < 1 or shard_size < 1:
@@ -110,9 +123,33 @@ def embed_dataset(
             resume.clear(out)
         manifest = resume.check_resume(out, fingerprint)
         remove_stale_tmp(out)
-        return _run(
-            dataset, encoder, out, fingerprint, manifest, batch_size, workers, limit, progress, on_batch
+        resumed = resume.done_shards(
+            out, manifest, _plans(len(dataset.records), shard_size, limit), dataset.root, retry_failed, verify
         )
+        result = _run(
+            dataset,
+            encoder,
+            out,
+            fingerprint,
+            manifest,
+            resumed.done,
+            batch_size,
+            workers,
+            limit,
+            progress,
+            on_batch,
+        )
+        result.retried_shards, result.changed_images = resumed.retried, resumed.changed
+        return result
+
+
+def _plans(n: int, size: int, limit: int | None) -> list[resume.ShardPlan]:
+    """Shard i holds records [i*size, (i+1)*size); under --limit the run stops early in one of them."""
+    stop_at = min(n, limit) if limit else n
+    return [
+        resume.ShardPlan(i, i * size, min((i + 1) * size, n), min((i + 1) * size, stop_at))
+        for i in range(math.ceil(n / size))
+    ]
 
 
 def _run(
@@ -121,6 +158,7 @@ def _run(
     out: Path,
     fingerprint: dict,
     manifest: dict | None,
+    done: dict[int, dict],
     batch_size: int,
     workers: int | None,
     limit: int | None,
@@ -130,11 +168,7 @@ def _run(
     n = len(dataset.records)
     size = fingerprint["shard_size"]
     stop_at = min(n, limit) if limit else n
-    plans = [
-        resume.ShardPlan(i, i * size, min((i + 1) * size, n), min((i + 1) * size, stop_at))
-        for i in range(math.ceil(n / size))
-    ]
-    done = resume.done_shards(out, manifest, plans)
+    plans = _plans(n, size, limit)
     todo = [p for p in plans if p.index not in done and p.start < stop_at]
     failures = resume.read_failures(out, set(done))
     now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -238,6 +272,7 @@ def _run(
         precision=encoder.precision,
         device=str(encoder.device),
         failed_this_run=dict(sorted(failed_run.items())),
+        records=n,
     )
     return result
 

@@ -97,22 +97,65 @@ def check_resume(out: Path, fingerprint: dict) -> dict | None:
     return manifest
 
 
-def done_shards(out: Path, manifest: dict | None, plans: list[ShardPlan]) -> dict[int, dict]:
-    """Manifest entries still valid for this run: file present, sha256 matching, range covering the run."""
+@dataclass
+class Resumed:
+    """Finished shards this run keeps, and why others are embedded again."""
+
+    done: dict[int, dict]
+    retried: int = 0  # shards with failures embedded again (--retry-failed)
+    changed: int = 0  # images whose file changed since their shard was written (--verify)
+
+
+def done_shards(
+    out: Path,
+    manifest: dict | None,
+    plans: list[ShardPlan],
+    root: Path,
+    retry_failed: bool = False,
+    verify: bool = False,
+) -> Resumed:
+    """Manifest entries still valid for this run: file present, sha256 matching, range covering the run;
+    with `retry_failed`, none that skipped images; with `verify`, none holding an image whose file has
+    changed since (its sha256 differs from the one stored in the shard)."""
+    result = Resumed({})
     if manifest is None:
-        return {}
+        return result
     by_index = {p.index: p for p in plans}
-    done = {}
     for entry in manifest["shards"]:
         plan = by_index.get(entry["index"])
         if plan is None or entry["start"] != plan.start or entry["stop"] < plan.run_stop:
             continue
         path = out / entry["file"]
-        if path.is_file() and sha256_file(path) == entry["sha256"]:
-            done[plan.index] = entry
-        else:
+        if not (path.is_file() and sha256_file(path) == entry["sha256"]):
             log.warning("shard %s is missing or damaged; it will be embedded again.", path)
-    return done
+            continue
+        if retry_failed and entry["failures"]:
+            result.retried += 1
+            continue
+        if verify:
+            changed = changed_images(path, root)
+            if changed:
+                log.warning(
+                    "%s: %d image(s) changed since they were embedded; embedding again.", path, changed
+                )
+                result.changed += changed
+                continue
+        result.done[plan.index] = entry
+    return result
+
+
+def changed_images(shard: Path, root: Path) -> int:
+    """How many images of a shard no longer match the sha256 stored for them (changed or gone)."""
+    from carsearch.embed.shards import read_shard
+
+    rows = read_shard(shard)[0]
+    changed = 0
+    for rel, digest in zip(rows.paths, rows.sha256, strict=True):
+        try:
+            changed += sha256_file(root / rel) != digest
+        except OSError:
+            changed += 1
+    return changed
 
 
 def read_failures(out: Path, keep: set[int]) -> list[dict]:

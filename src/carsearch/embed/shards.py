@@ -9,6 +9,8 @@ so the same inputs give byte-identical shards.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,18 @@ class ShardRows:
 def write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict) -> str:
     """Write numeric arrays and utf-8 string lists to `path` atomically, with no timestamps (so the same
     inputs give the same bytes). Dict and list attributes are stored as JSON. Returns the file's sha256."""
+    try:
+        return _write_h5(path, arrays, attrs)
+    except OSError as e:
+        if e.filename:
+            raise
+        # HDF5 reports the C library's errno inside its message ("errno = 28"): keep it, name the file.
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else (e.errno or 0)
+        raise OSError(code, os.strerror(code) if code else str(e), str(path)) from e
+
+
+def _write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict) -> str:
     str_dtype = h5py.string_dtype("utf-8")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, values in arrays.items():
