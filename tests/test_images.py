@@ -168,13 +168,19 @@ def test_jpeg_draft_decodes_large_photos_smaller() -> None:
     assert small.size[1] >= 256 and small.size[0] < 1600  # scaled by a power of two, still covers 256
 
 
-def test_safe_join_refuses_escapes(tmp_path: Path) -> None:
+def test_safe_join_refuses_escapes_and_follows_links(tmp_path: Path) -> None:
+    """The dataset's own paths may not climb out of its root; links inside it are followed wherever they
+    point (DVC / git-annex checkouts, split folders made of links)."""
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
-    (tmp_path / "secret.jpg").write_bytes(b"x")
-    (root / "link.jpg").symlink_to(tmp_path / "secret.jpg")
-    assert safe_join(root, "a/b.jpg") == (root / "a" / "b.jpg").resolve()
-    for bad in ("../secret.jpg", "/etc/passwd", "a/../../secret.jpg", "link.jpg"):
+    (tmp_path / "elsewhere.jpg").write_bytes(PHOTO.read_bytes())
+    (root / "link.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    assert safe_join(root, "a/b.jpg") == root / "a" / "b.jpg"
+    for bad in ("../secret.jpg", "/etc/passwd", "a/../../secret.jpg", "a/../b.jpg", ""):
         with pytest.raises(BadImage) as e:
             safe_join(root, bad)
         assert e.value.reason == "outside_root"
+    assert load_image(safe_join(root, "link.jpg")).size == Image.open(PHOTO).size
+    with pytest.raises(BadImage) as e:
+        safe_join(root, "caf\udce9.jpg")  # a Latin-1 file name as os.listdir returns it
+    assert e.value.reason == "name_not_utf8" and e.value.detail == "caf\ufffd.jpg"
