@@ -211,3 +211,24 @@ def test_serve_takes_precision() -> None:
 
     out = CliRunner().invoke(cli, ["serve", "--help"]).output
     assert "--precision [auto|fp32|bf16]" in out and "--device" in out
+
+
+def test_uploads_have_their_own_lower_pixel_limit(index_dir: Path) -> None:
+    """A PNG that is small on disk but 56 megapixels is refused from its header by the default upload
+    limit (50 MP), though batch embedding would take it (89 MP); the bound is configurable."""
+    import io
+
+    from PIL import Image
+
+    from carsearch import defaults
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8000, 7000), (10, 20, 30)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 2_000_000 and defaults.UPLOAD_MAX_PIXELS < 56_000_000 < defaults.MAX_PIXELS
+    app = create_app(searcher=Searcher.open(index_dir))
+    with TestClient(app) as c:
+        r = c.post("/api/search", files={"image": ("big.png", buf.getvalue())})
+        assert r.status_code == 400 and "too_many_pixels" in r.json()["detail"]
+    roomy = create_app(searcher=Searcher.open(index_dir), max_pixels=60_000_000, max_decodes=1)
+    with TestClient(roomy) as c:
+        assert c.post("/api/search", files={"image": ("big.png", buf.getvalue())}).status_code == 200

@@ -74,6 +74,12 @@ PORT = 8000
 MAX_UPLOAD_MB = 20.0
 SERVE_MAX_K = 200  # a page shows at most this many cards
 THUMB_MAX = 1024
+# Uploads: a 48-megapixel phone photo passes; each decode of the largest takes ~150 MB, and at most
+# MAX_DECODES run at once, so a burst of huge uploads cannot take the server's memory.
+UPLOAD_MAX_PIXELS = 50_000_000
+MAX_DECODES = 2
+HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive whole (slowloris)
+BODY_TIMEOUT = 60.0  # seconds for an upload to arrive whole
 
 
 def default_workers() -> int:

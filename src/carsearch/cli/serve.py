@@ -11,6 +11,7 @@ import click
 
 from carsearch import defaults
 from carsearch.cli.common import device_options
+from carsearch.errors import CarsearchError
 
 log = logging.getLogger("carsearch")
 
@@ -40,10 +41,31 @@ log = logging.getLogger("carsearch")
 )
 @click.option(
     "--max-pixels",
-    default=defaults.MAX_PIXELS,
+    default=defaults.UPLOAD_MAX_PIXELS,
     show_default=True,
     type=click.IntRange(1),
-    help="Larger images are refused (400).",
+    help="Uploads with more pixels are refused (400), read from the header before decoding.",
+)
+@click.option(
+    "--max-decodes",
+    default=defaults.MAX_DECODES,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Uploads decoded and embedded at once (bounds memory under a burst of large images).",
+)
+@click.option(
+    "--header-timeout",
+    default=defaults.HEADER_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds for a request's headers to arrive whole; slower connections are closed.",
+)
+@click.option(
+    "--body-timeout",
+    default=defaults.BODY_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds for an upload to arrive whole (408 after that).",
 )
 @device_options
 def serve(
@@ -53,6 +75,9 @@ def serve(
     workers: int,
     max_upload_mb: float,
     max_pixels: int,
+    max_decodes: int,
+    header_timeout: float,
+    body_timeout: float,
     device: str,
     precision: str,
 ) -> None:
@@ -67,8 +92,10 @@ def serve(
 
     from carsearch.index.store import open_bundle
     from carsearch.serve import app as serve_app
+    from carsearch.serve.protocol import ENV_HEADER_TIMEOUT, HeaderDeadlineProtocol
 
     open_bundle(index_dir)  # a damaged or missing index fails here, in one sentence, before any worker starts
+    _check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: other machines can reach this server.", host)
     os.environ[serve_app.ENV_SETTINGS] = json.dumps(
@@ -78,8 +105,11 @@ def serve(
             "max_pixels": max_pixels,
             "device": device,
             "precision": precision,
+            "max_decodes": max_decodes,
+            "body_timeout": body_timeout,
         }
     )
+    os.environ[ENV_HEADER_TIMEOUT] = str(header_timeout)
     log.info("carsearch serving %s on http://%s:%d/", index_dir, host, port)
     uvicorn.run(
         "carsearch.serve.app:app_from_env",
@@ -87,5 +117,22 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        http=HeaderDeadlineProtocol,
         log_level="warning",
+        timeout_graceful_shutdown=30,
     )
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, in one sentence and before saying "serving", an address that cannot be bound."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise CarsearchError(
+                f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or stop what uses it."
+            ) from None

@@ -140,7 +140,12 @@ class Searcher:
             images: list[Image.Image] = []
             for q in queries[start : start + self.batch_size]:
                 try:
-                    img = q.convert("RGB") if isinstance(q, Image.Image) else load_image(q, self.max_pixels)
+                    img = (
+                        (q if q.mode == "RGB" else q.convert("RGB"))  # no copy of a decoded upload
+                        if isinstance(q, Image.Image)
+                        # JPEGs decode at the reduced scale the collection's were embedded at.
+                        else load_image(q, self.max_pixels, self.encoder.preprocessing.draft_size)
+                    )
                     images.append(img)
                     errors.append(None)
                 except BadImage as e:

@@ -12,6 +12,7 @@ import json
 import logging
 import mimetypes
 import os
+import threading
 from dataclasses import asdict
 from functools import lru_cache
 from importlib import resources
@@ -26,31 +27,42 @@ from carsearch import __version__, defaults
 from carsearch.embed.images import BadImage, load_image
 from carsearch.errors import CarsearchError
 from carsearch.search import Searcher
+from carsearch.serve import memory
 from carsearch.serve.limits import read_form
+from carsearch.serve.protocol import BodyDeadline
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD = int(defaults.MAX_UPLOAD_MB * 1e6)
 MAX_K = defaults.SERVE_MAX_K
 THUMB_MAX = defaults.THUMB_MAX
+BIG_DECODE = 4_000_000  # pixels: after such a decode, hand freed memory back to the OS
 
 
 def create_app(
     index_dir: str | Path | None = None,
     searcher: Searcher | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    max_pixels: int = defaults.MAX_PIXELS,
+    max_pixels: int = defaults.UPLOAD_MAX_PIXELS,
     device: str = defaults.DEVICE,
     precision: str = defaults.PRECISION,
+    max_decodes: int = defaults.MAX_DECODES,
+    body_timeout: float = defaults.BODY_TIMEOUT,
 ) -> FastAPI:
-    """The app over an index folder (or an already open Searcher)."""
+    """The app over an index folder (or an already open Searcher).
+
+    `max_pixels` bounds an upload's size once decoded (checked from its header), `max_decodes` how many
+    uploads are decoded and embedded at once: together they bound the memory a burst of uploads takes."""
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         searcher = Searcher.open(index_dir, device=device, precision=precision, max_pixels=max_pixels)
     searcher.max_pixels = max_pixels
     s = searcher
+    decode_slots = threading.BoundedSemaphore(max_decodes)
+    memory.tune_allocator()
     app = FastAPI(title="carsearch", version=__version__, docs_url="/api/docs", redoc_url=None)
+    app.add_middleware(BodyDeadline, seconds=body_timeout)
     static = resources.files("carsearch.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     page = (resources.files("carsearch.serve") / "templates" / "index.html").read_text()
@@ -58,11 +70,11 @@ def create_app(
     def image_url(image_id: int) -> str:
         return f"/images/{image_id}"
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:
         return {"status": "ok", "images": int(s.bundle.index.ntotal)}
 
-    @app.get("/api/info")
+    @app.api_route("/api/info", methods=["GET", "HEAD"])
     def info() -> dict:
         i = s.info
         return {
@@ -98,11 +110,17 @@ def create_app(
         return await run_in_threadpool(_classify, data, upload.filename or "upload", k, level)
 
     def _classify(data: bytes, name: str, k: int, level: str) -> dict:
-        try:
-            image = load_image(data, s.max_pixels)
-        except BadImage as e:
-            raise HTTPException(400, f"not a usable image ({e.reason}): {e.detail}") from None
-        result = s.classify([image], k=k, level=level)[0]
+        # The decoded image lives only inside a slot: at most `max_decodes` at once, whatever the load.
+        with decode_slots:
+            try:
+                image = load_image(data, s.max_pixels, s.encoder.preprocessing.draft_size)
+            except BadImage as e:
+                raise HTTPException(400, f"not a usable image ({e.reason}): {e.detail}") from None
+            big = image.width * image.height >= BIG_DECODE
+            result = s.classify([image], k=k, level=level)[0]
+            del image
+        if big:
+            memory.release()
         body = asdict(result)
         body["query"] = name
         for n in body["neighbors"]:
@@ -112,11 +130,13 @@ def create_app(
     @lru_cache(maxsize=512)
     def _thumbnail(image_id: int, size: int) -> bytes:
         path = _resolve(image_id)
-        try:
-            img = load_image(path, s.max_pixels)
-        except BadImage:
-            raise HTTPException(404, f"image {image_id} cannot be read") from None
-        img.thumbnail((size, size))
+        # An indexed image passed the batch limit, not the upload one; JPEGs decode near `size`.
+        with decode_slots:
+            try:
+                img = load_image(path, defaults.MAX_PIXELS, draft_size=size)
+            except BadImage:
+                raise HTTPException(404, f"image {image_id} cannot be read") from None
+            img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         return buf.getvalue()
@@ -128,7 +148,7 @@ def create_app(
         except CarsearchError as e:
             raise HTTPException(404, str(e)) from None
 
-    @app.get("/images/{image_id}")
+    @app.api_route("/images/{image_id}", methods=["GET", "HEAD"])
     def image(image_id: int, size: int | None = Query(None, ge=16, le=THUMB_MAX)) -> Response:
         if size is None:
             path = _resolve(image_id)
@@ -143,7 +163,7 @@ def create_app(
             headers={"Cache-Control": "public, max-age=3600"},
         )
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def index_page() -> str:
         return page
 

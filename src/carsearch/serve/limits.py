@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import HTTPException, Request
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from carsearch.serve.protocol import BodyTimeout
+
+log = logging.getLogger("carsearch.serve")
 
 
 def too_large(max_bytes: int) -> HTTPException:
@@ -37,3 +43,9 @@ async def read_form(request: Request, max_bytes: int) -> FormData:
         return await MultiPartParser(request.headers, limited(), max_files=1, max_fields=8).parse()
     except MultiPartException as e:
         raise HTTPException(400, f"malformed upload: {e.message}") from None
+    except ClientDisconnect:
+        # Nobody is left to answer; one log line, not an ERROR traceback.
+        log.info("client %s went away during its upload", request.client.host if request.client else "?")
+        raise HTTPException(400, "the client disconnected during the upload") from None
+    except BodyTimeout:
+        raise HTTPException(408, "the upload did not arrive in time; send it again") from None
