@@ -189,3 +189,58 @@ def test_weights_are_resolved_in_one_place(tmp_path: Path) -> None:
     assert resolve_weights(spec, str(tmp_path / "ckpt")).kind == "checkpoint"
     with pytest.raises(CarsearchError, match="unknown weights 'imagenet-v1' for efficientnet_lite0"):
         resolve_weights(spec, "imagenet-v1")
+
+
+HUB_BACKBONES = {
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "clip_vitb16": "vit_base_patch16_clip_224.openai",
+    "clip_vitl14": "vit_large_patch14_clip_224.openai",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_BACKBONES))
+def test_hub_backbones_declare_what_timm_builds(name: str) -> None:
+    """Size, embedding dimension, parameters and preprocessing as declared, checked against timm's own
+    pretrained config and a network built on the meta device (no memory, so ViT-L costs nothing)."""
+    import timm
+
+    spec = get_backbone(name)
+    cfg = timm.models.get_pretrained_cfg(HUB_BACKBONES[name]).to_dict()
+    prep = spec.sources[0].preprocessing
+    assert spec.weight_choices == ("pretrained", "none")
+    assert (
+        prep.mean == tuple(cfg["mean"]) and prep.std == tuple(cfg["std"]) and prep.interpolation == "bicubic"
+    )
+    with torch.device("meta"):
+        model = spec.build()
+        spec.make_headless(model)
+        out = model(torch.zeros(1, 3, prep.size, prep.size))
+    assert out.shape == (1, spec.dim)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(spec.params_millions, abs=0.2)
+
+
+def test_hub_backbone_loads_a_local_state_dict_through_the_real_path(tmp_path: Path) -> None:
+    """--weights FILE for a local copy of timm's DINOv2 ViT-S/14: every tensor is the file's."""
+    import timm
+
+    torch.manual_seed(5)
+    source = timm.create_model(HUB_BACKBONES["dinov2_vits14_reg"], pretrained=False, img_size=224)
+    path = tmp_path / "dinov2_vits14_reg.pth"
+    torch.save(source.state_dict(), path)
+    loaded = load_backbone("dinov2_vits14_reg", str(path))
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in source.state_dict().items())
+    assert loaded.dim == 384 and loaded.preprocessing.size == 224
+    assert loaded.model(torch.zeros(2, 3, 224, 224)).shape == (2, 384)
+
+
+def test_hub_backbone_offline_is_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CarsearchError) as e:
+        load_backbone("clip_vitb16")  # the default: its pretrained weights, never random ones
+    msg = str(e.value)
+    assert "cannot get the vit_base_patch16_clip_224.openai weights" in msg and "--weights PATH" in msg
+    assert "efficientnet_lite0" in msg and "\n" not in msg

@@ -76,3 +76,22 @@ def test_empty_batch_and_bad_settings() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(CarsearchError, match="no CUDA GPU"):
             Encoder.load("efficientnet_lite0", "none", device="cuda")
+
+
+def test_flip_averaging_is_symmetric_and_followed_by_queries() -> None:
+    from PIL import ImageOps
+
+    from carsearch.models import Preprocessing
+
+    img = load_image(DEV / "images" / "00005.jpg")
+    enc = Encoder.load("efficientnet_lite0", "imagenet", precision="fp32", device="cpu", flip=True)
+    a, b = enc.encode_images([img, ImageOps.mirror(img)])
+    assert np.abs(a - b).max() < 1e-6  # an image and its mirror image: the same embedding
+    plain = Encoder.load("efficientnet_lite0", "imagenet", precision="fp32", device="cpu")
+    p, q = plain.encode_images([img, ImageOps.mirror(img)])
+    assert np.abs(p - q).max() > 1e-3  # without flip they differ, so the check above can fail
+    prov = enc.provenance()
+    assert prov["preprocessing"]["flip"] is True and "flip" not in plain.provenance()["preprocessing"]
+    again = Encoder.from_provenance(prov, device="cpu", precision="fp32")
+    assert again.preprocessing.flip and np.allclose(again.encode_images([img])[0], a, atol=1e-6)
+    assert Preprocessing.from_dict(plain.provenance()["preprocessing"]).flip is False

@@ -66,6 +66,7 @@ WEIGHT_DECAY = 1e-4
 FREEZE_EPOCHS = 1
 WARMUP_EPOCHS = 1
 VAL_IMAGES = 3000
+TUNE_HOLDOUT = 0.2  # `index build --tune-head`: share of each class held out to pick the epoch and calibrate
 TRAIN_FRACTION = 1.0
 
 # --- serving -------------------------------------------------------------------------------------------

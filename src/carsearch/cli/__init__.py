@@ -10,7 +10,7 @@ import click
 from carsearch import __version__
 from carsearch.cli.bench import bench
 from carsearch.cli.common import CONTEXT, Group, load_config_option, setup_logging
-from carsearch.cli.embed import backbones, dataset, embed
+from carsearch.cli.embed import backbones, dataset, embed, project
 from carsearch.cli.index import index
 from carsearch.cli.search import classify, search
 from carsearch.cli.serve import serve
@@ -42,7 +42,7 @@ def cli(verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-for _command in (embed, backbones, dataset, index, search, classify, bench, serve, train):
+for _command in (embed, project, backbones, dataset, index, search, classify, bench, serve, train):
     cli.add_command(_command)
 
 

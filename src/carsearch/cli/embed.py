@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from carsearch import defaults
@@ -43,9 +45,8 @@ def _human_embed(r: dict) -> str:
 )
 @click.option(
     "--weights",
-    default=defaults.WEIGHTS,
-    show_default=True,
-    help="imagenet, imagenet-v1, none, a .pth file, or a `carsearch train` checkpoint folder.",
+    help="The backbone's pretrained weights by default (imagenet; pretrained = Hugging Face cache for "
+    "DINOv2 / CLIP), or imagenet-v1, none, a .pth file, or a `carsearch train` checkpoint folder.",
 )
 @click.option("--weights-sha256", help="Expected sha256 of the weights file.")
 @click.option(
@@ -55,6 +56,12 @@ def _human_embed(r: dict) -> str:
     type=click.Choice(["center", "squash", "pad"]),
     help="squash: resize to a square (best for wide cars, docs/benchmarks.md); center: resize + centre "
     "crop; pad: letterbox.",
+)
+@click.option(
+    "--flip",
+    is_flag=True,
+    help="Test-time flip: average each image's embedding with its mirror image's (twice the compute); "
+    "queries of an index built on it are embedded the same way.",
 )
 @click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -109,9 +116,10 @@ def embed(
     split: str,
     bbox_crop: bool,
     backbone: str,
-    weights: str,
+    weights: str | None,
     weights_sha256: str | None,
     crop: str,
+    flip: bool,
     batch_size: int,
     workers: int | None,
     shard_size: int,
@@ -154,6 +162,7 @@ def embed(
         max_pixels=max_pixels,
         retry_failed=retry_failed,
         verify=verify,
+        flip=flip,
         progress=True,
     )
     emit(result.to_json(), as_json, _human_embed)
@@ -216,3 +225,22 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
             + "\n".join(f"  {e['path']}: {e['make']} | {e['model']} | {e['year']}" for e in i["examples"])
         ),
     )
+
+
+@click.command()
+@click.argument("emb_dir", type=click.Path(file_okay=False))
+@click.option("--head", "head", required=True, type=click.Path(file_okay=False), help="Head-only checkpoint.")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the new shards."
+)
+@json_option
+def project(emb_dir: str, head: str, out: str, as_json: bool) -> None:
+    """Apply a head-only checkpoint (`train --head-only`) to EMB_DIR's shards, without the CNN (seconds).
+
+    The new shards record the checkpoint as their weights, so an index over them embeds queries through it.
+    """
+    from carsearch.embed.project import project_embeddings
+
+    body = project_embeddings(emb_dir, head, out)
+    summary = {"out": str(Path(out).resolve()), "rows": body["rows"], "dim": body["provenance"]["dim"]}
+    emit(summary, as_json, lambda r: f"{r['rows']} embeddings projected to {r['dim']}-d in {r['out']}")

@@ -86,6 +86,20 @@ def index() -> None:
     help="Share of known-model images the threshold keeps.",
 )
 @click.option("--seed", default=defaults.SEED, show_default=True, type=int)
+@click.option(
+    "--tune-head",
+    is_flag=True,
+    help="Labelled collections: train a projection head on the embeddings first (seconds on a CPU), index "
+    "the car-tuned vectors; queries follow automatically (docs/benchmarks.md: 35% -> 60%+ top-1).",
+)
+@click.option(
+    "--tune-holdout",
+    default=defaults.TUNE_HOLDOUT,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="--tune-head: share of each class held out to choose the epoch and calibrate the threshold.",
+)
+@click.option("--tune-epochs", default=defaults.HEAD_EPOCHS, show_default=True, type=click.IntRange(1))
 @json_option
 def index_build(
     emb_dirs: tuple[str, ...],
@@ -97,14 +111,34 @@ def index_build(
     openset_k: int,
     tpr: float,
     seed: int,
+    tune_head: bool,
+    tune_holdout: float,
+    tune_epochs: int,
     as_json: bool,
 ) -> None:
     """Build an index over one or more embedding folders (EMB_DIRS) into --out."""
-    from carsearch.index.build import build_index
+    if tune_head:
+        from carsearch.train.tuned import build_tuned_index
 
-    info = build_index(
-        list(emb_dirs), out, factory, memory_budget, target_recall, calibrate, openset_k, tpr, seed
-    )
+        if len(emb_dirs) != 1:
+            raise click.UsageError("--tune-head takes one embedding folder.")
+        info = build_tuned_index(
+            emb_dirs[0],
+            out,
+            factory=factory,
+            memory_budget=memory_budget,
+            target_recall=target_recall,
+            epochs=tune_epochs,
+            holdout=tune_holdout,
+            tpr=tpr,
+            seed=seed,
+        )
+    else:
+        from carsearch.index.build import build_index
+
+        info = build_index(
+            list(emb_dirs), out, factory, memory_budget, target_recall, calibrate, openset_k, tpr, seed
+        )
     emit(info, as_json, _human_index)
 
 

@@ -84,19 +84,22 @@ class Encoder:
     def load(
         cls,
         backbone: str = defaults.BACKBONE,
-        weights: str = defaults.WEIGHTS,
+        weights: str | None = None,
         crop: str = defaults.CROP,
         device: str = defaults.DEVICE,
         precision: str = defaults.PRECISION,
         weights_sha256: str | None = None,
+        flip: bool = False,
     ) -> Encoder:
-        """The registry's network `backbone` with `weights`, framed by `crop`."""
+        """The registry's network `backbone` with `weights`, framed by `crop` (with test-time `flip`)."""
         if crop not in CROP_MODES:
             raise CarsearchError(f"unknown crop mode {crop!r}; choose one of {', '.join(CROP_MODES)}.")
         # Cheap checks first: a typo in --device must not wait for (or trigger) a weights download.
         dev = resolve_device(device)
         resolve_precision(precision, dev)
-        return cls(load_backbone(backbone, weights, weights_sha256), backbone, crop, dev, precision)
+        enc = cls(load_backbone(backbone, weights, weights_sha256), backbone, crop, dev, precision)
+        enc.preprocessing = enc.preprocessing.with_flip(flip)
+        return enc
 
     @classmethod
     def from_provenance(
@@ -105,7 +108,13 @@ class Encoder:
         """The encoder an artifact was made with, so that queries land in the same embedding space."""
         prep = Preprocessing.from_dict(prov["preprocessing"])
         enc = cls.load(
-            prov["backbone"], prov["weights"], prep.crop, device, precision, prov.get("weights_sha256")
+            prov["backbone"],
+            prov["weights"],
+            prep.crop,
+            device,
+            precision,
+            prov.get("weights_sha256"),
+            prep.flip,
         )
         if enc.preprocessing != prep:
             raise ProvenanceMismatch(
@@ -135,9 +144,14 @@ class Encoder:
             return np.zeros((0, self.dim), np.float32)
         x = pixels.to(self.device, non_blocking=True)
         x = self.preprocessing.normalize(x)
+        normalize = torch.nn.functional.normalize
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            y = self.model(x)
-        y = torch.nn.functional.normalize(y.float(), dim=1)
+            y = normalize(self.model(x).float(), dim=1)
+            if self.preprocessing.flip:
+                # The mirror image's embedding joins the image's: both orders give the same sum, so a car
+                # and its mirror image embed identically.
+                y = y + normalize(self.model(torch.flip(x, dims=[3])).float(), dim=1)
+        y = normalize(y, dim=1)
         return y.cpu().numpy()
 
     def encode_arrays(self, arrays: np.ndarray, batch_size: int = defaults.BATCH_SIZE) -> np.ndarray:

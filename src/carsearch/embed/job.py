@@ -81,7 +81,7 @@ def embed_dataset(
     split: str = "all",
     bbox_crop: bool = False,
     backbone: str = defaults.BACKBONE,
-    weights: str = defaults.WEIGHTS,
+    weights: str | None = None,
     weights_sha256: str | None = None,
     crop: str = defaults.CROP,
     batch_size: int = defaults.BATCH_SIZE,
@@ -95,6 +95,7 @@ def embed_dataset(
     max_pixels: int = defaults.MAX_PIXELS,
     retry_failed: bool = False,
     verify: bool = False,
+    flip: bool = False,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
@@ -103,6 +104,7 @@ def embed_dataset(
     `limit` embeds only the first `limit` records (a later run without it goes on from there).
     `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
     `verify` re-hashes the images of finished shards and embeds again those whose files changed.
+    `flip` averages each image's embedding with its mirror image's (test-time augmentation, 2x the time).
     `on_batch(images_done, images_total)` is called after each batch of this run.
     """
     if batch_size < 1 or shard_size < 1:
@@ -115,7 +117,7 @@ def embed_dataset(
         raise CarsearchError(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
-    encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256)
+    encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256, flip)
     fingerprint = resume.fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):

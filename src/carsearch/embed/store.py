@@ -105,3 +105,38 @@ def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] |
         manifest=manifest,
         folder=folder,
     )
+
+
+def write_embedding_set(emb: EmbeddingSet, out: str | Path, note: str) -> Path:
+    """Write `emb` (typically a subset: a protocol's gallery) as an embedding folder of one shard, with the
+    same provenance and a manifest saying what it is (`note`), so every stage can take it as a collection."""
+    from datetime import UTC, datetime
+
+    from carsearch.embed.shards import ShardRows, shard_name, write_shard
+    from carsearch.fsutil import write_json_atomic
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ShardRows(
+        embeddings=emb.vectors,
+        ids=emb.ids,
+        class_ids=emb.class_ids,
+        **{name: [str(v) for v in getattr(emb, name)] for name in STRING_FIELDS},
+    )
+    attrs = {k: v for k, v in emb.provenance.items() if k != "weights_source"}
+    digest = write_shard(out / shard_name(0), rows, {**attrs, "subset_of": str(emb.folder)})
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    entry = {"file": shard_name(0), "index": 0, "start": 0, "stop": len(emb), "rows": len(emb)}
+    write_json_atomic(
+        out / MANIFEST,
+        {
+            **emb.manifest,
+            "shards": [{**entry, "sha256": digest, "failures": {}}],
+            "rows": len(emb),
+            "failures": {},
+            "subset_of": {"embeddings": str(emb.folder), "note": note},
+            "created": now,
+            "updated": now,
+        },
+    )
+    return out

@@ -280,16 +280,44 @@ def calibrate_index(
                 int((self_ids != -2).sum()),
                 len(queries),
             )
-        sims, found = bundle.index.search(queries.vectors, k + 1)
-        sims, _ = drop_self(sims, found, self_ids, k)
-        scores = kth_similarity(sims, k)
-        known_labels = set(bundle.gallery.labels.tolist()) - {""}
-        known = np.array([lab in known_labels or not lab for lab in queries.labels])
-        if known.sum() == 0:
-            raise CarsearchError("none of the calibration images has a class that is in the index.")
-        openset = _openset(scores[known], k, tpr, f"held-out images from {queries.folder}", scores[~known])
-        info = {**bundle.info, "openset": openset}
-        return save_bundle(folder, bundle.index, bundle.gallery, info)
+        method = f"held-out images from {queries.folder}"
+        return _calibrate(bundle, queries.vectors, queries.labels, self_ids, k, tpr, method)
+
+
+def calibrate_on_members(
+    index_dir: str | Path,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    method: str,
+    tpr: float = defaults.TPR,
+    extra: dict | None = None,
+) -> dict:
+    """Set the open-set threshold from images that are in the index (by id) but were held out from what
+    shaped the embedding (e.g. a projection head's training): each is scored without itself."""
+    folder = Path(index_dir).expanduser().resolve()
+    with exclusive_lock(folder):
+        bundle = open_bundle(folder)
+        rows = bundle.gallery.rows(ids)
+        if (rows < 0).any():
+            raise CarsearchError("internal: calibration ids are not all in the index.")
+        k = (bundle.info.get("openset") or {}).get("k", defaults.OPENSET_K)
+        labels = bundle.gallery.labels[rows]
+        return _calibrate(bundle, vectors, labels, np.asarray(ids), k, tpr, method, extra)
+
+
+def _calibrate(
+    bundle, vectors, labels, self_ids: np.ndarray, k: int, tpr: float, method: str, extra: dict | None = None
+) -> dict:
+    sims, found = bundle.index.search(vectors, k + 1)
+    sims, _ = drop_self(sims, found, self_ids, k)
+    scores = kth_similarity(sims, k)
+    known_labels = set(bundle.gallery.labels.tolist()) - {""}
+    known = np.array([lab in known_labels or not lab for lab in labels])
+    if known.sum() == 0:
+        raise CarsearchError("none of the calibration images has a class that is in the index.")
+    openset = _openset(scores[known], k, tpr, method, scores[~known])
+    info = {**bundle.info, "openset": openset, **(extra or {})}
+    return save_bundle(bundle.folder, bundle.index, bundle.gallery, info)
 
 
 def index_info(index_dir: str | Path) -> dict:
@@ -298,4 +326,11 @@ def index_info(index_dir: str | Path) -> dict:
     return {**bundle.info, "memory": human_bytes(bundle.info["memory_bytes"])}
 
 
-__all__ = ["add_to_index", "build_index", "calibrate_index", "index_info", "remove_from_index"]
+__all__ = [
+    "add_to_index",
+    "build_index",
+    "calibrate_index",
+    "calibrate_on_members",
+    "index_info",
+    "remove_from_index",
+]

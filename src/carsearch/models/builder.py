@@ -11,8 +11,9 @@ from carsearch.models.registry import Loaded, get_backbone, resolve_weights
 from carsearch.models.weights import WeightsInfo, random_init, read_state_dict, strict_load
 
 
-def load_backbone(name: str, weights: str = "imagenet", weights_sha256: str | None = None) -> Loaded:
-    """Build backbone `name` with `weights`: a named choice, a weights file or a train checkpoint folder."""
+def load_backbone(name: str, weights: str | None = None, weights_sha256: str | None = None) -> Loaded:
+    """Build backbone `name` with `weights`: a named choice (None: its pretrained weights), a weights file
+    or a train checkpoint folder."""
     spec = get_backbone(name)
     source = resolve_weights(spec, weights)
     if source.kind == "checkpoint":

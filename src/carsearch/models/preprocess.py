@@ -29,6 +29,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     exif_transpose: bool = True
     jpeg_draft: bool = True  # JPEGs decode at a power-of-two reduced scale that still covers `draft_size`
+    flip: bool = False  # test-time flip: the embedding averages the image's and its mirror image's
 
     @classmethod
     def from_crop_pct(cls, size: int, crop_pct: float, **kw: object) -> Preprocessing:
@@ -37,9 +38,14 @@ class Preprocessing:
     def with_crop(self, crop: str) -> Preprocessing:
         return replace(self, crop=crop)
 
+    def with_flip(self, flip: bool) -> Preprocessing:
+        return replace(self, flip=flip)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if not self.flip:
+            del d["flip"]  # artifacts made without flip read (and hash) as they did before it existed
         return d
 
     @classmethod
