@@ -128,3 +128,22 @@ def live_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def embed_dev_subset(root: Path, name: str, classes: list[int], start: int, stop: int, id_start: int) -> Path:
+    """Embed images start..stop-1 of each class (lite0, listed in root/name/labels.csv, nothing copied);
+    returns the embedding folder root/name/emb."""
+    from carsearch.embed import embed_dataset
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    labels = _subset_labels(folder / "labels.csv", pick_range(classes, start, stop))
+    embed_dataset(
+        DEV,
+        folder / "emb",
+        labels_file=labels,
+        backbone="efficientnet_lite0",
+        id_start=id_start,
+        progress=False,
+    )
+    return folder / "emb"

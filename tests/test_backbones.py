@@ -236,11 +236,34 @@ def test_hub_backbone_loads_a_local_state_dict_through_the_real_path(tmp_path: P
     assert loaded.model(torch.zeros(2, 3, 224, 224)).shape == (2, 384)
 
 
-def test_hub_backbone_offline_is_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(CarsearchError) as e:
-        load_backbone("clip_vitb16")  # the default: its pretrained weights, never random ones
-    msg = str(e.value)
+def test_hub_backbone_offline_is_one_sentence(small_dataset: Path, tmp_path: Path) -> None:
+    """`carsearch embed --backbone clip_vitb16` without the weights cached and without internet access:
+    one sentence naming the cache and the alternatives, never random weights. A real process with the hub
+    offline (huggingface_hub reads HF_HUB_OFFLINE when it is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "carsearch",
+            "embed",
+            str(small_dataset),
+            "--out",
+            str(tmp_path / "e"),
+            "--backbone",
+            "clip_vitb16",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    msg = r.stderr.strip().splitlines()[-1]
     assert "cannot get the vit_base_patch16_clip_224.openai weights" in msg and "--weights PATH" in msg
-    assert "efficientnet_lite0" in msg and "\n" not in msg
+    assert str(tmp_path / "hf") in msg and "efficientnet_lite0" in msg
+    assert not (tmp_path / "e" / "manifest.json").exists()

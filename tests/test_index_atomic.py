@@ -5,7 +5,6 @@ next writer leaves no stray file behind."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import pytest
 
 from carsearch.index.build import build_index
 from carsearch.index.store import open_bundle
-from tests.conftest import DEV, pick_range
+from tests.conftest import embed_dev_subset
 
 # Every step of a version switch: data file written, metadata's temporary written (before its rename),
 # metadata written, index.json's temporary written (before its rename), index.json renamed.
@@ -33,24 +32,7 @@ POINTS = [
 
 
 def _embed(root: Path, name: str, start: int, stop: int, id_start: int) -> Path:
-    from carsearch.embed import embed_dataset
-
-    folder = root / name
-    folder.mkdir()
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "class_id", "class_name"])
-        w.writeheader()
-        w.writerows(pick_range(list(range(1, 9)), start, stop))
-    embed_dataset(
-        DEV,
-        folder / "emb",
-        labels_file=folder / "labels.csv",
-        backbone="efficientnet_lite0",
-        id_start=id_start,
-        workers=0,
-        progress=False,
-    )
-    return folder / "emb"
+    return embed_dev_subset(root, name, list(range(1, 9)), start, stop, id_start)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from carsearch.eval.neighbors import recall_at_k
 from carsearch.eval.openset import kth_similarity, threshold_for_tpr
 from carsearch.index.build import add_to_index, build_index, calibrate_index, remove_from_index
 from carsearch.index.store import open_bundle
-from tests.conftest import DEV, pick_range
+from tests.conftest import DEV, embed_dev_subset, pick_range
 
 
 def _oracle(gallery: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -98,23 +98,7 @@ def test_calibration_keeps_95_percent_of_known_and_rejects_unknown_more(
 
 
 def _split_folder(tmp_path: Path, name: str, start: int, stop: int, id_start: int) -> Path:
-    import csv
-
-    folder = tmp_path / name
-    folder.mkdir()
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "class_id", "class_name"])
-        w.writeheader()
-        w.writerows(pick_range(list(range(1, 41)), start, stop))
-    embed_dataset(
-        DEV,
-        folder / "emb",
-        labels_file=folder / "labels.csv",
-        backbone="efficientnet_lite0",
-        id_start=id_start,
-        progress=False,
-    )
-    return folder / "emb"
+    return embed_dev_subset(tmp_path, name, list(range(1, 41)), start, stop, id_start)
 
 
 @pytest.fixture(scope="module")

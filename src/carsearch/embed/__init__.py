@@ -6,8 +6,7 @@ are loaded on first use, so reading shards (`index`, `bench`) does not import to
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from carsearch.lazy import lazy_exports
 
 _EXPORTS = {
     "Encoder": "carsearch.embed.encoder",
@@ -17,10 +16,4 @@ _EXPORTS = {
     "load_embeddings": "carsearch.embed.store",
     "read_manifest": "carsearch.embed.store",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'carsearch.embed' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ ask it and never build networks themselves. Exports load on first use (descripto
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from carsearch.lazy import lazy_exports
 
 _EXPORTS = {
     "load_backbone": "carsearch.models.builder",
@@ -22,10 +21,4 @@ _EXPORTS = {
     "preprocessing_for": "carsearch.models.registry",
     "WeightsInfo": "carsearch.models.weights",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'carsearch.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
