@@ -217,7 +217,13 @@ def _run(
     entries = dict(done)
     body = save(entries)
     if done:
-        log.info("resuming %s: %d of %d shards already finished.", out, len(done), len(plans))
+        log.info(
+            "resuming %s: %d of %d shards already finished (their images are not read again; --verify "
+            "re-hashes them to catch files changed since).",
+            out,
+            len(done),
+            len(plans),
+        )
     total = sum(p.run_stop - p.start for p in todo)
     workers = defaults.default_workers() if workers is None else workers
     t0, images, failed_run = time.perf_counter(), 0, Counter()
