@@ -18,6 +18,7 @@ from carsearch.index.build import build_index
 from tests.conftest import DEV
 
 PHOTO = DEV / "images" / "00001.jpg"
+TIMEOUT = 60  # seconds for a client to wait on this server: a loaded 2-core CI machine is slow, not broken
 
 
 def _free_port() -> int:
@@ -79,9 +80,9 @@ def test_a_port_in_use_is_said_before_serving(index_dir: Path) -> None:
 def test_head_and_huge_ids(server: tuple[str, Path]) -> None:
     url, _ = server
     for path in ("/", "/healthz", "/api/info", "/images/0", "/images/0?size=64"):
-        assert httpx.head(url + path).status_code == 200, path
-    assert httpx.get(f"{url}/images/99999999999999999999999").status_code == 404
-    assert httpx.get(f"{url}/images/-99999999999999999999999").status_code == 404
+        assert httpx.head(url + path, timeout=TIMEOUT).status_code == 200, path
+    assert httpx.get(f"{url}/images/99999999999999999999999", timeout=TIMEOUT).status_code == 404
+    assert httpx.get(f"{url}/images/-99999999999999999999999", timeout=TIMEOUT).status_code == 404
 
 
 def test_a_client_that_leaves_mid_upload_costs_one_log_line(server: tuple[str, Path]) -> None:
@@ -95,21 +96,22 @@ def test_a_client_that_leaves_mid_upload_costs_one_log_line(server: tuple[str, P
         )
         time.sleep(0.3)
     time.sleep(1.0)
-    assert httpx.get(f"{url}/healthz").status_code == 200  # still serving
+    assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).status_code == 200  # still serving
     text = log.read_text()
     assert "Traceback" not in text and "ERROR" not in text, text
 
 
 def test_slow_clients_are_timed_out(server: tuple[str, Path]) -> None:
     """30 clients dribbling their headers one byte at a time, and one dribbling its body, are cut off
-    after the deadlines (1 s headers, 2 s body here) instead of holding their connections."""
+    after the deadlines (1 s headers, 2 s body here) instead of holding their connections. The bounds
+    below leave room for a loaded machine; without the deadlines these clients are never cut off."""
     url, _ = server
     port = int(url.rsplit(":", 1)[1])
     slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
     start = time.time()
     closed = set()
     try:
-        while time.time() - start < 8 and len(closed) < len(slow):
+        while time.time() - start < 20 and len(closed) < len(slow):
             for i, s in enumerate(slow):
                 if i in closed:
                     continue
@@ -124,7 +126,7 @@ def test_slow_clients_are_timed_out(server: tuple[str, Path]) -> None:
                         closed.add(i)
                 s.setblocking(True)
             time.sleep(0.1)
-        assert len(closed) == len(slow) and time.time() - start < 8
+        assert len(closed) == len(slow) and time.time() - start < 20
     finally:
         for s in slow:
             s.close()
@@ -136,11 +138,12 @@ def test_slow_clients_are_timed_out(server: tuple[str, Path]) -> None:
         )
         s.settimeout(0.5)
         start, answer = time.time(), b""
-        while time.time() - start < 8 and b"HTTP/1.1" not in answer:
+        while time.time() - start < 20 and b"HTTP/1.1" not in answer:
             with contextlib.suppress(OSError):
                 s.sendall(b"x" * 10)
             with contextlib.suppress(TimeoutError):
                 answer += s.recv(4096)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
-        assert time.time() - start < 6
-    assert httpx.post(f"{url}/api/search", files={"image": PHOTO.read_bytes()}).status_code == 200
+        assert time.time() - start < 15
+    r = httpx.post(f"{url}/api/search", files={"image": PHOTO.read_bytes()}, timeout=TIMEOUT)
+    assert r.status_code == 200
