@@ -94,3 +94,23 @@ def test_project_refuses_what_it_cannot_apply(tuned: Path, dev_embeddings: Path,
         ],
     )
     assert r.exit_code == 0 and json.loads(r.stdout)["dim"] == 512
+
+
+def test_tune_head_honours_the_open_set_options(dev_embeddings: Path, tmp_path: Path) -> None:
+    base = [
+        "index",
+        "build",
+        str(dev_embeddings),
+        "--tune-head",
+        "--tune-epochs",
+        "2",
+        "--factory",
+        "Flat",
+        "--json",
+    ]
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "k3"), "--openset-k", "3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["openset"]["k"] == 3
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "none"), "--no-calibrate"])
+    info = json.loads(r.stdout)
+    assert r.exit_code == 0 and info["openset"] is None and info["tuning"]["epochs"] == 2

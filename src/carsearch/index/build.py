@@ -291,6 +291,7 @@ def calibrate_on_members(
     method: str,
     tpr: float = defaults.TPR,
     extra: dict | None = None,
+    k: int | None = None,
 ) -> dict:
     """Set the open-set threshold from images that are in the index (by id) but were held out from what
     shaped the embedding (e.g. a projection head's training): each is scored without itself."""
@@ -300,7 +301,7 @@ def calibrate_on_members(
         rows = bundle.gallery.rows(ids)
         if (rows < 0).any():
             raise CarsearchError("internal: calibration ids are not all in the index.")
-        k = (bundle.info.get("openset") or {}).get("k", defaults.OPENSET_K)
+        k = k or (bundle.info.get("openset") or {}).get("k", defaults.OPENSET_K)
         labels = bundle.gallery.labels[rows]
         return _calibrate(bundle, vectors, labels, np.asarray(ids), k, tpr, method, extra)
 
@@ -320,6 +321,14 @@ def _calibrate(
     return save_bundle(bundle.folder, bundle.index, bundle.gallery, info)
 
 
+def save_info_extra(index_dir: str | Path, extra: dict) -> dict:
+    """Record more facts in index.json (a new version of the folder, files unchanged)."""
+    folder = Path(index_dir).expanduser().resolve()
+    with exclusive_lock(folder):
+        bundle = open_bundle(folder)
+        return save_bundle(folder, bundle.index, bundle.gallery, {**bundle.info, **extra})
+
+
 def index_info(index_dir: str | Path) -> dict:
     """index.json, after checking that the files match it."""
     bundle = open_bundle(index_dir)
@@ -333,4 +342,5 @@ __all__ = [
     "calibrate_on_members",
     "index_info",
     "remove_from_index",
+    "save_info_extra",
 ]

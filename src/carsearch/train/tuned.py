@@ -21,7 +21,7 @@ from carsearch.embed.project import project_embeddings
 from carsearch.embed.store import load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.splits import stratified_split
-from carsearch.index.build import build_index, calibrate_on_members
+from carsearch.index.build import build_index, calibrate_on_members, save_info_extra
 from carsearch.train.head import train_head
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def build_tuned_index(
     embed_dim: int = defaults.EMBED_DIM,
     epochs: int = defaults.HEAD_EPOCHS,
     holdout: float = defaults.TUNE_HOLDOUT,
+    calibrate: bool = True,
+    openset_k: int = defaults.OPENSET_K,
     tpr: float = defaults.TPR,
     seed: int = defaults.SEED,
     progress: bool = True,
@@ -87,6 +89,8 @@ def build_tuned_index(
         "frozen_recall_at_1": round(trained.baseline_recall_at_1, 4),
         "train_seconds": round(train_s, 2),
     }
+    if not calibrate:
+        return save_info_extra(out, {"tuning": tuning})
     info = calibrate_on_members(
         out,
         calibration.ids,
@@ -94,6 +98,7 @@ def build_tuned_index(
         f"{len(calibration)} images held out from the projection head's training",
         tpr,
         extra={"tuning": tuning},
+        k=openset_k,
     )
     log.info(
         "tuned: validation Recall@1 %.3f (frozen %.3f) in %.1f s; index over the projected vectors in %s",
