@@ -40,6 +40,9 @@ TARGET_RECALL = 0.95
 TUNE_K = 10
 TUNE_QUERIES = 1000
 MAX_TRAIN_VECTORS = 200_000
+# A streaming build trains on at most (memory budget / 8 bytes per dimension) vectors, never fewer than
+# this: OPQ and PQ codebooks want ~40 vectors per centroid, and collections this small train on all.
+MIN_TRAIN_VECTORS = 20_000
 SEED = 0
 
 # --- evaluation ----------------------------------------------------------------------------------------

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import time
 from pathlib import Path
 
 import numpy as np
 
 from carsearch import defaults
-from carsearch.embed.store import MANIFEST, EmbeddingSet, load_embeddings, read_manifest
+from carsearch.embed.store import MANIFEST, load_embeddings, read_manifest
 from carsearch.errors import CarsearchError
-from carsearch.eval.neighbors import drop_self
+from carsearch.eval.neighbors import drop_self, sample_queries
 from carsearch.eval.openset import kth_similarity, leave_one_out_scores, threshold_for_tpr
 from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
+from carsearch.index.factory import make_index, min_training_points, train, training_rows
 from carsearch.index.store import Gallery, open_bundle, save_bundle
+from carsearch.index.stream import ShardStream, Source, open_sources
+from carsearch.index.tune import tune_with_truth
 from carsearch.models.files import INFO_FILE as CHECKPOINT_INFO
 from carsearch.provenance import check_compatible, library_versions
 
@@ -38,13 +43,6 @@ def _source(folder: Path, m: dict) -> dict:
     }
 
 
-def _load_all(emb_dirs: list[str | Path]) -> list[EmbeddingSet]:
-    sets = [load_embeddings(d) for d in emb_dirs]
-    for other in sets[1:]:
-        check_compatible(sets[0].provenance, other.provenance, str(sets[0].folder), str(other.folder))
-    return sets
-
-
 def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
     uniq, counts = np.unique(ids, return_counts=True)
     clash = uniq[counts > 1]
@@ -58,7 +56,7 @@ def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
         )
 
 
-def _trained_on_this_collection(sets: list[EmbeddingSet]) -> bool:
+def _trained_on_this_collection(sets: list[Source]) -> bool:
     """Whether the embeddings come from a `carsearch train` checkpoint trained on the same records."""
     for emb in sets:
         info_path = Path(emb.provenance.get("weights", "")) / CHECKPOINT_INFO
@@ -98,28 +96,28 @@ def build_index(
     openset_k: int = defaults.OPENSET_K,
     tpr: float = defaults.TPR,
     seed: int = defaults.SEED,
+    max_train: int | None = None,
 ) -> dict:
-    """Build an index over one or more embedding folders; returns the index.json contents."""
+    """Build an index over one or more embedding folders, streaming their shards; returns index.json.
+
+    Memory follows the index, not the collection: training uses a seeded sample of at most `max_train`
+    vectors (by default as many as a quarter of --memory-budget holds, within fixed bounds), and vectors
+    are added shard by shard."""
     if not emb_dirs:
         raise CarsearchError("give at least one embedding folder.")
     if not 0 < target_recall <= 1:
         raise CarsearchError("--target-recall must be in (0, 1].")
     out = Path(out).expanduser().resolve()
-    sets = _load_all(emb_dirs)
-    vectors = np.concatenate([s.vectors for s in sets])
-    ids = np.concatenate([s.ids for s in sets])
-    if len(ids) == 0:
+    sets = open_sources(emb_dirs)
+    stream = ShardStream(sets)
+    n, d = stream.n, stream.d
+    if n == 0:
         raise CarsearchError(
             "the embedding folders hold no vectors; run embed first (or check failures.jsonl)."
         )
-    _check_unique(ids)
-    gallery = Gallery.from_embeddings(sets[0], 0)
-    for i, s in enumerate(sets[1:], start=1):
-        gallery = gallery.concat(Gallery.from_embeddings(s, i))
-    d = vectors.shape[1]
     auto = None
     if factory.strip().lower() == "auto":
-        choice = choose_factory(len(ids), d, memory_budget)
+        choice = choose_factory(n, d, memory_budget)
         factory, auto = (
             choice.factory,
             {
@@ -130,7 +128,34 @@ def build_index(
             },
         )
         log.info("auto: %s (%s)", choice.factory, choice.reason)
-    index = Index.build(factory, vectors, ids, seed=seed, target_recall=target_recall)
+    index = Index(make_index(factory, d), factory)
+    # The training sample counts against the memory budget too (faiss may copy it once more).
+    max_train = max_train or min(
+        defaults.MAX_TRAIN_VECTORS,
+        max(defaults.MIN_TRAIN_VECTORS, min_training_points(index.faiss), memory_budget // (8 * d)),
+    )
+    train_rows = None if index.faiss.is_trained else training_rows(n, max_train, seed)
+    if train_rows is None and not index.faiss.is_trained:
+        train_rows = np.arange(n)
+    tune_rows = sample_queries(n, defaults.TUNE_QUERIES, seed)
+    loo_rows = sample_queries(n, defaults.CALIBRATION_SAMPLE, seed) if calibrate else np.zeros(0, np.int64)
+    wanted = np.unique(np.concatenate([r for r in (train_rows, tune_rows, loo_rows) if r is not None]))
+    gallery, picked = stream.metadata_and_rows(wanted)
+    ids = gallery.ids
+    _check_unique(ids)
+
+    def rows_of(positions: np.ndarray) -> np.ndarray:
+        return picked[np.searchsorted(wanted, positions)]
+
+    index.timings["train"] = 0.0 if train_rows is None else train(index.faiss, rows_of(train_rows), seed)
+    t0 = time.perf_counter()
+    truth_sims, truth_ids = stream.add_and_search(index.faiss, rows_of(tune_rows), defaults.TUNE_K + 1)
+    index.timings["add"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    truth = drop_self(truth_sims, truth_ids, ids[tune_rows], defaults.TUNE_K)[1]
+    index.tuned = tune_with_truth(index.faiss, rows_of(tune_rows), ids[tune_rows], truth, target_recall)
+    index.params = index.tuned.params
+    index.timings["tune"] = time.perf_counter() - t0
     tuned = index.tuned
     if not tuned.reached:
         log.warning(
@@ -141,8 +166,9 @@ def build_index(
             target_recall,
         )
     openset = None
-    if calibrate and len(ids) > openset_k:
-        scores = leave_one_out_scores(index, vectors, ids, openset_k, defaults.CALIBRATION_SAMPLE, seed)
+    if calibrate and n > openset_k:
+        loo = rows_of(loo_rows)
+        scores = leave_one_out_scores(index, loo, ids[loo_rows], openset_k, len(loo), seed)
         method = f"leave-one-out on {len(scores)} collection images"
         if _trained_on_this_collection(sets):
             method += " (the model was trained on this collection: the threshold is too strict)"
@@ -164,6 +190,9 @@ def build_index(
             "add_seconds": round(index.timings["add"], 3),
             "tune_seconds": round(index.timings["tune"], 3),
             "seed": seed,
+            "training_vectors": n if train_rows is None else len(train_rows),
+            # The build's whole process, at its peak (Linux reports kilobytes).
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         },
         "recall": tuned.to_json(target_recall),
         "memory_bytes": index.memory_bytes,

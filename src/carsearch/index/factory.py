@@ -122,44 +122,59 @@ def min_training_points(index: faiss.Index) -> int:
     return need
 
 
+def training_rows(n: int, max_train: int, seed: int) -> np.ndarray | None:
+    """Which of n vectors train an index: a seeded sample of `max_train` (sorted), or None for all. The one
+    rule both the in-memory and the streaming build follow, so they train on the same vectors."""
+    if n <= max_train:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, max_train, replace=False))
+
+
+def train(index: faiss.Index, sample: np.ndarray, seed: int = 0) -> float:
+    """Train an empty index on `sample` (seeded clustering); returns the seconds it took."""
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    t0 = time.perf_counter()
+    if index.is_trained:
+        return 0.0
+    need = min_training_points(index)
+    if len(x) < need:
+        raise CarsearchError(
+            f"this index needs at least {need} vectors to train and the collection has {len(x)}; "
+            "use fewer IVF lists (e.g. IVF64), fewer PQ bits, or Flat / HNSW32."
+        )
+    _seed_clustering(index, seed)
+    with captured_stderr() as noise:
+        try:
+            index.train(x)
+        except RuntimeError as e:
+            lines = str(e).strip().splitlines() or ["failed"]
+            detail = lines[-1].split("failed: ")[-1]
+            raise CarsearchError(
+                f"faiss cannot train this index on {len(x)} vectors of {x.shape[1]} dimensions "
+                f"({detail}); choose another --factory (fewer IVF lists, a smaller PCA/OPQ output, "
+                "or Flat)."
+            ) from None
+    warnings = [line for line in noise if "WARNING" in line]
+    if warnings:
+        log.warning(
+            "faiss: %s (and %d similar warnings): few training vectors for this index type; "
+            "recall may suffer.",
+            warnings[0].strip(),
+            len(warnings) - 1,
+        )
+    return time.perf_counter() - t0
+
+
 def train_and_add(
     index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, seed: int = 0, max_train: int = 200_000
 ) -> tuple[float, float]:
     """Train (on at most `max_train` sampled vectors) and add with ids. Returns (train_s, add_s)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    t0 = time.perf_counter()
-    if not index.is_trained:
-        need = min_training_points(index)
-        if len(x) < need:
-            raise CarsearchError(
-                f"this index needs at least {need} vectors to train and the collection has {len(x)}; "
-                "use fewer IVF lists (e.g. IVF64), fewer PQ bits, or Flat / HNSW32."
-            )
-        rng = np.random.default_rng(seed)
-        sample = x if len(x) <= max_train else x[np.sort(rng.choice(len(x), max_train, replace=False))]
-        _seed_clustering(index, seed)
-        with captured_stderr() as noise:
-            try:
-                index.train(sample)
-            except RuntimeError as e:
-                lines = str(e).strip().splitlines() or ["failed"]
-                detail = lines[-1].split("failed: ")[-1]
-                raise CarsearchError(
-                    f"faiss cannot train this index on {len(sample)} vectors of {x.shape[1]} dimensions "
-                    f"({detail}); choose another --factory (fewer IVF lists, a smaller PCA/OPQ output, "
-                    "or Flat)."
-                ) from None
-        warnings = [line for line in noise if "WARNING" in line]
-        if warnings:
-            log.warning(
-                "faiss: %s (and %d similar warnings): few training vectors for this index type; "
-                "recall may suffer.",
-                warnings[0].strip(),
-                len(warnings) - 1,
-            )
+    rows = training_rows(len(x), max_train, seed)
+    train_s = train(index, x if rows is None else x[rows], seed)
     t1 = time.perf_counter()
     index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
-    return t1 - t0, time.perf_counter() - t1
+    return train_s, time.perf_counter() - t1
 
 
 def _seed_clustering(index: faiss.Index, seed: int) -> None:

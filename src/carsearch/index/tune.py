@@ -52,6 +52,19 @@ def tune(
     q = sample_queries(len(ids), sample, seed)
     queries, self_ids = vectors[q], ids[q]
     truth = drop_self(*exact_search(vectors, ids, queries, k + 1), self_ids, k)[1]
+    return tune_with_truth(index, queries, self_ids, truth, target, k)
+
+
+def tune_with_truth(
+    index: faiss.Index,
+    queries: np.ndarray,
+    self_ids: np.ndarray,
+    truth: np.ndarray,
+    target: float = TARGET_RECALL,
+    k: int = TUNE_K,
+) -> TuneResult:
+    """`tune` with the exact neighbours of the sampled collection queries given (each one's own id left
+    out), e.g. computed shard by shard by a streaming build."""
     knob = tunable(index)
 
     def measure() -> float:
@@ -59,7 +72,7 @@ def tune(
 
     if knob.name is None:
         r = measure()
-        return TuneResult("", r, r >= target, k, len(q))
+        return TuneResult("", r, r >= target, k, len(queries))
     curve: list[tuple[int, float]] = []
     for value in knob.values:
         set_search_params(index, f"{knob.name}={value}")
@@ -70,4 +83,4 @@ def tune(
     chosen = next((v for v, r in curve if r >= target), best_value)
     recall = dict(curve)[chosen]
     set_search_params(index, f"{knob.name}={chosen}")
-    return TuneResult(f"{knob.name}={chosen}", recall, recall >= target, k, len(q), curve)
+    return TuneResult(f"{knob.name}={chosen}", recall, recall >= target, k, len(queries), curve)

@@ -1,0 +1,130 @@
+"""Reading embedding folders shard by shard for an index build whose memory follows the index, not the
+collection (faiss contrib's `knn_ground_truth` streams its database the same way).
+
+Pass 1 reads every shard once: the per-image metadata, and the vectors at a few chosen row positions (the
+training sample, the tuning queries, the calibration sample). Pass 2 reads them again: each shard's vectors
+are added to the index and searched exactly by the tuning queries, whose best neighbours are merged across
+shards. At no time are more than one shard and the samples in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard
+from carsearch.embed.store import read_manifest
+from carsearch.errors import CarsearchError
+from carsearch.fsutil import sha256_file
+from carsearch.index.store import Gallery
+from carsearch.provenance import check_compatible
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """One embedding folder as an index build sees it: its manifest, not its vectors."""
+
+    folder: Path
+    manifest: dict
+
+    @property
+    def provenance(self) -> dict:
+        return self.manifest["provenance"]
+
+
+def open_sources(emb_dirs: list[str | Path]) -> list[Source]:
+    """Manifests of the folders, refusing folders whose embeddings live in different spaces."""
+    sources = []
+    for d in emb_dirs:
+        folder = Path(d).expanduser().resolve()
+        manifest = read_manifest(folder)
+        if not manifest.get("complete", False):
+            log.warning("%s is incomplete; run embed again to finish it.", folder)
+        sources.append(Source(folder, manifest))
+    for other in sources[1:]:
+        check_compatible(sources[0].provenance, other.provenance, str(sources[0].folder), str(other.folder))
+    return sources
+
+
+class ShardStream:
+    """The shards of several embedding folders in one order: folder by folder, shard by shard."""
+
+    def __init__(self, sources: list[Source]) -> None:
+        self.sources = sources
+        self.entries = [(i, s, e) for i, s in enumerate(sources) for e in s.manifest["shards"]]
+        self.n = sum(e["rows"] for _, _, e in self.entries)
+        self.d = int(sources[0].provenance["dim"])
+
+    def _shards(self, verify: bool) -> Iterator[tuple[int, int, ShardRows]]:
+        """(source index, first row position, rows) per shard."""
+        start = 0
+        for i, source, entry in self.entries:
+            path = source.folder / entry["file"]
+            if not path.is_file():
+                raise CarsearchError(
+                    f"shard {path} listed in the manifest is missing; re-run embed to rebuild it."
+                )
+            if verify and sha256_file(path) != entry["sha256"]:
+                raise CarsearchError(
+                    f"shard {path} does not match the sha256 in its manifest; it was changed or damaged: "
+                    "re-run embed to rebuild it."
+                )
+            rows = read_shard(path)[0]
+            if len(rows) != entry["rows"]:
+                raise CarsearchError(
+                    f"shard {path} holds {len(rows)} rows, its manifest says {entry['rows']}."
+                )
+            yield i, start, rows
+            start += len(rows)
+
+    def metadata_and_rows(self, positions: np.ndarray) -> tuple[Gallery, np.ndarray]:
+        """Pass 1: the gallery metadata of every row, and the vectors at `positions` (sorted, unique)."""
+        picked = np.empty((len(positions), self.d), np.float32)
+        parts: dict[str, list] = {f: [] for f in ("ids", *STRING_FIELDS, "source")}
+        for i, start, rows in self._shards(verify=True):
+            stop = start + len(rows)
+            lo, hi = np.searchsorted(positions, [start, stop])
+            picked[lo:hi] = rows.embeddings[positions[lo:hi] - start]
+            parts["ids"].append(np.asarray(rows.ids, np.int64))
+            for f in STRING_FIELDS:
+                parts[f].append(np.asarray(getattr(rows, f), dtype=object))
+            parts["source"].append(np.full(len(rows), i, np.int32))
+        gallery = Gallery(
+            **{
+                f: np.concatenate(v) if v else np.zeros(0, np.int64 if f == "ids" else object)
+                for f, v in parts.items()
+            }
+        )
+        return gallery, picked
+
+    def add_and_search(
+        self, index: faiss.Index, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pass 2: add every shard's vectors (with their ids) to `index`; returns the exact k nearest ids of
+        `queries` over all shards (similarities, ids), merged shard by shard."""
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        q = np.ascontiguousarray(queries, np.float32)
+        for _, _, rows in self._shards(verify=False):
+            if len(rows) == 0:
+                continue
+            x = np.ascontiguousarray(rows.embeddings, np.float32)
+            ids = np.ascontiguousarray(rows.ids, np.int64)
+            index.add_with_ids(x, ids)
+            flat = faiss.IndexFlatIP(self.d)
+            flat.add(x)
+            sims, local = flat.search(q, min(k, len(x)))
+            found = np.where(local >= 0, ids[local.clip(min=0)], -1)
+            pad = k - sims.shape[1]
+            if pad:
+                sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+                found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+            heap.add_result(np.ascontiguousarray(sims, np.float32), np.ascontiguousarray(found, np.int64))
+        heap.finalize()
+        return heap.D, heap.I
