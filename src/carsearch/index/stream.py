@@ -26,6 +26,8 @@ from carsearch.provenance import check_compatible
 
 log = logging.getLogger(__name__)
 
+ADD_BATCH = 4096
+
 
 @dataclass
 class Source:
@@ -116,7 +118,10 @@ class ShardStream:
                 continue
             x = np.ascontiguousarray(rows.embeddings, np.float32)
             ids = np.ascontiguousarray(rows.ids, np.int64)
-            index.add_with_ids(x, ids)
+            # In slices: faiss's encoders allocate several copies of what they are given (residuals,
+            # rotated vectors); a whole 16k-row shard of 2048-d vectors would cost a gigabyte at once.
+            for s in range(0, len(x), ADD_BATCH):
+                index.add_with_ids(x[s : s + ADD_BATCH], ids[s : s + ADD_BATCH])
             flat = faiss.IndexFlatIP(self.d)
             flat.add(x)
             sims, local = flat.search(q, min(k, len(x)))
