@@ -8,7 +8,6 @@ re-embedding with the checkpoint equals projecting the stored vectors.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from datetime import UTC, datetime
@@ -21,7 +20,13 @@ from carsearch import SCHEMA_VERSION
 from carsearch.embed.shards import read_shard, write_shard
 from carsearch.embed.store import FAILURES, MANIFEST, read_manifest
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import exclusive_lock, remove_stale_tmp, sha256_file, write_json_atomic
+from carsearch.fsutil import (
+    exclusive_lock,
+    read_descriptor,
+    remove_stale_tmp,
+    sha256_file,
+    write_json_atomic,
+)
 from carsearch.models import files as ckpt_files
 from carsearch.provenance import library_versions
 
@@ -33,12 +38,13 @@ def head_of(checkpoint: Path, source_prov: dict) -> tuple[np.ndarray, np.ndarray
     trained on embeddings like `source_prov` (same backbone, weights and preprocessing)."""
     checkpoint = checkpoint.expanduser().resolve()
     info_path = checkpoint / ckpt_files.INFO_FILE
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError):
-        raise CarsearchError(
-            f"{checkpoint} is not a carsearch checkpoint (no readable {info_path.name})."
-        ) from None
+    info = read_descriptor(
+        info_path,
+        ckpt_files.KIND,
+        "checkpoint description",
+        "train it again.",
+        missing=f"{checkpoint} is not a carsearch checkpoint (no readable {info_path.name}).",
+    )
     if info.get("mode") != "head-only" or info.get("head_input") != "normalized":
         raise CarsearchError(
             f"{checkpoint} is not a head trained on cached embeddings (`carsearch train --head-only`): "
