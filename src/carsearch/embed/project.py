@@ -17,8 +17,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from carsearch import SCHEMA_VERSION
-from carsearch.embed.shards import read_shard, write_shard
-from carsearch.embed.store import FAILURES, MANIFEST, read_manifest
+from carsearch.embed.shards import write_shard
+from carsearch.embed.store import FAILURES, MANIFEST, read_listed_shard, read_manifest
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import (
     exclusive_lock,
@@ -100,10 +100,7 @@ def project_embeddings(emb_dir: str | Path, checkpoint: str | Path, out: str | P
             old.unlink()
         shards = []
         for entry in manifest["shards"]:
-            path = src / entry["file"]
-            if sha256_file(path) != entry["sha256"]:
-                raise CarsearchError(f"shard {path} does not match its manifest; re-run embed to rebuild it.")
-            rows, attrs = read_shard(path)
+            rows, attrs = read_listed_shard(src, entry)
             rows.embeddings = project(rows.embeddings, w, b)
             attrs = {**attrs, **{k: v for k, v in prov.items() if k != "weights_source"}}
             digest = write_shard(out / entry["file"], rows, attrs)

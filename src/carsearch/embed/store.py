@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from carsearch.datasets.levels import LabelLevels
-from carsearch.embed.shards import STRING_FIELDS, read_shard
+from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import read_descriptor, sha256_file
 
@@ -67,6 +67,20 @@ def read_manifest(folder: Path) -> dict:
     )
 
 
+def read_listed_shard(folder: Path, entry: dict, verify: bool = True) -> tuple[ShardRows, dict]:
+    """A shard a manifest lists, refused by name when it is missing or (with `verify`) does not match the
+    sha256 the manifest records for it."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise CarsearchError(f"shard {path} listed in the manifest is missing; re-run embed to rebuild it.")
+    if verify and sha256_file(path) != entry["sha256"]:
+        raise CarsearchError(
+            f"shard {path} does not match the sha256 in {folder / MANIFEST}; it was changed or damaged: "
+            "re-run embed to rebuild it."
+        )
+    return read_shard(path)
+
+
 def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] | None = None) -> EmbeddingSet:
     """Load every finished shard of an embedding folder (or only the files named in `shards`).
 
@@ -83,19 +97,7 @@ def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] |
             manifest["dataset"]["records"],
         )
     entries = [e for e in manifest["shards"] if shards is None or e["file"] in shards]
-    parts = []
-    for entry in entries:
-        path = folder / entry["file"]
-        if not path.is_file():
-            raise CarsearchError(
-                f"shard {path} listed in the manifest is missing; re-run embed to rebuild it."
-            )
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise CarsearchError(
-                f"shard {path} does not match the sha256 in {folder / MANIFEST}; it was changed or damaged: "
-                "re-run embed to rebuild it."
-            )
-        parts.append(read_shard(path)[0])
+    parts = [read_listed_shard(folder, entry, verify)[0] for entry in entries]
     dim = int(manifest["provenance"]["dim"])
     return EmbeddingSet(
         vectors=np.concatenate([p.embeddings for p in parts]) if parts else np.zeros((0, dim), np.float32),

@@ -17,10 +17,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard
-from carsearch.embed.store import read_manifest
+from carsearch.embed.shards import STRING_FIELDS, ShardRows
+from carsearch.embed.store import read_listed_shard, read_manifest
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import sha256_file
 from carsearch.index.store import Gallery
 from carsearch.provenance import check_compatible
 
@@ -68,20 +67,11 @@ class ShardStream:
         """(source index, first row position, rows) per shard."""
         start = 0
         for i, source, entry in self.entries:
-            path = source.folder / entry["file"]
-            if not path.is_file():
-                raise CarsearchError(
-                    f"shard {path} listed in the manifest is missing; re-run embed to rebuild it."
-                )
-            if verify and sha256_file(path) != entry["sha256"]:
-                raise CarsearchError(
-                    f"shard {path} does not match the sha256 in its manifest; it was changed or damaged: "
-                    "re-run embed to rebuild it."
-                )
-            rows = read_shard(path)[0]
+            rows = read_listed_shard(source.folder, entry, verify)[0]
             if len(rows) != entry["rows"]:
                 raise CarsearchError(
-                    f"shard {path} holds {len(rows)} rows, its manifest says {entry['rows']}."
+                    f"shard {source.folder / entry['file']} holds {len(rows)} rows, its manifest says "
+                    f"{entry['rows']}."
                 )
             yield i, start, rows
             start += len(rows)
