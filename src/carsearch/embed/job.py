@@ -125,19 +125,18 @@ def embed_dataset(
             resume.clear(out)
         manifest = resume.check_resume(out, fingerprint)
         remove_stale_tmp(out)
-        resumed = resume.done_shards(
-            out, manifest, _plans(len(dataset.records), shard_size, limit), dataset.root, retry_failed, verify
-        )
+        plans = _plans(len(dataset.records), shard_size, limit)
+        resumed = resume.done_shards(out, manifest, plans, dataset.root, retry_failed, verify)
         result = _run(
             dataset,
             encoder,
             out,
             fingerprint,
             manifest,
+            plans,
             resumed.done,
             batch_size,
             workers,
-            limit,
             progress,
             on_batch,
         )
@@ -160,18 +159,17 @@ def _run(
     out: Path,
     fingerprint: dict,
     manifest: dict | None,
+    plans: list[resume.ShardPlan],
     done: dict[int, dict],
     batch_size: int,
     workers: int | None,
-    limit: int | None,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
 ) -> EmbedResult:
     n = len(dataset.records)
     size = fingerprint["shard_size"]
-    stop_at = min(n, limit) if limit else n
-    plans = _plans(n, size, limit)
-    todo = [p for p in plans if p.index not in done and p.start < stop_at]
+    # A shard this run reaches: under --limit the run may stop before a shard's first record.
+    todo = [p for p in plans if p.index not in done and p.run_stop > p.start]
     failures = resume.read_failures(out, set(done))
     now = datetime.now(UTC).isoformat(timespec="seconds")
     state = {

@@ -19,15 +19,13 @@ from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
 from carsearch.index.factory import make_index, min_training_points, train, training_rows
-from carsearch.index.store import Gallery, open_bundle, save_bundle
+from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
 from carsearch.index.stream import ShardStream, Source, open_sources
 from carsearch.index.tune import tune_with_truth
 from carsearch.models.files import INFO_FILE as CHECKPOINT_INFO
 from carsearch.provenance import check_compatible, library_versions
 
 log = logging.getLogger(__name__)
-
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _source(folder: Path, m: dict) -> dict:
@@ -254,7 +252,7 @@ def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:
     folder = Path(index_dir).expanduser().resolve()
     with exclusive_lock(folder):
         bundle = open_bundle(folder)
-        out_of_range = [i for i in ids if not INT64_MIN <= i <= INT64_MAX]
+        out_of_range = [i for i in ids if not is_image_id(i)]
         if out_of_range:
             raise CarsearchError(
                 f"{out_of_range[0]} is not an image id (ids are 64-bit integers); `carsearch search --json` "

@@ -41,6 +41,13 @@ INDEX_FILE = "index.faiss"  # the names of folders written before versioned file
 META_FILE = "metadata.h5"
 INFO_FILE = "index.json"
 INDEX_KIND = "carsearch.index"
+ID_RANGE = (-(1 << 63), (1 << 63) - 1)  # image ids are int64: anything outside names no image
+
+
+def is_image_id(value: int) -> bool:
+    return ID_RANGE[0] <= value <= ID_RANGE[1]
+
+
 REQUIRED_KEYS = ("dim", "ntotal", "factory", "provenance", "sources", "search_params")
 ROLES = {"index": ("index", ".faiss"), "metadata": ("metadata", ".h5")}
 _DATA_FILE = re.compile(r"^(index(\.[0-9a-f]{16})?\.faiss|metadata(\.[0-9a-f]{16})?\.h5)$")

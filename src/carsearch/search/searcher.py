@@ -16,10 +16,9 @@ from carsearch.embed.images import BadImage, load_image, safe_join
 from carsearch.errors import CarsearchError
 from carsearch.eval.openset import kth_similarity
 from carsearch.eval.vote import ranked_votes
-from carsearch.index.store import IndexBundle, open_bundle
+from carsearch.index.store import IndexBundle, is_image_id, open_bundle
 
 MAX_K = defaults.MAX_K
-INT64 = (-(1 << 63), (1 << 63) - 1)
 
 Query = str | Path | bytes | Image.Image
 
@@ -161,7 +160,7 @@ class Searcher:
         """The file of an indexed image, by id; it must lie under its dataset root and exist.
 
         Raises CarsearchError (the server answers 404 with its message)."""
-        if not INT64[0] <= image_id <= INT64[1]:
+        if not is_image_id(image_id):
             raise CarsearchError(f"no image with id {image_id} in this index")
         rows = self.bundle.gallery.rows([image_id])
         if rows[0] < 0:
