@@ -102,6 +102,8 @@ def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
     for r in report["index"].values():
         assert r["qps_batched"] > 0 and r["qps_single"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
         assert r["memory_bytes"] > 0 and r["build_seconds"] > 0 and r["build_seconds"] >= r["train_seconds"]
+        assert r["build_rss_growth_bytes"] >= 0
+    assert report["peak_rss_bytes"] > 0
     pq = report["index"]["IVF16,PQ40"]
     # 40-byte codes + 8-byte ids per vector, plus the fixed PQ codebooks and IVF centroids.
     n, d = len(gal), emb.dim
@@ -167,6 +169,7 @@ def test_files_and_valid_pngs(bench: tuple[dict, Path]) -> None:
     assert json.loads((out / "report.json").read_text())["closed"]["Flat"] == report["closed"]["Flat"]
     md = (out / "report.md").read_text()
     assert "## Closed-set kNN classification" in md and "## Open set" in md and "| `HNSW32` |" in md
+    assert "build +RSS" in md and "peak memory" in md
     assert set(report["plots"]) == {"recall_vs_qps", "top1_by_index", "accuracy_coverage", "confusion"}
     for name in report["plots"].values():
         data = (out / name).read_bytes()

@@ -15,7 +15,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "carsearch"
 
 # Bottom to top. A module may import modules of its own layer's package and of lower layers only.
 LAYERS: list[tuple[str, ...]] = [
-    ("carsearch", "errors", "defaults", "fsutil", "progress", "provenance", "config", "faults", "lazy"),
+    (
+        "carsearch",
+        "errors",
+        "defaults",
+        "fsutil",
+        "progress",
+        "provenance",
+        "config",
+        "faults",
+        "lazy",
+        "memwatch",
+    ),
     ("datasets",),
     ("models",),
     ("embed",),

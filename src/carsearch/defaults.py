@@ -89,3 +89,9 @@ BODY_TIMEOUT = 60.0  # seconds for an upload to arrive whole
 def default_workers() -> int:
     """Image decoding workers: one per spare core, at least one so decoding overlaps the network."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+# Ray engine: shards queued per worker (one running, one waiting, so no worker waits for the driver), and
+# how many times one shard may lose its worker before the run stops.
+RAY_SHARDS_IN_FLIGHT = 2
+RAY_SHARD_ATTEMPTS = 3

@@ -17,7 +17,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-SPEED_COLUMNS = ["tuned", "R@1", "R@10", "QPS batched", "QPS single", "p50 ms", "p99 ms", "build s", "memory"]
+SPEED_COLUMNS = [
+    "tuned",
+    "R@1",
+    "R@10",
+    "QPS batched",
+    "QPS single",
+    "p50 ms",
+    "p99 ms",
+    "build s",
+    "memory",
+    "build +RSS",
+]
 
 
 def _speed_cells(x: dict) -> list[str]:
@@ -32,6 +43,7 @@ def _speed_cells(x: dict) -> list[str]:
         f"{x['p99_ms']:.2f}",
         f"{x['build_seconds']:.1f}",
         human_bytes(x["memory_bytes"]),
+        human_bytes(x["build_rss_growth_bytes"]) if "build_rss_growth_bytes" in x else "-",
     ]
 
 
@@ -45,7 +57,8 @@ def markdown(r: dict) -> str:
         f"Split: {sp['gallery']} gallery / {sp['queries']} query images, stratified per class, "
         f"seed {sp['seed']}.",
         f"Machine: {r['machine']['cpus']} CPUs, faiss {r['machine']['versions'].get('faiss-cpu', '?')}; "
-        f"bench took {r['seconds']} s.",
+        f"bench took {r['seconds']} s"
+        + (f", peak memory {human_bytes(r['peak_rss_bytes'])}." if r.get("peak_rss_bytes") else "."),
     ]
     if r.get("note"):
         lines += ["", f"**Note:** {r['note']}"]

@@ -21,6 +21,7 @@ from carsearch.eval.neighbors import exact_search
 from carsearch.eval.splits import class_range, stratified_split
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.index.core import Index
+from carsearch.memwatch import PeakGrowth, peak_rss_bytes
 from carsearch.progress import Progress
 from carsearch.provenance import library_versions
 
@@ -172,7 +173,8 @@ def run_bench(
             report["closed"], report["index"] = {}, {}
             for factory in factories:
                 log.info("bench: %s", factory)
-                run = Index.build(factory, g_vec, seed=s.seed, target_recall=s.target_recall)
+                with PeakGrowth() as grew:
+                    run = Index.build(factory, g_vec, seed=s.seed, target_recall=s.target_recall)
                 # One k-neighbour search per index type serves the closed-set metrics, the index table's
                 # kNN accuracy and (for Flat) the confusion matrix and confidence curve.
                 knn = _knn(run, emb, gal, qry, s) if labelled else None
@@ -189,6 +191,7 @@ def run_bench(
                     bar.update(1)
                 if "index" in s.protocols:
                     report["index"][factory] = _index(run, q_vec, truth, s, knn)
+                    report["index"][factory]["build_rss_growth_bytes"] = grew.bytes
                     bar.update(1)
             if not report["closed"]:
                 del report["closed"]
@@ -215,6 +218,7 @@ def run_bench(
         report["closed_confidence_curve"] = _accuracy_coverage(conf, correct)
         report["confusion"] = _confusion(emb.labels[qry], pred)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["peak_rss_bytes"] = peak_rss_bytes()
     out.mkdir(parents=True, exist_ok=True)
     if s.plots:
         from carsearch.bench.plots import write_plots

@@ -28,9 +28,13 @@ def _human_embed(r: dict) -> str:
     return (
         f"{r['rows']} embeddings in {r['shards']} shards at {r['out']} ({state}); "
         f"this run: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_second']:.1f} images/s "
-        f"({r['backbone']}, {r['precision']}, {r['device']}), {r['resumed_shards']} shards resumed; "
+        f"({r['backbone']}, {r['precision']}, {r['device']}{_on(r)}), {r['resumed_shards']} shards resumed; "
         f"skipped: {failed}" + notes
     )
+
+
+def _on(r: dict) -> str:
+    return f", {r['workers']} Ray workers" if r["engine"] == "ray" else ""
 
 
 @click.command()
@@ -69,7 +73,33 @@ def _human_embed(r: dict) -> str:
     default="auto",
     show_default=True,
     type=WORKERS,
-    help="Image decoding processes (0 = decode in the main process).",
+    help="local engine: image decoding processes (0 = decode in the main process); ray engine: workers, "
+    "each holding one network (auto = as many as the cluster's CPUs or GPUs hold).",
+)
+@click.option(
+    "--engine",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "ray"]),
+    help="local: this machine; ray: workers on a Ray cluster (README: Running on a cluster).",
+)
+@click.option(
+    "--ray-address",
+    help="Ray cluster to join (host:port); default RAY_ADDRESS, else a local cluster started for the run.",
+)
+@click.option(
+    "--cpus-per-worker",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="ray engine: CPUs each worker reserves (and decodes with).",
+)
+@click.option(
+    "--gpus-per-worker",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="ray engine: GPUs each worker reserves; above 0 the workers embed on CUDA.",
 )
 @click.option(
     "--shard-size",
@@ -122,6 +152,10 @@ def embed(
     flip: bool,
     batch_size: int,
     workers: int | None,
+    engine: str,
+    ray_address: str | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
     shard_size: int,
     device: str,
     precision: str,
@@ -138,8 +172,9 @@ def embed(
     A second run with the same settings skips finished shards; one with different settings is refused
     and names the setting. Unreadable images are skipped, counted by reason and listed in failures.jsonl.
     """
-    from carsearch.embed import embed_dataset
+    from carsearch.embed import Engine, embed_dataset
 
+    run_on = Engine(engine, batch_size, workers, ray_address, cpus_per_worker, gpus_per_worker, device)
     result = embed_dataset(
         data_dir,
         out,
@@ -163,6 +198,7 @@ def embed(
         retry_failed=retry_failed,
         verify=verify,
         flip=flip,
+        engine=run_on,
         progress=True,
     )
     emit(result.to_json(), as_json, _human_embed)

@@ -7,7 +7,6 @@ the result is identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,22 +19,17 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from carsearch import SCHEMA_VERSION, defaults, faults
+from carsearch import SCHEMA_VERSION, defaults
 from carsearch.datasets import Dataset, read_dataset
 from carsearch.embed import resume
 from carsearch.embed.encoder import Encoder
+from carsearch.embed.engines import Engine, ManifestWriter, Ran, Tally
 from carsearch.embed.images import TRANSIENT_REASONS
 from carsearch.embed.reader import Batch, RecordImages, collate
-from carsearch.embed.shards import ShardRows, write_shard
-from carsearch.embed.store import FAILURES, MANIFEST, MANIFEST_KIND
+from carsearch.embed.shard_work import finish_shard, plan_batches
+from carsearch.embed.store import MANIFEST_KIND
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import (
-    exclusive_lock,
-    remove_stale_tmp,
-    write_json_atomic,
-    write_text_atomic,
-)
-from carsearch.progress import Progress
+from carsearch.fsutil import exclusive_lock, remove_stale_tmp
 from carsearch.provenance import library_versions
 
 log = logging.getLogger(__name__)
@@ -62,6 +56,9 @@ class EmbedResult:
     retried_shards: int = 0  # finished shards embedded again by --retry-failed
     changed_images: int = 0  # images found changed by --verify (their shards embedded again)
     records: int = 0  # images the dataset lists
+    engine: str = "local"
+    workers: int = 0  # local: decoding processes; ray: actors, each holding one network
+    workers_lost: int = 0  # ray: workers that died; their shards were embedded by new ones
 
     @property
     def transient_failures(self) -> int:
@@ -96,6 +93,7 @@ def embed_dataset(
     retry_failed: bool = False,
     verify: bool = False,
     flip: bool = False,
+    engine: Engine | None = None,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
@@ -105,10 +103,13 @@ def embed_dataset(
     `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
     `verify` re-hashes the images of finished shards and embeds again those whose files changed.
     `flip` averages each image's embedding with its mirror image's (test-time augmentation, 2x the time).
-    `on_batch(images_done, images_total)` is called after each batch of this run.
+    `engine` chooses where the shards are computed (`Engine()`: here; `Engine("ray", ...)`: a Ray
+    cluster); it sets the batch size and workers, which `batch_size` and `workers` give for the local one.
+    `on_batch(images_done, images_total)` is called after each batch (the Ray engine: each shard).
     """
-    if batch_size < 1 or shard_size < 1:
-        raise CarsearchError("--batch-size and --shard-size must be at least 1.")
+    engine = engine or Engine("local", batch_size, workers, device=device)
+    if shard_size < 1:
+        raise CarsearchError("--shard-size must be at least 1.")
     if limit is not None and limit < 1:
         raise CarsearchError("--limit must be at least 1.")
     out = Path(out).expanduser().resolve()
@@ -117,6 +118,12 @@ def embed_dataset(
         raise CarsearchError(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
+    if engine.name == "ray":
+        # The driver only needs the network's provenance; its workers run it on engine.device. The
+        # precision they use is decided here, so that the fingerprint holds what the shards will.
+        if precision == "auto" and (engine.gpus_per_worker or engine.device.startswith("cuda")):
+            precision = "bf16"
+        device = "cpu"
     encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256, flip)
     fingerprint = resume.fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +142,7 @@ def embed_dataset(
             manifest,
             plans,
             resumed.done,
-            batch_size,
-            workers,
+            engine,
             progress,
             on_batch,
         )
@@ -161,16 +167,13 @@ def _run(
     manifest: dict | None,
     plans: list[resume.ShardPlan],
     done: dict[int, dict],
-    batch_size: int,
-    workers: int | None,
+    engine: Engine,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
 ) -> EmbedResult:
     n = len(dataset.records)
-    size = fingerprint["shard_size"]
     # A shard this run reaches: under --limit the run may stop before a shard's first record.
     todo = [p for p in plans if p.index not in done and p.run_stop > p.start]
-    failures = resume.read_failures(out, set(done))
     now = datetime.now(UTC).isoformat(timespec="seconds")
     state = {
         "kind": MANIFEST_KIND,
@@ -184,36 +187,11 @@ def _run(
             "records_sha256": fingerprint["records_sha256"],
             "labeled": dataset.labeled,
         },
-        "shard_size": size,
+        "shard_size": fingerprint["shard_size"],
         "versions": library_versions(),
         "created": (manifest or {}).get("created", now),
     }
-
-    def save(entries: dict[int, dict]) -> dict:
-        # failures.jsonl first: if we die between the two writes, the manifest (the source of truth)
-        # still lists only shards whose failures are on disk; extra lines are filtered on resume.
-        write_text_atomic(out / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
-        shards = [entries[i] for i in sorted(entries)]
-        counts = Counter()
-        for e in shards:
-            counts.update(e["failures"])
-        complete = len(shards) == len(plans) and all(
-            e["stop"] == p.stop for e, p in zip(shards, plans, strict=True)
-        )
-        body = {
-            **state,
-            "shards": shards,
-            "rows": sum(e["rows"] for e in shards),
-            "records_done": sum(e["stop"] - e["start"] for e in shards),
-            "failures": dict(sorted(counts.items())),
-            "complete": complete,
-            "updated": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(out / MANIFEST, body)
-        return body
-
-    entries = dict(done)
-    body = save(entries)
+    writer = ManifestWriter(out, state, plans, done, resume.read_failures(out, set(done)))
     if done:
         log.info(
             "resuming %s: %d of %d shards already finished (their images are not read again; --verify "
@@ -223,51 +201,25 @@ def _run(
             len(plans),
         )
     total = sum(p.run_stop - p.start for p in todo)
-    workers = defaults.default_workers() if workers is None else workers
-    t0, images, failed_run = time.perf_counter(), 0, Counter()
-    if todo:
-        batches = [
-            list(range(s, min(s + batch_size, p.run_stop)))
-            for p in todo
-            for s in range(p.start, p.run_stop, batch_size)
-        ]
-        loader = DataLoader(
-            RecordImages(dataset.root, dataset.records, encoder.preprocessing, fingerprint["max_pixels"]),
-            batch_sampler=batches,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=encoder.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
-        bar = Progress(total, "embed", "img", enabled=progress)
-        plan_iter = iter(todo)
-        plan = next(plan_iter)
-        buf: list[tuple[Batch, np.ndarray]] = []
-        try:
-            for batch in loader:
-                vectors = encoder.encode(batch.pixels)
-                buf.append((batch, vectors))
-                images += len(batch.index)
-                failed_run.update(r for _, r, _ in batch.failures)
-                bar.update(len(batch.index), **({"failed": sum(failed_run.values())} if failed_run else {}))
-                if on_batch is not None:
-                    on_batch(images, total)
-                if batch.index[-1] == plan.run_stop - 1:
-                    entries[plan.index] = _finish_shard(
-                        out, plan, buf, dataset, encoder, fingerprint, failures
-                    )
-                    body = save(entries)
-                    faults.reached("embed.shard_saved")
-                    buf = []
-                    plan = next(plan_iter, plan)
-        finally:
-            bar.close()
+    t0 = time.perf_counter()
+    tally = Tally(total, progress, on_batch)
+    ran = Ran(0, engine.device if engine.name == "ray" else str(encoder.device))
+    try:
+        if todo and engine.name == "ray":
+            from carsearch.embed.ray_engine import run_on_ray
+
+            ran = run_on_ray(dataset, encoder, out, fingerprint, todo, engine, writer, tally)
+        elif todo:
+            ran = _run_local(dataset, encoder, out, fingerprint, todo, engine, writer, tally)
+    finally:
+        tally.close()
     seconds = time.perf_counter() - t0
-    result = EmbedResult(
+    body, images = writer.body, tally.images
+    return EmbedResult(
         out=str(out),
         rows=body["rows"],
-        shards=len(entries),
-        new_shards=len(entries) - len(done),
+        shards=len(writer.entries),
+        new_shards=len(writer.entries) - len(done),
         resumed_shards=len(done),
         failed=body["failures"],
         images=images,
@@ -276,66 +228,43 @@ def _run(
         complete=body["complete"],
         backbone=encoder.backbone,
         precision=encoder.precision,
-        device=str(encoder.device),
-        failed_this_run=dict(sorted(failed_run.items())),
+        device=ran.device,
+        failed_this_run=dict(sorted(tally.failed.items())),
         records=n,
+        engine=engine.name,
+        workers=ran.workers,
+        workers_lost=ran.workers_lost,
     )
-    return result
 
 
-def _finish_shard(
-    out: Path,
-    plan: resume.ShardPlan,
-    buf: list[tuple[Batch, np.ndarray]],
+def _run_local(
     dataset: Dataset,
     encoder: Encoder,
+    out: Path,
     fingerprint: dict,
-    failures: list[dict],
-) -> dict:
-    """Write one shard from its batches; record its failures; return its manifest entry."""
-    id_start = fingerprint["id_start"]
-    rows_idx = [b.index[k] for b, _ in buf for k in b.ok]
-    recs = [dataset.records[i] for i in rows_idx]
-    digests = {i: d for b, _ in buf for i, d in zip(b.index, b.sha256, strict=True)}
-    dim = encoder.dim
-    rows = ShardRows(
-        embeddings=np.concatenate([v for _, v in buf]) if rows_idx else np.zeros((0, dim), np.float32),
-        ids=np.array([id_start + i for i in rows_idx], dtype=np.int64),
-        class_ids=np.array([r.class_id for r in recs], dtype=np.int32),
-        paths=[r.path for r in recs],
-        labels=[r.label for r in recs],
-        make=[r.make for r in recs],
-        model=[r.model for r in recs],
-        year=[r.year for r in recs],
-        sha256=[digests[i] for i in rows_idx],
+    todo: list[resume.ShardPlan],
+    engine: Engine,
+    writer: ManifestWriter,
+    tally: Tally,
+) -> Ran:
+    """One process embeds; DataLoader workers decode, streaming batches across shard boundaries."""
+    workers = defaults.default_workers() if engine.workers is None else engine.workers
+    loader = DataLoader(
+        RecordImages(dataset.root, dataset.records, encoder.preprocessing, fingerprint["max_pixels"]),
+        batch_sampler=[b for p in todo for b in plan_batches(p, engine.batch_size)],
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
     )
-    shard_failures = [f for b, _ in buf for f in b.failures]
-    attrs = {
-        **{k: v for k, v in encoder.provenance().items() if k != "weights_source"},
-        "schema_version": SCHEMA_VERSION,
-        "shard": plan.index,
-        "record_start": plan.start,
-        "record_stop": plan.run_stop,
-        "dataset_root": fingerprint["dataset_root"],
-        "versions": library_versions(),
-    }
-    digest = write_shard(out / plan.file, rows, attrs)
-    for i, reason, detail in shard_failures:
-        failures.append(
-            {
-                "shard": plan.index,
-                "id": id_start + i,
-                "path": dataset.records[i].path,
-                "reason": reason,
-                "detail": detail,
-            }
-        )
-    return {
-        "file": plan.file,
-        "index": plan.index,
-        "start": plan.start,
-        "stop": plan.run_stop,
-        "rows": len(rows),
-        "sha256": digest,
-        "failures": dict(sorted(Counter(r for _, r, _ in shard_failures).items())),
-    }
+    plan_iter = iter(todo)
+    plan = next(plan_iter)
+    buf: list[tuple[Batch, np.ndarray]] = []
+    for batch in loader:
+        buf.append((batch, encoder.encode(batch.pixels)))
+        tally.update(len(batch.index), Counter(r for _, r, _ in batch.failures))
+        if batch.index[-1] == plan.run_stop - 1:
+            writer.add(finish_shard(out, plan, buf, dataset, encoder, fingerprint))
+            buf = []
+            plan = next(plan_iter, plan)
+    return Ran(workers, str(encoder.device))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from carsearch.index.factory import make_index, min_training_points, train, trai
 from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
 from carsearch.index.stream import ShardStream, Source, open_sources
 from carsearch.index.tune import tune_with_truth
+from carsearch.memwatch import peak_rss_bytes
 from carsearch.models.files import INFO_FILE as CHECKPOINT_INFO
 from carsearch.provenance import check_compatible, library_versions
 
@@ -189,8 +189,8 @@ def build_index(
             "tune_seconds": round(index.timings["tune"], 3),
             "seed": seed,
             "training_vectors": n if train_rows is None else len(train_rows),
-            # The build's whole process, at its peak (Linux reports kilobytes).
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # The build's whole process, at its peak.
+            "peak_rss_bytes": peak_rss_bytes(),
         },
         "recall": tuned.to_json(target_recall),
         "memory_bytes": index.memory_bytes,
