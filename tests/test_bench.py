@@ -169,7 +169,11 @@ def test_files_and_valid_pngs(bench: tuple[dict, Path]) -> None:
     assert json.loads((out / "report.json").read_text())["closed"]["Flat"] == report["closed"]["Flat"]
     md = (out / "report.md").read_text()
     assert "## Closed-set kNN classification" in md and "## Open set" in md and "| `HNSW32` |" in md
-    assert "build +RSS" in md and "peak memory" in md
+    assert "build +RSS" in md and "peak memory" in md and "**Leakage:**" in md
+    lk = report["leakage"]
+    assert 0 <= lk["exact_copies"] <= lk["leaked_queries"] and lk["rate"] == pytest.approx(
+        lk["leaked_queries"] / report["split"]["queries"], abs=1e-4
+    )
     assert set(report["plots"]) == {"recall_vs_qps", "top1_by_index", "accuracy_coverage", "confusion"}
     for name in report["plots"].values():
         data = (out / name).read_bytes()

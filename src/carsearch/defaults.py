@@ -95,3 +95,12 @@ def default_workers() -> int:
 # how many times one shard may lose its worker before the run stops.
 RAY_SHARDS_IN_FLIGHT = 2
 RAY_SHARD_ATTEMPTS = 3
+
+# Audit (carsearch audit, bench's leakage check).
+NEAR_DUPLICATE_THRESHOLD = 0.90  # cosine; measured on planted pairs, docs/benchmarks.md (audit)
+AUDIT_K = 10  # neighbours that vote on a photo's label, and whose farthest sets its outlier score
+AUDIT_EXACT_LIMIT = 50_000  # up to this many vectors, exact (Flat) search; above, IVF
+AUDIT_NPROBE = 16  # IVF cells searched above AUDIT_EXACT_LIMIT
+AUDIT_LIST = 50  # photos listed per ranked section (mislabelled, outliers) and groups shown on the page
+AUDIT_OUTLIER_IQR = 3.0  # outlier: k-th neighbour similarity below Q1 - 3 IQR (Tukey's far-out fence)
+EXACT_COPY_SIMILARITY = 0.9999  # cosine from which two embeddings are the same photo (float noise aside)

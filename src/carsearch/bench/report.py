@@ -62,6 +62,21 @@ def markdown(r: dict) -> str:
     ]
     if r.get("note"):
         lines += ["", f"**Note:** {r['note']}"]
+    if r.get("leakage"):
+        lk = r["leakage"]
+        without = lk.get("top1_without_leaked")
+        lines += [
+            "",
+            f"**Leakage:** {lk['leaked_queries']} of {sp['queries']} queries ({lk['rate']:.1%}) have a "
+            f"near-duplicate in the gallery (cosine >= {lk['threshold']}; {lk['exact_copies']} of them exact "
+            "copies)"
+            + (
+                f"; exact-search top-1 is {lk['top1_all']:.3f} with them and {without:.3f} without them."
+                if without is not None
+                else "."
+            )
+            + " `carsearch audit` lists them.",
+        ]
     if r.get("closed"):
         k = r["settings"]["k"]
         lines += [

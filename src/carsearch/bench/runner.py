@@ -16,6 +16,7 @@ from carsearch.bench.indexes import default_factories, measure, sweep
 from carsearch.bench.protocols import open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
+from carsearch.eval.duplicates import leaked
 from carsearch.eval.knn import knn_metrics, vote_details
 from carsearch.eval.neighbors import exact_search
 from carsearch.eval.splits import class_range, stratified_split
@@ -165,6 +166,14 @@ def run_bench(
         "machine": _machine(),
     }
     g_vec, q_vec = emb.vectors[gal], emb.vectors[qry]
+    # Queries with a near-duplicate in the gallery inflate every kNN figure below: say how many.
+    leak, leak_sims, _ = leaked(g_vec, q_vec, defaults.NEAR_DUPLICATE_THRESHOLD)
+    report["leakage"] = {
+        "threshold": defaults.NEAR_DUPLICATE_THRESHOLD,
+        "leaked_queries": int(leak.sum()),
+        "rate": round(float(leak.mean()), 4),
+        "exact_copies": int((leak_sims >= defaults.EXACT_COPY_SIMILARITY).sum()),
+    }
     truth = exact_search(g_vec, np.arange(len(gal)), q_vec, 10)[1]
     steps = len(factories) * (("closed" in s.protocols) + ("index" in s.protocols))
     flat_pred: tuple[list, np.ndarray] | None = None
@@ -216,6 +225,10 @@ def run_bench(
         pred, conf = flat_pred
         correct = np.array(pred, dtype=object) == emb.labels[qry]
         report["closed_confidence_curve"] = _accuracy_coverage(conf, correct)
+        report["leakage"]["top1_all"] = round(float(correct.mean()), 4)
+        clean = ~leak
+        without = round(float(correct[clean].mean()), 4) if clean.any() else None
+        report["leakage"]["top1_without_leaked"] = without
         report["confusion"] = _confusion(emb.labels[qry], pred)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["peak_rss_bytes"] = peak_rss_bytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from carsearch import __version__
+from carsearch.cli.audit import audit
 from carsearch.cli.bench import bench
 from carsearch.cli.common import CONTEXT, Group, load_config_option, setup_logging
 from carsearch.cli.embed import backbones, dataset, embed, project
@@ -42,7 +43,7 @@ def cli(verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-for _command in (embed, project, backbones, dataset, index, search, classify, bench, serve, train):
+for _command in (embed, project, backbones, dataset, index, search, classify, bench, audit, serve, train):
     cli.add_command(_command)
 
 

@@ -100,6 +100,12 @@ def index() -> None:
     help="--tune-head: share of each class held out to choose the epoch and calibrate the threshold.",
 )
 @click.option("--tune-epochs", default=defaults.HEAD_EPOCHS, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--exclude",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="File of image ids to leave out, one per line (e.g. an audit's exclude-duplicates.txt); repeatable.",
+)
 @json_option
 def index_build(
     emb_dirs: tuple[str, ...],
@@ -114,9 +120,12 @@ def index_build(
     tune_head: bool,
     tune_holdout: float,
     tune_epochs: int,
+    exclude: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Build an index over one or more embedding folders (EMB_DIRS) into --out."""
+    if tune_head and exclude:
+        raise click.UsageError("--exclude is not supported with --tune-head yet; build without it.")
     if tune_head:
         from carsearch.train.tuned import build_tuned_index
 
@@ -139,7 +148,16 @@ def index_build(
         from carsearch.index.build import build_index
 
         info = build_index(
-            list(emb_dirs), out, factory, memory_budget, target_recall, calibrate, openset_k, tpr, seed
+            list(emb_dirs),
+            out,
+            factory,
+            memory_budget,
+            target_recall,
+            calibrate,
+            openset_k,
+            tpr,
+            seed,
+            exclude=list(exclude),
         )
     emit(info, as_json, _human_index)
 
@@ -170,13 +188,23 @@ def index_add(index_dir: str, emb_dir: str, as_json: bool) -> None:
 
 @index.command("remove")
 @click.argument("index_dir", type=click.Path(file_okay=False))
-@click.argument("ids", nargs=-1, required=True, type=int)
+@click.argument("ids", nargs=-1, type=int)
+@click.option(
+    "--ids-file",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="File of image ids, one per line (e.g. an audit's suspects.txt); repeatable.",
+)
 @json_option
-def index_remove(index_dir: str, ids: tuple[int, ...], as_json: bool) -> None:
+def index_remove(index_dir: str, ids: tuple[int, ...], ids_file: tuple[str, ...], as_json: bool) -> None:
     """Remove images by id (Flat and IVF indexes; HNSW cannot forget and must be rebuilt)."""
     from carsearch.index.build import remove_from_index
+    from carsearch.index.idlist import read_id_files
 
-    emit(remove_from_index(index_dir, list(ids)), as_json, _human_index)
+    wanted = sorted({*ids, *read_id_files(list(ids_file)).tolist()})
+    if not wanted:
+        raise click.UsageError("give image ids, or --ids-file FILE.")
+    emit(remove_from_index(index_dir, wanted), as_json, _human_index)
 
 
 @index.command("calibrate")

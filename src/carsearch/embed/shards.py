@@ -44,6 +44,16 @@ class ShardRows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def select(self, mask: np.ndarray) -> ShardRows:
+        """The rows where `mask` is true."""
+        rows = np.flatnonzero(mask)
+        return ShardRows(
+            embeddings=self.embeddings[rows],
+            ids=self.ids[rows],
+            class_ids=self.class_ids[rows],
+            **{name: [getattr(self, name)[r] for r in rows] for name in STRING_FIELDS},
+        )
+
 
 def write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict) -> str:
     """Write numeric arrays and utf-8 string lists to `path` atomically, with no timestamps (so the same
@@ -95,6 +105,17 @@ def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
     }
     arrays.update({name: getattr(rows, name) for name in STRING_FIELDS})
     return write_h5(path, arrays, attrs)
+
+
+def read_shard_ids(path: Path) -> np.ndarray:
+    """Only the /ids of a shard."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f["ids"][:]
+    except (OSError, KeyError) as e:
+        raise CarsearchError(
+            f"embedding shard {path} is damaged or not a carsearch shard ({e}); re-run embed."
+        ) from None
 
 
 def read_shard(path: Path) -> tuple[ShardRows, dict]:

@@ -18,6 +18,7 @@ from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
 from carsearch.index.factory import make_index, min_training_points, train, training_rows
+from carsearch.index.idlist import read_id_files
 from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
 from carsearch.index.stream import ShardStream, Source, open_sources
 from carsearch.index.tune import tune_with_truth
@@ -95,8 +96,12 @@ def build_index(
     tpr: float = defaults.TPR,
     seed: int = defaults.SEED,
     max_train: int | None = None,
+    exclude: list[str | Path] | None = None,
 ) -> dict:
     """Build an index over one or more embedding folders, streaming their shards; returns index.json.
+
+    `exclude`: files of image ids (one per line, `#` comments) left out, e.g. an audit's
+    exclude-duplicates.txt or suspects.txt.
 
     Memory follows the index, not the collection: training uses a seeded sample of at most `max_train`
     vectors (by default as many as a quarter of --memory-budget holds, within fixed bounds), and vectors
@@ -107,7 +112,8 @@ def build_index(
         raise CarsearchError("--target-recall must be in (0, 1].")
     out = Path(out).expanduser().resolve()
     sets = open_sources(emb_dirs)
-    stream = ShardStream(sets)
+    excluded = read_id_files(exclude or [])
+    stream = ShardStream(sets, excluded)
     n, d = stream.n, stream.d
     if n == 0:
         raise CarsearchError(
@@ -194,6 +200,15 @@ def build_index(
         },
         "recall": tuned.to_json(target_recall),
         "memory_bytes": index.memory_bytes,
+        "excluded": (
+            {
+                "files": [str(Path(f).resolve()) for f in exclude or []],
+                "ids_listed": len(excluded),
+                "rows_left_out": stream.excluded,
+            }
+            if exclude
+            else None
+        ),
         "openset": openset,
         "versions": library_versions(),
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from carsearch.embed.shards import STRING_FIELDS, ShardRows
+from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard_ids
 from carsearch.embed.store import read_listed_shard, read_manifest
 from carsearch.errors import CarsearchError
 from carsearch.index.store import Gallery
@@ -57,10 +57,22 @@ def open_sources(emb_dirs: list[str | Path]) -> list[Source]:
 class ShardStream:
     """The shards of several embedding folders in one order: folder by folder, shard by shard."""
 
-    def __init__(self, sources: list[Source]) -> None:
+    def __init__(self, sources: list[Source], exclude: np.ndarray | None = None) -> None:
+        """`exclude`: ids left out of every pass (an audit's duplicates or suspects)."""
         self.sources = sources
         self.entries = [(i, s, e) for i, s in enumerate(sources) for e in s.manifest["shards"]]
+        self.exclude = np.unique(np.asarray(exclude, np.int64)) if exclude is not None else None
+        if self.exclude is not None and len(self.exclude) == 0:
+            self.exclude = None
         self.n = sum(e["rows"] for _, _, e in self.entries)
+        self.excluded = 0
+        if self.exclude is not None:
+            # Only the ids are read here (a few bytes a row), so that n is known before pass 1.
+            self.excluded = sum(
+                int(np.isin(read_shard_ids(src.folder / e["file"]), self.exclude).sum())
+                for _, src, e in self.entries
+            )
+            self.n -= self.excluded
         self.d = int(sources[0].provenance["dim"])
 
     def _shards(self, verify: bool) -> Iterator[tuple[int, int, ShardRows]]:
@@ -73,6 +85,8 @@ class ShardStream:
                     f"shard {source.folder / entry['file']} holds {len(rows)} rows, its manifest says "
                     f"{entry['rows']}."
                 )
+            if self.exclude is not None:
+                rows = rows.select(~np.isin(rows.ids, self.exclude))
             yield i, start, rows
             start += len(rows)
 

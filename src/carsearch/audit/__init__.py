@@ -1,0 +1,1 @@
+"""Audit of an embedded collection: duplicates, leakage, label conflicts, mislabelled photos, outliers."""

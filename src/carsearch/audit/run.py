@@ -1,0 +1,213 @@
+"""`carsearch audit`: duplicates, leakage, label conflicts, likely mislabelled photos and outliers of an
+embedding folder, from the embeddings and sha256 digests its shards already hold.
+
+Writes REPORT_DIR/report.json, report.md, index.html (+ thumbs/), and id lists that `index build
+--exclude` and `index remove --ids-file` take: exclude-duplicates.txt (every member of a duplicate group
+but its first), suspects.txt (likely mislabelled + outliers), leaked.txt (the second folder's leaked ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from carsearch import SCHEMA_VERSION, defaults
+from carsearch.audit.scores import label_quality, neighbours, outlier_fence, outlier_scores
+from carsearch.embed.store import EmbeddingSet, load_embeddings
+from carsearch.errors import CarsearchError
+from carsearch.eval.duplicates import components, nearest_in, range_pairs, search_index
+from carsearch.fsutil import write_json_atomic, write_text_atomic
+from carsearch.memwatch import peak_rss_bytes
+from carsearch.progress import Progress
+from carsearch.provenance import check_compatible
+
+log = logging.getLogger(__name__)
+
+REPORT_KIND = "carsearch-audit"
+ID_LISTS = {
+    "duplicates": "exclude-duplicates.txt",
+    "suspects": "suspects.txt",
+    "leaked": "leaked.txt",
+}
+
+
+def _load(folder: str | Path, what: str) -> EmbeddingSet:
+    emb = load_embeddings(folder)
+    if len(emb) == 0:
+        raise CarsearchError(f"{what} {emb.folder} holds no embeddings; run embed on a folder with images.")
+    return emb
+
+
+def member(emb: EmbeddingSet, row: int) -> dict:
+    return {
+        "id": int(emb.ids[row]),
+        "path": str(emb.paths[row]),
+        "label": str(emb.labels[row]),
+    }
+
+
+def audit(
+    emb_dir: str | Path,
+    out: str | Path,
+    queries_dir: str | Path | None = None,
+    *,
+    threshold: float = defaults.NEAR_DUPLICATE_THRESHOLD,
+    k: int = defaults.AUDIT_K,
+    exact: bool | None = None,
+    top: int = defaults.AUDIT_LIST,
+    page: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Audit `emb_dir` (and the leakage of `queries_dir` into it); write the report into `out`."""
+    if not 0 < threshold <= 1:
+        raise CarsearchError("--threshold is a cosine similarity: give a value in (0, 1].")
+    if k < 1:
+        raise CarsearchError("--k must be at least 1.")
+    t0 = time.perf_counter()
+    emb = _load(emb_dir, "the embedding folder")
+    other = _load(queries_dir, "the second embedding folder") if queries_dir else None
+    if other is not None:
+        check_compatible(emb.provenance, other.provenance, str(emb.folder), str(other.folder))
+    out = Path(out).expanduser().resolve()
+    n = len(emb)
+    with Progress(5 if other is not None else 4, "audit", "step", enabled=progress) as bar:
+        index = search_index(emb.vectors, exact)
+        exact_used = index.ntotal == n and not hasattr(index, "nprobe")
+        exact_groups = _exact_groups(emb)
+        bar.update(1)
+        i, j, s = range_pairs(index, emb.vectors, threshold)
+        near = components(n, i, j)
+        pair_sim = {(int(a), int(b)): float(c) for a, b, c in zip(i, j, s, strict=True)}
+        bar.update(1)
+        nb = neighbours(index, emb.vectors, min(k, max(1, n - 1)))
+        quality = label_quality(emb.labels, nb, k)
+        bar.update(1)
+        outlier = outlier_scores(nb)
+        fence = outlier_fence(outlier)
+        bar.update(1)
+        leakage = _leakage(index, emb, other, threshold) if other is not None else None
+        if other is not None:
+            bar.update(1)
+    labelled = emb.labels != ""
+    near_groups = [_group(emb, g, pair_sim) for g in near]
+    conflicts = [gi for gi, g in enumerate(near_groups) if g["conflict"]]
+    mislabel_order = np.argsort(-quality.mislabel_score[labelled], kind="stable")
+    mislabel_rows = np.flatnonzero(labelled)[mislabel_order]
+    flagged = quality.flagged & labelled
+    outlier_rows = np.argsort(outlier, kind="stable")
+    is_outlier = outlier < fence
+    lists = {
+        "duplicates": sorted({int(emb.ids[r]) for g in [*exact_groups, *near] for r in g[1:]}),
+        "suspects": sorted({int(x) for x in emb.ids[flagged | is_outlier]}),
+        "leaked": leakage["leaked_ids"] if leakage else [],
+    }
+    report = {
+        "kind": REPORT_KIND,
+        "schema_version": SCHEMA_VERSION,
+        "folder": str(emb.folder),
+        "queries_folder": str(other.folder) if other is not None else None,
+        "backbone": emb.provenance["backbone"],
+        "settings": {
+            "threshold": threshold,
+            "k": k,
+            "search": "exact (Flat)" if exact_used else f"IVF, nprobe {index.nprobe}",
+            "outlier_fence": round(fence, 4),
+        },
+        "summary": {
+            "images": n,
+            "labelled": int(labelled.sum()),
+            "exact_duplicate_groups": len(exact_groups),
+            "exact_duplicate_images": sum(len(g) for g in exact_groups),
+            "near_duplicate_pairs": len(i),
+            "near_duplicate_groups": len(near),
+            "near_duplicate_images": sum(len(g) for g in near),
+            "label_conflicts": len(conflicts),
+            "likely_mislabelled": int(flagged.sum()),
+            "outliers": int(is_outlier.sum()),
+            **({"leaked_queries": leakage["leaked"], "leakage_rate": leakage["rate"]} if leakage else {}),
+        },
+        "exact_duplicates": [
+            {"sha256": str(emb.sha256[g[0]]), "members": [member(emb, r) for r in g]} for g in exact_groups
+        ],
+        "near_duplicates": near_groups,
+        "label_conflicts": conflicts,
+        "mislabelled": [
+            {
+                **member(emb, r),
+                "score": round(float(quality.mislabel_score[r]), 4),
+                "voted": str(quality.voted[r]),
+                "voted_share": round(float(quality.voted_share[r]), 4),
+                "flagged": bool(flagged[r]),
+            }
+            for r in mislabel_rows[:top]
+        ],
+        "outliers": [
+            {**member(emb, r), "kth_similarity": round(float(outlier[r]), 4), "flagged": bool(is_outlier[r])}
+            for r in outlier_rows[:top]
+        ],
+        "leakage": leakage,
+        "id_lists": {name: ID_LISTS[name] for name in lists},
+        "seconds": 0.0,
+        "peak_rss_bytes": 0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, ids in lists.items():
+        write_text_atomic(out / ID_LISTS[name], "".join(f"{x}\n" for x in ids))
+    if page:
+        from carsearch.audit.page import write_page
+
+        write_page(report, emb, other, out, top)
+    from carsearch.audit.report import markdown
+
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", markdown(report))
+    return report
+
+
+def _exact_groups(emb: EmbeddingSet) -> list[np.ndarray]:
+    """Rows sharing a file sha256 (byte-identical files), largest group first."""
+    by_digest: dict[str, list[int]] = defaultdict(list)
+    for row, digest in enumerate(emb.sha256):
+        if digest:
+            by_digest[str(digest)].append(row)
+    groups = [np.array(rows) for rows in by_digest.values() if len(rows) > 1]
+    return sorted(groups, key=lambda g: (-len(g), int(g[0])))
+
+
+def _group(emb: EmbeddingSet, rows: np.ndarray, pair_sim: dict[tuple[int, int], float]) -> dict:
+    labels = sorted({str(emb.labels[r]) for r in rows if emb.labels[r]})
+    sims = [pair_sim[(a, b)] for a in rows for b in rows if (a, b) in pair_sim]
+    return {
+        "members": [member(emb, r) for r in rows],
+        "min_similarity": round(min(sims), 4),
+        "max_similarity": round(max(sims), 4),
+        "labels": labels,
+        "conflict": len(labels) > 1,
+    }
+
+
+def _leakage(index: object, emb: EmbeddingSet, other: EmbeddingSet, threshold: float) -> dict:
+    """Every photo of the second folder with a near-duplicate in the first."""
+    sims, rows = nearest_in(index, other.vectors)
+    hit = np.flatnonzero(sims >= threshold)
+    order = hit[np.argsort(-sims[hit], kind="stable")]
+    return {
+        "queries": len(other),
+        "leaked": len(hit),
+        "rate": round(len(hit) / len(other), 4),
+        "leaked_ids": sorted(int(x) for x in other.ids[hit]),
+        "pairs": [
+            {
+                "query": member(other, q),
+                "match": member(emb, int(rows[q])),
+                "similarity": round(float(sims[q]), 4),
+            }
+            for q in order
+        ],
+    }

@@ -1,0 +1,89 @@
+"""`carsearch audit`: duplicates, leakage, label conflicts, likely mislabelled photos, outliers."""
+
+from __future__ import annotations
+
+import click
+
+from carsearch import defaults
+from carsearch.cli.common import emit, json_option
+
+
+def _human(r: dict) -> str:
+    s = r["summary"]
+    text = (
+        f"{s['images']} photos audited in {r['seconds']} s (threshold {r['settings']['threshold']}, "
+        f"{r['settings']['search']}):\n"
+        f"  exact duplicates: {s['exact_duplicate_groups']} groups ({s['exact_duplicate_images']} photos)\n"
+        f"  near-duplicates:  {s['near_duplicate_groups']} groups ({s['near_duplicate_images']} photos), "
+        f"{s['label_conflicts']} with conflicting labels\n"
+        f"  likely mislabelled: {s['likely_mislabelled']}; outliers: {s['outliers']}\n"
+    )
+    if "leaked_queries" in s:
+        text += f"  leakage: {s['leaked_queries']} photos of the second folder ({s['leakage_rate']:.1%})\n"
+    return text + f"report: {r['out']}/report.md, page: {r['out']}/index.html"
+
+
+@click.command()
+@click.argument("emb_dir", type=click.Path(file_okay=False))
+@click.argument("queries_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
+@click.option(
+    "--threshold",
+    default=defaults.NEAR_DUPLICATE_THRESHOLD,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Cosine similarity from which two photos are near-duplicates (measured: docs/benchmarks.md).",
+)
+@click.option(
+    "--k",
+    "k",
+    default=defaults.AUDIT_K,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Neighbours that vote on each photo's label; the farthest sets its outlier score.",
+)
+@click.option(
+    "--exact/--approximate",
+    default=None,
+    help=f"Exact search (default up to {defaults.AUDIT_EXACT_LIMIT:,} photos) or IVF above.",
+)
+@click.option(
+    "--top",
+    default=defaults.AUDIT_LIST,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Photos listed per ranked section, and groups shown per section of the page.",
+)
+@click.option("--no-page", is_flag=True, help="Skip index.html and its thumbnails.")
+@json_option
+def audit(
+    emb_dir: str,
+    queries_dir: str | None,
+    out: str,
+    threshold: float,
+    k: int,
+    exact: bool | None,
+    top: int,
+    no_page: bool,
+    as_json: bool,
+) -> None:
+    """Audit EMB_DIR: exact and near-duplicate photos, near-duplicates with different labels, photos whose
+    neighbours vote against their label, outliers; with QUERIES_DIR, its photos that leak into EMB_DIR.
+
+    Writes report.json, report.md, index.html and id lists for `index build --exclude` into --out.
+    """
+    from pathlib import Path
+
+    from carsearch.audit.run import audit as run_audit
+
+    report = run_audit(
+        emb_dir, out, queries_dir, threshold=threshold, k=k, exact=exact, top=top, page=not no_page
+    )
+    summary = {
+        "out": str(Path(out).resolve()),
+        "seconds": report["seconds"],
+        "settings": report["settings"],
+        "summary": report["summary"],
+        "id_lists": report["id_lists"],
+    }
+    emit(summary, as_json, _human)

@@ -1,0 +1,238 @@
+"""`carsearch audit` against oracles on small real sets: planted duplicates, brute-force range search,
+flipped labels, leakage between two folders, the page in Chromium, refusals, and the id lists it writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from carsearch.audit.run import audit
+from carsearch.cli import cli
+from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.store import write_embedding_set
+from carsearch.errors import CarsearchError, ProvenanceMismatch
+from carsearch.eval.duplicates import components, range_pairs, search_index
+from carsearch.index.store import open_bundle
+from tests.conftest import DEV, pick, write_csv_dataset
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+CLASSES = [1, 100, 106, 146, 196]  # a Hummer, a FIAT 500, a Ford pick-up, a Jeep, a smart: 20 photos each
+T = 0.9
+
+
+def _plant(root: Path, rows: list[dict], n: int) -> list[tuple[str, str]]:
+    """Edited copies of the first n photos (mirror, JPEG q20, resize, crop) + one byte-for-byte copy."""
+    pairs = []
+    for k, row in enumerate(rows[:n]):
+        with Image.open(DEV / row["image"]) as im:
+            img = ImageOps.exif_transpose(im).convert("RGB")
+        edit = k % 4
+        if edit == 0:
+            img = ImageOps.mirror(img)
+        elif edit == 2:
+            img = img.resize((img.width * 3 // 5, img.height * 3 // 5))
+        elif edit == 3:
+            img = img.crop((img.width // 25, img.height // 25, img.width * 24 // 25, img.height * 24 // 25))
+        name = f"images/planted{k}.jpg"
+        img.save(root / name, quality=20 if edit == 1 else 90)
+        pairs.append((row["image"], name))
+    shutil.copyfile(DEV / rows[n]["image"], root / "images" / "copy.jpg")
+    pairs.append((rows[n]["image"], "images/copy.jpg"))
+    with open(root / "labels.csv", "a") as f:
+        for k, (orig, name) in enumerate(pairs):
+            cls = next(r for r in rows if r["image"] == orig)["class_id"]
+            f.write(f"{name},{cls},c{k}\n")
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    """100 real photos (5 classes x 20), 5 planted near-duplicates and one exact copy, embedded (lite0)."""
+    tmp = tmp_path_factory.mktemp("audit")
+    rows = pick(CLASSES, 20)
+    root = write_csv_dataset(tmp / "data", rows)
+    pairs = _plant(root, rows[::7], 5)
+    embed_dataset(root, tmp / "emb", backbone="efficientnet_lite0", progress=False)
+    return tmp / "emb", pairs
+
+
+def test_range_search_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 32)).astype(np.float32)
+    x = np.concatenate([base, base[:60] + 0.15 * rng.normal(size=(60, 32)).astype(np.float32)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    want = {(a, b) for a, b in zip(*np.nonzero(sims >= 0.8), strict=True) if a < b}
+    i, j, s = range_pairs(search_index(x, exact=True), x, 0.8, batch=97)
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == want and len(want) >= 60
+    np.testing.assert_allclose(s, sims[i, j], rtol=1e-5)
+    # The groups are the connected components of the pairs.
+    groups = components(len(x), i, j)
+    assert sum(len(g) for g in groups) == len({v for p in want for v in p})
+    # Above the exact limit: IVF finds (nearly) the same pairs and never invents one.
+    i2, j2, _ = range_pairs(search_index(x, exact=False), x, 0.8)
+    found = set(zip(i2.tolist(), j2.tolist(), strict=True))
+    assert found <= want and len(found) >= 0.95 * len(want)
+
+
+def test_planted_duplicates_found_grouped_and_listed(planted: tuple[Path, list], tmp_path: Path) -> None:
+    emb_dir, pairs = planted
+    r = audit(emb_dir, tmp_path / "r", progress=False, page=False)
+    emb = load_embeddings(emb_dir)
+    id_of = {str(p): int(i) for p, i in zip(emb.paths, emb.ids, strict=True)}
+    group_of = {m["id"]: gi for gi, g in enumerate(r["near_duplicates"]) for m in g["members"]}
+    for orig, copy in pairs:
+        assert group_of.get(id_of[orig]) is not None and group_of.get(id_of[orig]) == group_of.get(
+            id_of[copy]
+        )
+    # The byte-for-byte copy is the one exact group (the shards' sha256 digests).
+    assert [sorted(m["path"] for m in g["members"]) for g in r["exact_duplicates"]] == [sorted(pairs[-1])]
+    # Every near-duplicate pair is above the threshold, by the vectors themselves.
+    for g in r["near_duplicates"]:
+        assert g["max_similarity"] >= g["min_similarity"] >= T
+    # The exclusion list keeps one photo per group: the rest of each group, and only those.
+    excluded = {int(x) for x in (tmp_path / "r" / "exclude-duplicates.txt").read_text().split()}
+    want = {m["id"] for g in r["near_duplicates"] for m in g["members"][1:]}
+    assert excluded == want and len(excluded) >= len(pairs)
+
+
+def test_mislabel_score_ranks_flipped_labels_first(planted: tuple[Path, list], tmp_path: Path) -> None:
+    emb = load_embeddings(planted[0])
+    real = np.flatnonzero([p.startswith("images/0") for p in emb.paths])  # the 100 photos, no plants
+    emb = emb.subset(real)
+    rng = np.random.default_rng(0)
+    flips = rng.choice(len(emb), 3, replace=False)
+    labels = emb.labels.copy()
+    for f in flips:
+        others = np.unique(labels[labels != emb.labels[f]])
+        labels[f] = others[rng.integers(len(others))]
+    write_embedding_set(replace(emb, labels=labels), tmp_path / "noisy", "3 labels flipped for a test")
+    r = audit(tmp_path / "noisy", tmp_path / "r", progress=False, page=False)
+    ranked = [m["id"] for m in r["mislabelled"]]
+    flipped = {int(emb.ids[f]) for f in flips}
+    assert ranked[0] in flipped and flipped <= set(ranked[: 2 * len(flips)])
+    assert all(m["flagged"] for m in r["mislabelled"] if m["id"] in flipped)
+    suspects = {int(x) for x in (tmp_path / "r" / "suspects.txt").read_text().split()}
+    assert flipped <= suspects
+
+
+def test_leakage_between_two_folders(planted: tuple[Path, list], tmp_path: Path) -> None:
+    emb_dir = planted[0]
+    # A second collection: 3 photos of the first (as files), 1 planted mirror of a 4th, 6 of other classes.
+    shared = pick(CLASSES, 20)[:3]
+    other = pick([7, 50, 151], 2)
+    root = write_csv_dataset(tmp_path / "q", shared + other)
+    _plant(root, pick(CLASSES, 20)[10:], 1)  # a mirror of photo 10 (and a byte copy of photo 11)
+    embed_dataset(root, tmp_path / "qemb", backbone="efficientnet_lite0", id_start=10_000, progress=False)
+    r = audit(emb_dir, tmp_path / "r", tmp_path / "qemb", progress=False, page=False)
+    gallery, queries = load_embeddings(emb_dir), load_embeddings(tmp_path / "qemb")
+    best = (queries.vectors @ gallery.vectors.T).max(axis=1)  # the oracle
+    want = {int(i) for i, b in zip(queries.ids, best, strict=True) if b >= T}
+    must = {
+        int(i) for i, p in zip(queries.ids, queries.paths, strict=True) if p in {s["image"] for s in shared}
+    }
+    must |= {int(i) for i, p in zip(queries.ids, queries.paths, strict=True) if "planted" in p or "copy" in p}
+    assert len(must) == 5 and must <= want
+    assert set(r["leakage"]["leaked_ids"]) == want
+    assert r["summary"]["leaked_queries"] == len(want)
+    assert r["summary"]["leakage_rate"] == pytest.approx(len(want) / len(queries), abs=1e-4)
+    listed = {int(x) for x in (tmp_path / "r" / "leaked.txt").read_text().split()}
+    assert listed == want
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_page_renders_in_chromium(planted: tuple[Path, list], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    r = audit(planted[0], tmp_path / "r", progress=False, top=4)
+    page_file = tmp_path / "r" / "index.html"
+    assert "http://" not in page_file.read_text() and "https://" not in page_file.read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            # Tall enough that every lazily loaded thumbnail is in view.
+            page = browser.new_page(viewport={"width": 1280, "height": 20000})
+            page.goto(page_file.as_uri())
+            page.wait_for_function("[...document.images].every(i => i.complete)")
+            assert page.locator("#exact .group").count() == len(r["exact_duplicates"]) == 1
+            assert page.locator("#near .group").count() == min(4, len(r["near_duplicates"]))
+            assert page.locator("#mislabelled .group").count() == 4
+            # Every thumbnail loaded (a broken one has naturalWidth 0).
+            widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+            assert widths and all(w > 0 for w in widths)
+        finally:
+            browser.close()
+
+
+def test_bad_input_refused_in_one_sentence(planted: tuple[Path, list], tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "nothing").mkdir()
+    res = runner.invoke(cli, ["audit", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and "Traceback" not in res.output and "manifest" in res.output
+    # Another backbone in the second folder: refused, naming the field.
+    root = write_csv_dataset(tmp_path / "q", pick([1], 2))
+    embed_dataset(root, tmp_path / "lite1", backbone="efficientnet_lite1", progress=False)
+    with pytest.raises(ProvenanceMismatch, match="backbone"):
+        audit(planted[0], tmp_path / "r", tmp_path / "lite1", progress=False)
+    res = runner.invoke(
+        cli, ["audit", str(planted[0]), str(tmp_path / "lite1"), "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code != 0 and "different backbone" in res.output and "Traceback" not in res.output
+    # A folder whose every image failed holds no embeddings.
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "images" / "x.jpg").write_bytes(b"not a jpeg")
+    (bad / "labels.csv").write_text("image,class_id,class_name\nimages/x.jpg,1,Some Car 2012\n")
+    embed_dataset(bad, tmp_path / "empty", backbone="efficientnet_lite0", progress=False)
+    with pytest.raises(CarsearchError, match="holds no embeddings"):
+        audit(tmp_path / "empty", tmp_path / "r", progress=False)
+
+
+def test_index_build_exclude_and_remove_ids_file(planted: tuple[Path, list], tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(cli, ["audit", str(planted[0]), "--out", str(tmp_path / "r"), "--no-page", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    drop = tmp_path / "r" / "exclude-duplicates.txt"
+    dropped = {int(x) for x in drop.read_text().split()}
+    res = runner.invoke(
+        cli,
+        [
+            "index",
+            "build",
+            str(planted[0]),
+            "--out",
+            str(tmp_path / "idx"),
+            "--factory",
+            "Flat",
+            "--exclude",
+            str(drop),
+            "--no-calibrate",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    bundle = open_bundle(tmp_path / "idx")
+    n = summary["summary"]["images"]
+    assert bundle.index.faiss.ntotal == n - len(dropped) and info["excluded"]["rows_left_out"] == len(dropped)
+    assert not dropped & set(bundle.gallery.ids.tolist())
+    # The suspects, removed from a built index by file.
+    suspects = tmp_path / "r" / "suspects.txt"
+    gone = {int(x) for x in suspects.read_text().split()} - dropped
+    res = runner.invoke(cli, ["index", "remove", str(tmp_path / "idx"), "--ids-file", str(suspects)])
+    assert res.exit_code == 0, res.output
+    assert open_bundle(tmp_path / "idx").index.faiss.ntotal == n - len(dropped) - len(gone)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("12\nnot-an-id\n")
+    res = runner.invoke(
+        cli, ["index", "build", str(planted[0]), "--out", str(tmp_path / "i2"), "--exclude", str(bad)]
+    )
+    assert res.exit_code != 0 and "line 2" in res.output
