@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
+from carsearch import defaults
 from carsearch.audit.run import audit
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
@@ -114,13 +115,18 @@ def test_mislabel_score_ranks_flipped_labels_first(planted: tuple[Path, list], t
         others = np.unique(labels[labels != emb.labels[f]])
         labels[f] = others[rng.integers(len(others))]
     write_embedding_set(replace(emb, labels=labels), tmp_path / "noisy", "3 labels flipped for a test")
-    r = audit(tmp_path / "noisy", tmp_path / "r", progress=False, page=False)
+    r = audit(tmp_path / "noisy", tmp_path / "r", progress=False, page=False, top=1000)
     ranked = [m["id"] for m in r["mislabelled"]]
+    assert len(ranked) == len(emb)
     flipped = {int(emb.ids[f]) for f in flips}
     assert ranked[0] in flipped and flipped <= set(ranked[: 2 * len(flips)])
-    assert all(m["flagged"] for m in r["mislabelled"] if m["id"] in flipped)
-    suspects = {int(x) for x in (tmp_path / "r" / "suspects.txt").read_text().split()}
-    assert flipped <= suspects
+    # suspects.txt: the flagged photos of both lists, and only those.
+    for m in r["mislabelled"]:
+        assert m["flagged"] == (m["score"] >= defaults.AUDIT_MISLABEL_FLAG)
+    flagged = {m["id"] for m in r["mislabelled"] if m["flagged"]} | {
+        m["id"] for m in r["outliers"] if m["flagged"]
+    }
+    assert {int(x) for x in (tmp_path / "r" / "suspects.txt").read_text().split()} == flagged
 
 
 def test_leakage_between_two_folders(planted: tuple[Path, list], tmp_path: Path) -> None:
@@ -224,10 +230,12 @@ def test_index_build_exclude_and_remove_ids_file(planted: tuple[Path, list], tmp
     n = summary["summary"]["images"]
     assert bundle.index.faiss.ntotal == n - len(dropped) and info["excluded"]["rows_left_out"] == len(dropped)
     assert not dropped & set(bundle.gallery.ids.tolist())
-    # The suspects, removed from a built index by file.
-    suspects = tmp_path / "r" / "suspects.txt"
-    gone = {int(x) for x in suspects.read_text().split()} - dropped
-    res = runner.invoke(cli, ["index", "remove", str(tmp_path / "idx"), "--ids-file", str(suspects)])
+    # Suspects (and two more ids, so that the list is never empty) removed from the built index by file.
+    held = sorted(set(bundle.gallery.ids.tolist()))
+    gone = ({int(x) for x in (tmp_path / "r" / "suspects.txt").read_text().split()} - dropped) | set(held[:2])
+    ids_file = tmp_path / "remove.txt"
+    ids_file.write_text("# suspects\n" + "".join(f"{i}\n" for i in sorted(gone)))
+    res = runner.invoke(cli, ["index", "remove", str(tmp_path / "idx"), "--ids-file", str(ids_file)])
     assert res.exit_code == 0, res.output
     assert open_bundle(tmp_path / "idx").index.faiss.ntotal == n - len(dropped) - len(gone)
     bad = tmp_path / "bad.txt"
@@ -236,3 +244,50 @@ def test_index_build_exclude_and_remove_ids_file(planted: tuple[Path, list], tmp
         cli, ["index", "build", str(planted[0]), "--out", str(tmp_path / "i2"), "--exclude", str(bad)]
     )
     assert res.exit_code != 0 and "line 2" in res.output
+
+
+def test_vectorised_vote_equals_the_classifiers_vote(planted: tuple[Path, list]) -> None:
+    """label_quality (all rows at once) against eval.vote.ranked_votes, row by row, some rows unlabelled."""
+    from carsearch.audit.scores import label_quality, neighbours
+    from carsearch.eval.vote import ranked_votes
+
+    emb = load_embeddings(planted[0])
+    labels = emb.labels.copy()
+    labels[::7] = ""
+    nb = neighbours(search_index(emb.vectors), emb.vectors, 15)
+    q = label_quality(labels, nb, 15, with_probs=True)
+    for i in range(len(labels)):
+        votes = ranked_votes(labels, nb.sims[i], nb.rows[i], 15)
+        if not labels[i]:
+            assert q.own_share[i] == 0 and q.voted[i] == ""
+            continue
+        assert q.own_share[i] == pytest.approx(dict(votes).get(labels[i], 0.0), abs=1e-9)
+        assert q.voted_share[i] == pytest.approx(votes[0][1], abs=1e-9)
+        assert q.probs[i].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_near_pairs_reusing_neighbours_equal_range_search(exact: bool) -> None:
+    """Rows with k neighbours above the threshold are range-searched, the others read from their kNN list:
+    the pairs are those of a range search over every row (Flat), or of one with the same index (IVF)."""
+    from carsearch.audit.scores import neighbours
+    from carsearch.eval.duplicates import near_pairs
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(2500, 32)).astype(np.float32)
+    groups = np.repeat(base[:40], 6, axis=0) + 0.1 * rng.normal(size=(240, 32)).astype(np.float32)
+    x = np.concatenate([base, groups])  # 40 groups of 7 near-copies (k = 3 is too few for them)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = search_index(x, exact=exact)
+    nb = neighbours(index, x, 3)
+    assert (nb.sims[:, -1] >= 0.8).sum() >= 200 and (nb.sims[:, -1] < 0.8).sum() >= 2000  # both paths
+    i, j, s = near_pairs(index, x, 0.8, nb.sims, nb.rows)
+    ri, rj, _ = range_pairs(index, x, 0.8)
+    got = set(zip(i.tolist(), j.tolist(), strict=True))
+    want = set(zip(ri.tolist(), rj.tolist(), strict=True))
+    if exact:
+        sims = x @ x.T
+        assert got == want == {(a, b) for a, b in zip(*np.nonzero(sims >= 0.8), strict=True) if a < b}
+    else:  # quantised similarities differ a little by direction: a pair at the threshold may go either way
+        assert len(got ^ want) <= 0.01 * len(want) and len(want) >= 40 * 21
+    assert (i < j).all() and len(got) == len(i) and (s >= 0.8).all()

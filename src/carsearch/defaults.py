@@ -98,9 +98,23 @@ RAY_SHARD_ATTEMPTS = 3
 
 # Audit (carsearch audit, bench's leakage check).
 NEAR_DUPLICATE_THRESHOLD = 0.90  # cosine; measured on planted pairs, docs/benchmarks.md (audit)
-AUDIT_K = 10  # neighbours that vote on a photo's label, and whose farthest sets its outlier score
+AUDIT_VOTE_K = 50  # neighbours voting on a photo's label (AUROC of flipped labels rises with k up to
+# ~50 on the dev set, flip seed 0: k 10 0.848, 30 0.916, 50 0.940, 60 0.944; docs/benchmarks.md (audit))
+# Flagged as likely mislabelled (suspects.txt): mislabel score >= this. Dev set, 5% flipped (seed 0), frozen
+# lite0, k 50: 623 flagged, precision 0.377 (7.5x the 5% base rate), recall 0.855; 0.95: 0.141 / 0.982.
+AUDIT_MISLABEL_FLAG = 0.99
+AUDIT_OUTLIER_K = 10  # outlier score: similarity to this neighbour
 AUDIT_EXACT_LIMIT = 50_000  # up to this many vectors, exact (Flat) search; above, IVF
 AUDIT_NPROBE = 16  # IVF cells searched above AUDIT_EXACT_LIMIT
 AUDIT_LIST = 50  # photos listed per ranked section (mislabelled, outliers) and groups shown on the page
 AUDIT_OUTLIER_IQR = 3.0  # outlier: k-th neighbour similarity below Q1 - 3 IQR (Tukey's far-out fence)
 EXACT_COPY_SIMILARITY = 0.9999  # cosine from which two embeddings are the same photo (float noise aside)
+
+# Filtered search (make / model / year).
+FILTER_EXACT_LIMIT = 20_000  # allowed ids up to this many: exact search over their stored vectors
+FILTER_MAX_EF = 4096  # HNSW efSearch ceiling when a filter leaves out most of the index
+
+# Server batching and batch queries.
+SERVE_BATCH = 16  # queries sharing one forward pass at most (1 = no batching)
+SERVE_BATCH_WAIT_MS = 5.0  # how long a batch waits for queries still being decoded
+SERVE_MAX_QUERIES = 32  # images in one POST /api/search

@@ -17,7 +17,8 @@ def markdown(r: dict) -> str:
         "# carsearch audit",
         "",
         f"Folder `{r['folder']}`: {s['images']} photos ({s['labelled']} labelled), backbone {r['backbone']}.",
-        f"Near-duplicate threshold: cosine >= {st['threshold']}; k = {st['k']} neighbours; search "
+        f"Near-duplicate threshold: cosine >= {st['threshold']}; {st['k']} neighbours vote, outliers by the "
+        f"{st['outlier_k']}th; search "
         f"{st['search']}; outlier fence {st['outlier_fence']}. Took {r['seconds']} s, peak memory "
         f"{human_bytes(r['peak_rss_bytes'])}.",
         "",

@@ -13,13 +13,20 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from carsearch import SCHEMA_VERSION, defaults
 from carsearch.audit.scores import label_quality, neighbours, outlier_fence, outlier_scores
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
-from carsearch.eval.duplicates import components, nearest_in, range_pairs, search_index
+from carsearch.eval.duplicates import (
+    components,
+    near_pairs,
+    nearest_in,
+    search_index,
+    search_index_bytes,
+)
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.memwatch import peak_rss_bytes
 from carsearch.progress import Progress
@@ -56,7 +63,8 @@ def audit(
     queries_dir: str | Path | None = None,
     *,
     threshold: float = defaults.NEAR_DUPLICATE_THRESHOLD,
-    k: int = defaults.AUDIT_K,
+    k: int = defaults.AUDIT_VOTE_K,
+    outlier_k: int = defaults.AUDIT_OUTLIER_K,
     exact: bool | None = None,
     top: int = defaults.AUDIT_LIST,
     page: bool = True,
@@ -65,8 +73,8 @@ def audit(
     """Audit `emb_dir` (and the leakage of `queries_dir` into it); write the report into `out`."""
     if not 0 < threshold <= 1:
         raise CarsearchError("--threshold is a cosine similarity: give a value in (0, 1].")
-    if k < 1:
-        raise CarsearchError("--k must be at least 1.")
+    if k < 1 or outlier_k < 1:
+        raise CarsearchError("--k and --outlier-k must be at least 1.")
     t0 = time.perf_counter()
     emb = _load(emb_dir, "the embedding folder")
     other = _load(queries_dir, "the second embedding folder") if queries_dir else None
@@ -74,24 +82,37 @@ def audit(
         check_compatible(emb.provenance, other.provenance, str(emb.folder), str(other.folder))
     out = Path(out).expanduser().resolve()
     n = len(emb)
-    with Progress(5 if other is not None else 4, "audit", "step", enabled=progress) as bar:
-        index = search_index(emb.vectors, exact)
-        exact_used = index.ntotal == n and not hasattr(index, "nprobe")
-        exact_groups = _exact_groups(emb)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
         bar.update(1)
-        i, j, s = range_pairs(index, emb.vectors, threshold)
+
+    with Progress(6 if other is not None else 5, "audit", "step", enabled=progress) as bar:
+        timings["load"] = round(time.perf_counter() - t0, 2)
+        index = search_index(emb.vectors, exact)
+        exact_used = isinstance(index, faiss.IndexFlat)
+        step("index")
+        depth = min(max(k, outlier_k), max(1, n - 1))
+        # One kNN search serves the vote, the outlier score, and most of the near-duplicate pairs.
+        nb = neighbours(index, emb.vectors, depth)
+        step("neighbours")
+        exact_groups = _exact_groups(emb)
+        i, j, s = near_pairs(index, emb.vectors, threshold, nb.sims, nb.rows)
         near = components(n, i, j)
         pair_sim = {(int(a), int(b)): float(c) for a, b, c in zip(i, j, s, strict=True)}
-        bar.update(1)
-        nb = neighbours(index, emb.vectors, min(k, max(1, n - 1)))
+        step("duplicates")
         quality = label_quality(emb.labels, nb, k)
-        bar.update(1)
-        outlier = outlier_scores(nb)
+        step("votes")
+        outlier = outlier_scores(nb, outlier_k)
         fence = outlier_fence(outlier)
-        bar.update(1)
+        step("outliers")
         leakage = _leakage(index, emb, other, threshold) if other is not None else None
         if other is not None:
-            bar.update(1)
+            step("leakage")
     labelled = emb.labels != ""
     near_groups = [_group(emb, g, pair_sim) for g in near]
     conflicts = [gi for gi, g in enumerate(near_groups) if g["conflict"]]
@@ -114,6 +135,7 @@ def audit(
         "settings": {
             "threshold": threshold,
             "k": k,
+            "outlier_k": outlier_k,
             "search": "exact (Flat)" if exact_used else f"IVF, nprobe {index.nprobe}",
             "outlier_fence": round(fence, 4),
         },
@@ -152,6 +174,8 @@ def audit(
         "leakage": leakage,
         "id_lists": {name: ID_LISTS[name] for name in lists},
         "seconds": 0.0,
+        "timings": timings,
+        "index_bytes": search_index_bytes(index),
         "peak_rss_bytes": 0,
     }
     out.mkdir(parents=True, exist_ok=True)

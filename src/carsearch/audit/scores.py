@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+from scipy.sparse import coo_matrix
 
 from carsearch import defaults
 from carsearch.eval.neighbors import drop_self
-from carsearch.eval.vote import ranked_votes
 
 
 @dataclass
@@ -55,40 +55,56 @@ class LabelQuality:
 
     @property
     def flagged(self) -> np.ndarray:
-        """Likely mislabelled: the neighbours' vote goes to another label, by a majority."""
-        return (self.voted_share >= 0.5) & (self.own_share < self.voted_share)
+        """Likely mislabelled: the photo's own label gets (almost) none of its neighbours' vote."""
+        return self.mislabel_score >= defaults.AUDIT_MISLABEL_FLAG
 
 
 def label_quality(
     labels: np.ndarray,
     nb: Neighbours,
-    k: int = defaults.AUDIT_K,
+    k: int = defaults.AUDIT_VOTE_K,
     temperature: float = defaults.TEMPERATURE,
     with_probs: bool = False,
 ) -> LabelQuality:
-    """The weighted kNN vote of each labelled row's neighbours (unlabelled rows score 0 and vote for "")."""
+    """The weighted kNN vote (eval.vote's: weight exp(cos / T), unlabelled neighbours abstain) of every
+    row's neighbours, for all rows at once; unlabelled rows score 0 and vote for "". A tie for the winning
+    label goes to the alphabetically first (eval.vote prefers the one ranked first)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
     n = len(labels)
-    own, voted, voted_share = np.zeros(n), np.full(n, "", dtype=object), np.zeros(n)
-    classes = np.unique(labels[labels != ""]) if with_probs else None
-    col = {c: i for i, c in enumerate(classes)} if classes is not None else {}
-    probs = np.zeros((n, len(col))) if with_probs else None
-    for i in range(n):
-        if not labels[i]:
-            continue
-        votes = ranked_votes(labels, nb.sims[i], nb.rows[i], k, temperature)
-        shares = dict(votes)
-        own[i] = shares.get(labels[i], 0.0)
-        if votes:
-            voted[i], voted_share[i] = votes[0]
-        if probs is not None:
-            for label, share in votes:
-                probs[i, col[label]] = share
+    names, codes = np.unique(labels.astype(str), return_inverse=True)
+    rows, sims = nb.rows[:, :k], nb.sims[:, :k].astype(np.float64)
+    valid = rows >= 0
+    ncode = np.where(valid, codes[rows.clip(min=0)], -1)
+    if len(names) and names[0] == "":  # "" sorts first: unlabelled neighbours do not vote
+        valid &= ncode != 0
+    top = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True) if k else np.zeros((n, 1))
+    top = np.where(np.isfinite(top), top, 0.0)  # the shift leaves the shares unchanged, keeps exp() finite
+    w = np.where(valid, np.exp((np.where(valid, sims, 0.0) - top) / temperature), 0.0)
+    total = w.sum(axis=1)
+    has_vote = (total > 0) & (labels != "")
+    own = np.where(has_vote, (w * (ncode == codes[:, None])).sum(axis=1) / np.where(total > 0, total, 1), 0.0)
+    flat = valid.ravel()
+    sums = coo_matrix(
+        (w.ravel()[flat], (np.repeat(np.arange(n), rows.shape[1])[flat], ncode.ravel()[flat])),
+        shape=(n, max(1, len(names))),
+    ).tocsr()  # duplicates summed: per row, each label's weight
+    best = np.asarray(sums.argmax(axis=1)).ravel()
+    best_w = np.asarray(sums.max(axis=1).todense()).ravel()
+    voted = np.where(has_vote, names[best] if len(names) else "", "").astype(object)
+    voted_share = np.where(has_vote, best_w / np.where(total > 0, total, 1), 0.0)
+    probs = classes = None
+    if with_probs:
+        keep = names != ""
+        classes = names[keep]
+        probs = sums.toarray()[:, keep] / np.where(total > 0, total, 1)[:, None]
+        probs[~has_vote] = 0.0
     return LabelQuality(own, voted, voted_share, probs, classes)
 
 
-def outlier_scores(nb: Neighbours) -> np.ndarray:
-    """Similarity to the k-th neighbour (the farthest kept): low = unlike any other photo."""
-    kth = nb.sims[:, -1].copy()
+def outlier_scores(nb: Neighbours, k: int = defaults.AUDIT_OUTLIER_K) -> np.ndarray:
+    """Similarity to the k-th neighbour (or the farthest found, in a smaller set): low = unlike any other."""
+    kth = nb.sims[:, min(k, nb.sims.shape[1]) - 1].copy()
     return np.where(np.isfinite(kth), kth, -1.0)
 
 

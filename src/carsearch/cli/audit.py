@@ -37,10 +37,17 @@ def _human(r: dict) -> str:
 @click.option(
     "--k",
     "k",
-    default=defaults.AUDIT_K,
+    default=defaults.AUDIT_VOTE_K,
     show_default=True,
     type=click.IntRange(1),
-    help="Neighbours that vote on each photo's label; the farthest sets its outlier score.",
+    help="Neighbours that vote on each photo's label (the mislabel score).",
+)
+@click.option(
+    "--outlier-k",
+    default=defaults.AUDIT_OUTLIER_K,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Outlier score: similarity to this neighbour.",
 )
 @click.option(
     "--exact/--approximate",
@@ -62,6 +69,7 @@ def audit(
     out: str,
     threshold: float,
     k: int,
+    outlier_k: int,
     exact: bool | None,
     top: int,
     no_page: bool,
@@ -77,7 +85,15 @@ def audit(
     from carsearch.audit.run import audit as run_audit
 
     report = run_audit(
-        emb_dir, out, queries_dir, threshold=threshold, k=k, exact=exact, top=top, page=not no_page
+        emb_dir,
+        out,
+        queries_dir,
+        threshold=threshold,
+        k=k,
+        outlier_k=outlier_k,
+        exact=exact,
+        top=top,
+        page=not no_page,
     )
     summary = {
         "out": str(Path(out).resolve()),

@@ -3,8 +3,9 @@ matrix), their connected components, and leakage of one set's photos into anothe
 
 Memory follows the index plus one batch of queries' results, not the number of pairs: range search runs
 `batch` queries at a time and keeps only the pairs it finds. Up to `defaults.AUDIT_EXACT_LIMIT` vectors
-the index is exact (Flat); above it an IVF index (nprobe cells out of ~4 sqrt(n)) finds the pairs, which
-near-duplicates, sitting almost on top of each other, share a cell with.
+the index is exact (Flat); above it an IVF index with 8-bit scalar-quantised vectors (a quarter of the
+memory, and scanning is memory-bound: twice as fast as IVF-Flat at 300k x 1280, recall@51 0.99 of it)
+searches nprobe cells out of ~2 sqrt(n); near-duplicates, sitting almost on top of each other, share one.
 """
 
 from __future__ import annotations
@@ -29,14 +30,22 @@ def search_index(vectors: np.ndarray, exact: bool | None = None, seed: int = def
     if exact:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = max(1, min(n // 39, int(4 * math.sqrt(n))))
-        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        nlist = max(1, min(n // 39, int(2 * math.sqrt(n))))
+        index = faiss.index_factory(d, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+        sample = x[np.sort(rng.choice(n, size=min(n, 50 * nlist), replace=False))]
         index.train(sample)
         index.nprobe = min(nlist, defaults.AUDIT_NPROBE)
     index.add(x)
     return index
+
+
+def search_index_bytes(index: faiss.Index) -> int:
+    """Memory of a `search_index` index: its vectors (1 byte a value in IVF-SQ8), plus ids, centroids and
+    the quantiser's ranges for IVF (computed, not serialised: no copy made)."""
+    if isinstance(index, faiss.IndexIVF):
+        return index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4 + 2 * index.d * 4
+    return index.ntotal * index.d * 4
 
 
 def range_pairs(
@@ -45,14 +54,17 @@ def range_pairs(
     threshold: float,
     self_search: bool = True,
     batch: int = 4096,
+    query_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (query row, index row, similarity) with similarity >= threshold. With `self_search` the
-    queries are the indexed vectors themselves: each pair is reported once (i < j), never (i, i)."""
+    queries are the indexed vectors themselves: each pair is reported once (i < j), never (i, i).
+    `query_rows`: the indexed rows the queries are, when they are a subset of them."""
     q = np.ascontiguousarray(queries, np.float32)
+    where = np.arange(len(q)) if query_rows is None else np.asarray(query_rows, np.int64)
     out_i, out_j, out_s = [], [], []
     for start in range(0, len(q), batch):
         lims, sims, ids = index.range_search(q[start : start + batch], float(threshold))
-        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+        rows = np.repeat(where[start : start + len(lims) - 1], np.diff(lims.astype(np.int64)))
         keep = rows < ids if self_search else np.ones(len(ids), dtype=bool)
         out_i.append(rows[keep])
         out_j.append(ids[keep])
@@ -62,6 +74,35 @@ def range_pairs(
     i, j, s = np.concatenate(out_i), np.concatenate(out_j).astype(np.int64), np.concatenate(out_s)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
+
+
+def near_pairs(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    threshold: float,
+    nb_sims: np.ndarray,
+    nb_rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`range_pairs(index, vectors, threshold)` (self-search), reusing each row's k nearest neighbours
+    (itself left out) found by the same index: a row whose k-th neighbour is below the threshold has all
+    its pairs among them, so only rows with k neighbours at or above it are range-searched."""
+    full = nb_sims[:, -1] >= threshold if nb_sims.shape[1] else np.ones(len(vectors), dtype=bool)
+    r, c = np.nonzero((nb_sims >= threshold) & ~full[:, None] & (nb_rows >= 0))
+    i, j, s = r, nb_rows[r, c], nb_sims[r, c]
+    rows = np.flatnonzero(full)
+    if len(rows):
+        ri, rj, rs = range_pairs(index, vectors[rows], threshold, self_search=False, query_rows=rows)
+        keep = ri != rj
+        i, j, s = np.concatenate([i, ri[keep]]), np.concatenate([j, rj[keep]]), np.concatenate([s, rs[keep]])
+    a, b = np.minimum(i, j), np.maximum(i, j)
+    if len(a) == 0:
+        return a.astype(np.int64), b.astype(np.int64), s.astype(np.float32)
+    # Each pair once (found from both ends), with the larger of its two similarity estimates.
+    order = np.lexsort((-s, b, a))
+    a, b, s = a[order], b[order], s[order]
+    first = np.ones(len(a), dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[first].astype(np.int64), b[first].astype(np.int64), s[first].astype(np.float32)
 
 
 def components(n: int, i: np.ndarray, j: np.ndarray) -> list[np.ndarray]:
