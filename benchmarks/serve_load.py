@@ -1,11 +1,11 @@
-"""Bounded load on `carsearch serve`, on loopback only: requests/s, p50/p99 latency, errors.
+"""Bounded load on `carsearch serve`, on loopback only: dynamic batching off and on, side by side.
 
-Starts `carsearch serve` as a separate process on a free 127.0.0.1 port, sends N POST /api/search
-requests (real dev photos) from C concurrent clients, then stops it. Baseline in the same run: the same
-classifications through the Python API (Searcher.classify, one photo at a time, no HTTP), so the ratio
-shows what the HTTP layer costs.
+For each setting (`--batch 1`, then the default batching), starts `carsearch serve` as a separate process
+on a free 127.0.0.1 port, sends N POST /api/search requests (real dev photos) from C concurrent clients
+(requests/s, p50/p99 latency, errors), then S requests from one client, one after another (single-client
+latency), and reads the server's batch sizes from /metrics. Then it stops the server.
 
-    python benchmarks/serve_load.py INDEX_DIR [--requests 300] [--concurrency 8] [--json]
+    python benchmarks/serve_load.py INDEX_DIR [--requests 300] [--concurrency 8] [--single 60] [--json]
 """
 
 from __future__ import annotations
@@ -33,93 +33,114 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(index_dir: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "carsearch", "-q", "serve", "--index", index_dir, "--port", str(port), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
+def measure(
+    index_dir: str, extra: list[str], payloads: list, n: int, concurrency: int, single: int, k: int
+) -> dict:
+    server, url = start(index_dir, extra)
+    try:
+
+        def one(client: httpx.Client, i: int) -> tuple[float, int]:
+            name, data = payloads[i % len(payloads)]
+            t = time.perf_counter()
+            try:
+                r = client.post(f"{url}/api/search?k={k}", files={"image": (name, data, "image/jpeg")})
+                code = r.status_code
+            except httpx.HTTPError:
+                code = -1
+            return time.perf_counter() - t, code
+
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+            for i in range(4):  # warm-up: the network's first passes, the allocator
+                one(client, i)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                results = list(pool.map(lambda i: one(client, i), range(n)))
+            wall = time.perf_counter() - t0
+            alone = [one(client, i) for i in range(single)]
+            metrics = client.get(f"{url}/metrics").text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    lat = np.array([r[0] for r in results]) * 1e3
+    solo = np.array([r[0] for r in alone]) * 1e3
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+    passes = samples.get("carsearch_batch_size_count", 0)
+    return {
+        "requests_per_second": round(n / wall, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "errors": sum(1 for r in results + alone if r[1] != 200),
+        "single_client_p50_ms": round(float(np.percentile(solo, 50)), 1),
+        "single_client_mean_ms": round(float(solo.mean()), 1),
+        "mean_batch": round(samples.get("carsearch_batch_size_sum", 0) / passes, 2) if passes else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("index_dir")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--single", type=int, default=60, help="requests from one client, one at a time")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     n = min(args.requests, MAX_REQUESTS)
     photos = sorted((DEV / "images").glob("*.jpg"))[:50]
     payloads = [(p.name, p.read_bytes()) for p in photos]
 
-    # Baseline: the Python API, no HTTP, one photo at a time.
-    from carsearch.embed.images import load_image
-    from carsearch.search import Searcher
-
-    searcher = Searcher.open(args.index_dir)
-    searcher.classify([load_image(payloads[0][1])], k=args.k)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(min(n, 100)):
-        searcher.classify([load_image(payloads[i % len(payloads)][1])], k=args.k)
-    api_rps = min(n, 100) / (time.perf_counter() - t0)
-    del searcher
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "carsearch", "-q", "serve", "--index", args.index_dir, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-        with httpx.Client(timeout=60) as warm:
-            warm.post(f"{url}/api/search", files={"image": payloads[0]})
-
-        def one(i: int) -> tuple[float, int]:
-            name, data = payloads[i % len(payloads)]
-            t = time.perf_counter()
-            try:
-                r = client.post(f"{url}/api/search?k={args.k}", files={"image": (name, data, "image/jpeg")})
-                code = r.status_code
-            except httpx.HTTPError:
-                code = -1
-            return time.perf_counter() - t, code
-
-        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as client:
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(one, range(n)))
-            wall = time.perf_counter() - t0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    lat = np.array([r[0] for r in results]) * 1e3
-    errors = sum(1 for r in results if r[1] != 200)
+    off = measure(args.index_dir, ["--batch", "1"], payloads, n, args.concurrency, args.single, args.k)
+    on = measure(args.index_dir, [], payloads, n, args.concurrency, args.single, args.k)
     out = {
         "requests": n,
         "concurrency": args.concurrency,
         "k": args.k,
-        "requests_per_second": round(n / wall, 2),
-        "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1),
-        "errors": errors,
-        "baseline_python_api_rps": round(api_rps, 2),
-        "http_vs_api_ratio": round(n / wall / api_rps, 2),
+        "batching_off": off,
+        "batching_on": on,
+        "throughput_ratio": round(on["requests_per_second"] / off["requests_per_second"], 2),
+        "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
+        "single_client_ratio": round(on["single_client_p50_ms"] / off["single_client_p50_ms"], 2),
     }
+    errors = off["errors"] + on["errors"]
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(
-            f"{n} requests, {args.concurrency} concurrent, k={args.k}: {out['requests_per_second']} req/s, "
-            f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}"
+            f"{n} requests at concurrency {args.concurrency}, then {args.single} from one client; k={args.k}"
         )
+        print("| batching | req/s | p50 ms | p99 ms | single-client p50 ms | mean batch | errors |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, r in (("off (--batch 1)", off), ("on (default)", on)):
+            print(
+                f"| {name} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | "
+                f"{r['single_client_p50_ms']} | {r['mean_batch']} | {r['errors']} |"
+            )
         print(
-            f"baseline (Python API, no HTTP, one at a time): {out['baseline_python_api_rps']} "
-            f"classifications/s; HTTP / API = {out['http_vs_api_ratio']}"
+            f"on / off: throughput {out['throughput_ratio']}x, p99 {out['p99_ratio']}x, "
+            f"single-client latency {out['single_client_ratio']}x"
         )
     if errors:
         raise SystemExit(f"{errors} requests failed")

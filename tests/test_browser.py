@@ -65,6 +65,15 @@ def test_upload_see_results_click_a_neighbour(dev_embeddings: Path, tmp_path: Pa
             expect(page.locator("#query-name")).to_have_text(clicked_label)
             expect(cards).to_have_count(10)
             assert page.locator("#status").inner_text() == ""
+            # The filter controls: only BMWs (typed in any case), and the makes offered from the index.
+            assert page.locator("#makes option[value='BMW']").count() == 1
+            page.fill("#f-make", "bmw")
+            page.set_input_files("#file-input", str(DEV / "images" / "00002.jpg"))
+            expect(page.locator("body")).to_have_attribute("data-searches", "3", timeout=60_000)
+            expect(cards).to_have_count(10)
+            labels = cards.locator(".label").all_inner_texts()
+            assert all(lab.startswith("BMW ") for lab in labels), labels
+            assert page.locator("#label").inner_text().startswith("BMW ")
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from carsearch import defaults
 from carsearch.cli.common import device_options, emit, json_option
+
+if TYPE_CHECKING:
+    from carsearch.search.filters import Filter
+
+
+def filter_options(f: Callable) -> Callable:
+    """--make / --model / --year: search and vote among matching indexed cars only."""
+    f = click.option("--year", help="Years: 2012, 2008-2012, 2010-, -2005, or a comma list of them.")(f)
+    f = click.option("--model", "model_", help="Only these models (comma-separated, any case).")(f)
+    return click.option("--make", help="Only these makes (comma-separated, any case), e.g. BMW,Audi.")(f)
+
+
+def _where(make: str | None, model: str | None, year: str | None) -> Filter | None:
+    from carsearch.search.filters import Filter
+
+    return Filter.parse(make, model, year) or None
 
 
 def _exit_if_any_failed(results: list) -> None:
@@ -39,16 +57,26 @@ def _human_search(results: list[dict]) -> str:
     type=click.IntRange(1, defaults.MAX_K),
     help="Neighbours per query.",
 )
+@filter_options
 @device_options
 @json_option
 def search(
-    index_dir: str, queries: tuple[str, ...], k: int, device: str, precision: str, as_json: bool
+    index_dir: str,
+    queries: tuple[str, ...],
+    k: int,
+    make: str | None,
+    model_: str | None,
+    year: str | None,
+    device: str,
+    precision: str,
+    as_json: bool,
 ) -> None:
     """Find the cars most similar to each query image (files or folders of images)."""
     from carsearch.search import Searcher, expand_queries
 
+    where = _where(make, model_, year)
     searcher = Searcher.open(index_dir, device, precision)
-    results = searcher.search(expand_queries(queries), k)
+    results = searcher.search(expand_queries(queries), k, where)
     emit([r.to_json() for r in results], as_json, _human_search)
     _exit_if_any_failed(results)
 
@@ -96,6 +124,7 @@ def _human_classify(results: list[dict]) -> str:
     help="Vote weight exp(cosine / T) (DINO's kNN protocol).",
 )
 @click.option("--no-reject", is_flag=True, help="Never answer unknown, even below the threshold.")
+@filter_options
 @device_options
 @json_option
 def classify(
@@ -105,6 +134,9 @@ def classify(
     level: str,
     temperature: float,
     no_reject: bool,
+    make: str | None,
+    model_: str | None,
+    year: str | None,
     device: str,
     precision: str,
     as_json: bool,
@@ -112,7 +144,10 @@ def classify(
     """Label each query image by the weighted vote of its nearest indexed cars, or say "unknown model"."""
     from carsearch.search import Searcher, expand_queries
 
+    where = _where(make, model_, year)
     searcher = Searcher.open(index_dir, device, precision)
-    results = searcher.classify(expand_queries(queries), k, level, temperature, reject=not no_reject)
+    results = searcher.classify(
+        expand_queries(queries), k, level, temperature, reject=not no_reject, where=where
+    )
     emit([r.to_json() for r in results], as_json, _human_classify)
     _exit_if_any_failed(results)

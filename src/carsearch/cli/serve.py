@@ -67,6 +67,34 @@ log = logging.getLogger("carsearch")
     type=click.FloatRange(0, min_open=True),
     help="Seconds for an upload to arrive whole (408 after that).",
 )
+@click.option(
+    "--batch",
+    "batch_size",
+    default=defaults.SERVE_BATCH,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Concurrent queries that may share one forward pass (1 = no batching).",
+)
+@click.option(
+    "--batch-wait-ms",
+    default=defaults.SERVE_BATCH_WAIT_MS,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="How long a batch waits for queries still being decoded (a lone query never waits).",
+)
+@click.option(
+    "--token",
+    envvar="CARSEARCH_TOKEN",
+    help="Turns on live updates (POST/DELETE /api/images, POST /api/reload) for clients sending "
+    "`Authorization: Bearer TOKEN`; also read from CARSEARCH_TOKEN. Without it the index is read-only.",
+)
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per log line (with the request id), for log collectors.",
+)
 @device_options
 def serve(
     index_dir: str,
@@ -78,22 +106,32 @@ def serve(
     max_decodes: int,
     header_timeout: float,
     body_timeout: float,
+    batch_size: int,
+    batch_wait_ms: float,
+    token: str | None,
+    log_format: str,
     device: str,
     precision: str,
 ) -> None:
-    """Serve the HTTP API and the web page over INDEX_DIR (read-only).
+    """Serve the HTTP API and the web page over INDEX_DIR (read-only unless --token is given).
 
     \b
-    POST /api/search        multipart field `image`; ?k=1..200&level=model|make|year
+    POST /api/search        multipart field(s) `image`; ?k=1..200&level=model|make|year
+                            &make=BMW,Audi&model=...&year=2010-
     GET  /images/{id}       an indexed image by id (?size=N for a thumbnail)
+    GET  /metrics           Prometheus metrics
     GET  /api/info, /healthz, /api/docs, /  (the page)
+    with --token:  POST /api/images, DELETE /api/images/{id}, POST /api/reload
     """
     import uvicorn
 
     from carsearch.index.store import open_bundle
     from carsearch.serve import app as serve_app
+    from carsearch.serve.live import refuse_if_shared
+    from carsearch.serve.observe import setup_server_logging
     from carsearch.serve.protocol import ENV_HEADER_TIMEOUT, HeaderDeadlineProtocol
 
+    refuse_if_shared(workers, token)
     open_bundle(index_dir)  # a damaged or missing index fails here, in one sentence, before any worker starts
     _check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -107,8 +145,13 @@ def serve(
             "precision": precision,
             "max_decodes": max_decodes,
             "body_timeout": body_timeout,
+            "batch_size": batch_size,
+            "batch_wait_ms": batch_wait_ms,
+            "token": token,
+            "log_format": log_format,
         }
     )
+    setup_server_logging(log_format, logging.getLogger("carsearch").getEffectiveLevel())
     os.environ[ENV_HEADER_TIMEOUT] = str(header_timeout)
     log.info("carsearch serving %s on http://%s:%d/", index_dir, host, port)
     uvicorn.run(

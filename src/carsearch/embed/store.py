@@ -97,10 +97,22 @@ def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] |
             manifest["dataset"]["records"],
         )
     entries = [e for e in manifest["shards"] if shards is None or e["file"] in shards]
-    parts = [read_listed_shard(folder, entry, verify)[0] for entry in entries]
     dim = int(manifest["provenance"]["dim"])
+    # Vectors go straight into one array, shard by shard: concatenating at the end held them twice.
+    vectors = np.empty((sum(e["rows"] for e in entries), dim), np.float32)
+    parts, at = [], 0
+    for entry in entries:
+        rows = read_listed_shard(folder, entry, verify)[0]
+        if len(rows) != entry["rows"]:
+            raise CarsearchError(
+                f"shard {folder / entry['file']} holds {len(rows)} rows, its manifest says {entry['rows']}."
+            )
+        vectors[at : at + len(rows)] = rows.embeddings
+        at += len(rows)
+        rows.embeddings = None  # the shard's own copy can go now
+        parts.append(rows)
     return EmbeddingSet(
-        vectors=np.concatenate([p.embeddings for p in parts]) if parts else np.zeros((0, dim), np.float32),
+        vectors=vectors,
         ids=np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64),
         class_ids=np.concatenate([p.class_ids for p in parts]) if parts else np.zeros(0, np.int32),
         **{n: np.array([v for p in parts for v in getattr(p, n)], dtype=object) for n in STRING_FIELDS},

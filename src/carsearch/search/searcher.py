@@ -17,6 +17,7 @@ from carsearch.errors import CarsearchError
 from carsearch.eval.openset import kth_similarity
 from carsearch.eval.vote import ranked_votes
 from carsearch.index.store import IndexBundle, is_image_id, open_bundle
+from carsearch.search.filters import Filter, filtered_search
 
 MAX_K = defaults.MAX_K
 
@@ -103,6 +104,7 @@ class Searcher:
         self.batch_size = batch_size
         self._encoder = None
         self._lock = threading.Lock()  # one forward pass at a time; faiss search itself is read-only
+        self._allowed: dict[Filter, np.ndarray] = {}
 
     @classmethod
     def open(
@@ -176,8 +178,31 @@ class Searcher:
 
     # --- search ----------------------------------------------------------------------------------------
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw faiss search: (similarities, ids), -1 ids where fewer than k were found."""
+    def forget_filters(self) -> None:
+        """Drop the cached filter results (after the index changed)."""
+        self._allowed = {}
+
+    def embed_arrays(self, arrays: np.ndarray) -> np.ndarray:
+        """Embed framed uint8 images (n, size, size, 3) in one forward pass (the server's batches)."""
+        import torch
+
+        with self._lock:
+            return self.encoder.encode(torch.from_numpy(np.ascontiguousarray(arrays)))
+
+    def allowed_ids(self, where: Filter) -> np.ndarray:
+        """Ids of the indexed images that pass `where` (cached per filter)."""
+        if where not in self._allowed:
+            g = self.bundle.gallery
+            if len(self._allowed) > 256:
+                self._allowed.clear()
+            self._allowed[where] = np.sort(g.ids[where.mask(g.make, g.model, g.year)])
+        return self._allowed[where]
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int, where: Filter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw faiss search: (similarities, ids), -1 ids where fewer than k were found; with `where`, only
+        images passing the filter (k of them whenever k pass)."""
         if not 1 <= k <= MAX_K:
             raise CarsearchError(f"k must be between 1 and {MAX_K}, not {k}.")
         x = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
@@ -185,6 +210,8 @@ class Searcher:
             raise CarsearchError(
                 f"query vectors have {x.shape[1]} dimensions; this index holds {self.bundle.index.d}."
             )
+        if where:
+            return filtered_search(self.bundle.index, x, k, self.allowed_ids(where))
         return self.bundle.index.search(x, min(k, max(1, self.bundle.index.ntotal)))
 
     def neighbors(self, sims: np.ndarray, ids: np.ndarray) -> list[Neighbor]:
@@ -207,7 +234,7 @@ class Searcher:
         return out
 
     def _run(
-        self, queries: Sequence[Query] | np.ndarray, k: int
+        self, queries: Sequence[Query] | np.ndarray, k: int, where: Filter | None = None
     ) -> tuple[list[str], list[str | None], np.ndarray, np.ndarray]:
         if isinstance(queries, np.ndarray):
             vectors, errors = np.atleast_2d(queries), [None] * len(np.atleast_2d(queries))
@@ -216,13 +243,18 @@ class Searcher:
             names = [_name(q, i) for i, q in enumerate(queries)]
             vectors, errors = self.embed(queries)
         sims, ids = (
-            self.search_vectors(vectors, k) if len(vectors) else (np.zeros((0, k)), np.zeros((0, k), int))
+            self.search_vectors(vectors, k, where)
+            if len(vectors)
+            else (np.zeros((0, k)), np.zeros((0, k), int))
         )
         return names, errors, sims, ids
 
-    def search(self, queries: Sequence[Query] | np.ndarray, k: int = defaults.K_SEARCH) -> list[SearchResult]:
-        """The k most similar indexed images of each query (image files, bytes, PIL images or vectors)."""
-        names, errors, sims, ids = self._run(queries, k)
+    def search(
+        self, queries: Sequence[Query] | np.ndarray, k: int = defaults.K_SEARCH, where: Filter | None = None
+    ) -> list[SearchResult]:
+        """The k most similar indexed images of each query (image files, bytes, PIL images or vectors),
+        among those passing `where` (make / model / year) when given."""
+        names, errors, sims, ids = self._run(queries, k, where)
         out, j = [], 0
         for name, err in zip(names, errors, strict=True):
             if err is not None:
@@ -245,18 +277,20 @@ class Searcher:
         level: str = "model",
         temperature: float = defaults.TEMPERATURE,
         reject: bool = True,
+        where: Filter | None = None,
     ) -> list[Classification]:
         """Label each query by the weighted vote of its k nearest indexed images, or say "unknown".
 
         A query is unknown when its similarity to its k_openset-th neighbour (k_openset recorded at
-        calibration) is below the calibrated threshold; `reject=False` never says unknown.
+        calibration) is below the calibrated threshold; `reject=False` never says unknown. With `where`, the
+        vote (and the unknown test) runs over the neighbours that pass the filter.
         """
         labels = self.bundle.gallery.level(level)  # an unknown level fails here, before any search
         if temperature <= 0:
             raise CarsearchError("the temperature must be positive.")
         cal = self.openset
         k_os = int(cal["k"]) if cal else 0
-        names, errors, sims, ids = self._run(queries, max(k, k_os))
+        names, errors, sims, ids = self._run(queries, max(k, k_os), where)
         out, j = [], 0
         for name, err in zip(names, errors, strict=True):
             if err is not None:

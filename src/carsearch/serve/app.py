@@ -1,8 +1,10 @@
-"""FastAPI app: POST /api/search, GET /images/{id}, GET /api/info, GET /healthz, GET / (the page).
+"""FastAPI app: POST /api/search, GET /images/{id}, GET /api/info, GET /healthz, GET /metrics, GET / (the
+page), and with a token POST /api/images, DELETE /api/images/{id}, POST /api/reload.
 
-Concurrency: one Searcher is shared by every request, read-only. FastAPI runs the plain `def` handlers
-in its thread pool; faiss searches run concurrently, and the network's forward pass is serialised by
-the Searcher's lock (one CPU forward pass already uses every core). The index folder is never written.
+Concurrency: one Searcher is shared by every request. Uploads are decoded in FastAPI's thread pool (at
+most `max_decodes` at once) and framed to the network's input; concurrent queries then share forward
+passes (serve/batcher.py); faiss searches run concurrently under a read lock that live changes take
+exclusively (serve/live.py). Without a token the index folder is never written.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import logging
 import mimetypes
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import asdict
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -27,9 +31,14 @@ from carsearch import __version__, defaults
 from carsearch.embed.images import BadImage, load_image
 from carsearch.errors import CarsearchError
 from carsearch.search import Searcher
+from carsearch.search.filters import Filter
 from carsearch.serve import memory
+from carsearch.serve.batcher import Batcher
 from carsearch.serve.limits import read_form
+from carsearch.serve.live import LiveIndex
+from carsearch.serve.observe import Metrics, Observe
 from carsearch.serve.protocol import BodyDeadline
+from carsearch.serve.writes import add_write_routes
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +57,35 @@ def create_app(
     precision: str = defaults.PRECISION,
     max_decodes: int = defaults.MAX_DECODES,
     body_timeout: float = defaults.BODY_TIMEOUT,
+    batch_size: int = defaults.SERVE_BATCH,
+    batch_wait_ms: float = defaults.SERVE_BATCH_WAIT_MS,
+    token: str | None = None,
 ) -> FastAPI:
     """The app over an index folder (or an already open Searcher).
 
     `max_pixels` bounds an upload's size once decoded (checked from its header), `max_decodes` how many
-    uploads are decoded and embedded at once: together they bound the memory a burst of uploads takes."""
+    uploads are decoded at once: together they bound the memory a burst of uploads takes. Up to
+    `batch_size` concurrent queries share a forward pass, waiting at most `batch_wait_ms` for each other
+    (1 = no batching). `token` turns on the write routes (live updates)."""
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         searcher = Searcher.open(index_dir, device=device, precision=precision, max_pixels=max_pixels)
     searcher.max_pixels = max_pixels
     s = searcher
+    _ = s.encoder  # the network loads now, once: lazily, concurrent first requests would each load it
+    live = LiveIndex(s)
     decode_slots = threading.BoundedSemaphore(max_decodes)
     memory.tune_allocator()
+    metrics = Metrics()
+    metrics.images.set_function(lambda: s.bundle.index.ntotal)
+    batcher = (
+        Batcher(s.embed_arrays, batch_size, batch_wait_ms / 1000, metrics.batch) if batch_size > 1 else None
+    )
     app = FastAPI(title="carsearch", version=__version__, docs_url="/api/docs", redoc_url=None)
     app.add_middleware(BodyDeadline, seconds=body_timeout)
+    app.add_middleware(Observe, metrics=metrics)  # outermost: sees every request, 408s and 413s included
+    app.state.live, app.state.metrics = live, metrics
     static = resources.files("carsearch.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     page = (resources.files("carsearch.serve") / "templates" / "index.html").read_text()
@@ -71,7 +94,7 @@ def create_app(
         return f"/images/{image_id}"
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
-    def healthz() -> dict:
+    def healthz() -> dict:  # no lock: a health check must answer while a change is being written
         return {"status": "ok", "images": int(s.bundle.index.ntotal)}
 
     @app.api_route("/api/info", methods=["GET", "HEAD"])
@@ -88,44 +111,107 @@ def create_app(
             "recall@10": (i.get("recall") or {}).get("measured"),
             "openset": i.get("openset"),
             "labelled": bool(any(s.bundle.gallery.labels)),
+            "makes": sorted({str(m) for m in s.bundle.gallery.make if m})[:500],
             "max_upload_bytes": max_upload_bytes,
             "max_k": MAX_K,
+            "batching": {"max_batch": batch_size, "max_wait_ms": batch_wait_ms} if batcher else None,
+            "writes": token is not None,
             "version": __version__,
         }
+
+    @app.api_route("/metrics", methods=["GET"])
+    def metrics_route() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/api/search")
     async def search(
         request: Request,
         k: int = Query(defaults.K_VOTE, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
         level: Literal["model", "make", "year"] = Query("model"),
+        make: str | None = Query(None, description="only these makes, comma-separated"),
+        model: str | None = Query(None, description="only these models, comma-separated"),
+        year: str | None = Query(None, description="2012, 2008-2012, 2010-, -2005, or a list"),
     ) -> dict:
-        form = await read_form(request, max_upload_bytes)
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
+        try:
+            where = Filter.parse(make, model, year) or None
+        except CarsearchError as e:
+            raise HTTPException(400, str(e)) from None
+        form = await read_form(request, max_upload_bytes, defaults.SERVE_MAX_QUERIES)
+        uploads = [u for u in form.getlist("image") if not isinstance(u, str)]
+        if not uploads:
             raise HTTPException(400, "send the photo in the multipart field 'image'")
-        data = await upload.read()
+        if len(uploads) > defaults.SERVE_MAX_QUERIES:
+            raise HTTPException(400, f"at most {defaults.SERVE_MAX_QUERIES} images per request")
+        files = [(await u.read(), u.filename or "upload") for u in uploads]
         await form.close()
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(_classify, data, upload.filename or "upload", k, level)
+        if len(files) == 1:
+            return await run_in_threadpool(_classify, *files[0], k, level, where)
+        return {"results": await run_in_threadpool(_classify_many, files, k, level, where)}
 
-    def _classify(data: bytes, name: str, k: int, level: str) -> dict:
-        # The decoded image lives only inside a slot: at most `max_decodes` at once, whatever the load.
+    def frame(data: bytes) -> np.ndarray:
+        """Decode an upload (inside a decode slot) and frame it to the network's input: a small array."""
         with decode_slots:
             try:
                 image = load_image(data, s.max_pixels, s.encoder.preprocessing.draft_size)
             except BadImage as e:
                 raise HTTPException(400, f"not a usable image ({e.reason}): {e.detail}") from None
             big = image.width * image.height >= BIG_DECODE
-            result = s.classify([image], k=k, level=level)[0]
+            array = s.encoder.preprocessing.apply(image)
             del image
         if big:
             memory.release()
+        return array
+
+    def embed_async(data: bytes) -> Future:
+        """The upload's embedding, computed in a batch with other queries (or at once, batching off)."""
+        if batcher is None:
+            done: Future = Future()
+            done.set_result(s.embed_arrays(frame(data)[None])[0])
+            metrics.batch(1, 0.0)
+            return done
+        with batcher.arriving():
+            return batcher.submit(frame(data))
+
+    def embed_one(data: bytes) -> np.ndarray:
+        return embed_async(data).result()
+
+    def _answer(vector: np.ndarray, name: str, k: int, level: str, where: Filter | None) -> dict:
+        with live.lock.read():
+            result = s.classify(vector[None], k=k, level=level, where=where)[0]
         body = asdict(result)
         body["query"] = name
+        if where:
+            body["filter"] = where.to_json()
         for n in body["neighbors"]:
             n["image_url"] = image_url(n["id"])
         return body
+
+    def _classify(data: bytes, name: str, k: int, level: str, where: Filter | None) -> dict:
+        return _answer(embed_one(data), name, k, level, where)
+
+    def _classify_many(
+        files: list[tuple[bytes, str]], k: int, level: str, where: Filter | None
+    ) -> list[dict]:
+        # All submitted before any is awaited: a request's images share forward passes too.
+        pending: list[Future | str] = []
+        for data, _ in files:
+            try:
+                pending.append(embed_async(data))
+            except HTTPException as e:
+                pending.append(str(e.detail))
+        out = []
+        for (_, name), p in zip(files, pending, strict=True):
+            if isinstance(p, str):
+                out.append({"query": name, "error": p})
+            else:
+                out.append(_answer(p.result(), name, k, level, where))
+        return out
+
+    add_write_routes(app, live, token, embed=embed_one, max_upload_bytes=max_upload_bytes)
 
     @lru_cache(maxsize=512)
     def _thumbnail(image_id: int, size: int) -> bytes:
@@ -140,6 +226,8 @@ def create_app(
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         return buf.getvalue()
+
+    live.on_change.append(_thumbnail.cache_clear)  # an id may name another photo after a reload
 
     def _resolve(image_id: int) -> Path:
         """The file of an indexed image, by id only (the Searcher checks it lies under its dataset root)."""
@@ -177,4 +265,8 @@ ENV_SETTINGS = "_CARSEARCH_SERVE_APP_SETTINGS"
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N`: each worker process opens the index itself."""
-    return create_app(**json.loads(os.environ[ENV_SETTINGS]))
+    from carsearch.serve.observe import setup_server_logging
+
+    settings = json.loads(os.environ[ENV_SETTINGS])
+    setup_server_logging(settings.pop("log_format", "text"))
+    return create_app(**settings)

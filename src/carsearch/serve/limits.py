@@ -19,11 +19,11 @@ def too_large(max_bytes: int) -> HTTPException:
     return HTTPException(413, f"upload larger than {max_bytes / 1e6:g} MB; send a smaller image")
 
 
-async def read_form(request: Request, max_bytes: int) -> FormData:
+async def read_form(request: Request, max_bytes: int, max_files: int = 1) -> FormData:
     """Parse a multipart form, answering 413 as soon as the body passes `max_bytes`.
 
     A Content-Length over the limit is refused before a byte is read; a chunked body is counted as it
-    arrives and dropped at the limit.
+    arrives and dropped at the limit. The limit is for the whole body, however many files it holds.
     """
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
@@ -40,7 +40,7 @@ async def read_form(request: Request, max_bytes: int) -> FormData:
             yield chunk
 
     try:
-        return await MultiPartParser(request.headers, limited(), max_files=1, max_fields=8).parse()
+        return await MultiPartParser(request.headers, limited(), max_files=max_files, max_fields=8).parse()
     except MultiPartException as e:
         raise HTTPException(400, f"malformed upload: {e.message}") from None
     except ClientDisconnect:

@@ -9,6 +9,11 @@ async function loadInfo() {
     $("index-info").textContent =
       `${info.images} cars indexed · ${info.backbone} (${info.weights}) · ${info.factory}` +
       (info.openset ? "" : " · no unknown-model threshold");
+    $("makes").replaceChildren(...(info.makes || []).map((m) => {
+      const option = document.createElement("option");
+      option.value = m;
+      return option;
+    }));
   } catch (e) {
     $("index-info").textContent = "index information unavailable";
   }
@@ -72,6 +77,10 @@ async function search(blob, name) {
   const form = new FormData();
   form.append("image", blob, name);
   const params = new URLSearchParams({ k: $("k").value, level: $("level").value });
+  for (const [field, id] of [["make", "f-make"], ["model", "f-model"], ["year", "f-year"]]) {
+    const value = $(id).value.trim();
+    if (value) params.set(field, value);
+  }
   document.body.dataset.busy = "1";
   try {
     const resp = await fetch(`/api/search?${params}`, { method: "POST", body: form });

@@ -1,0 +1,169 @@
+"""Metadata filters (make, model, year) and the search that honours them inside faiss.
+
+A filter turns into the set of allowed ids. Small sets (up to FILTER_EXACT_LIMIT) are searched exactly:
+their vectors are read back from the index and compared one by one, so k results come back whenever k
+match. Larger sets go to faiss with an IDSelector in the search parameters, the tuned efSearch / nprobe
+raised in proportion to how much the filter leaves out (a graph or list walk that throws away 99% of
+what it visits must visit ~100x more to fill k). Index types that cannot take a selector are searched
+unfiltered with a larger k and filtered after, growing k until k results or the whole index.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from carsearch import defaults
+from carsearch.errors import CarsearchError
+from carsearch.index.core import Index
+from carsearch.index.factory import ivf_of
+
+_YEAR_RANGE = re.compile(r"^\s*(\d{4})?\s*-\s*(\d{4})?\s*$")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """make / model: any of the listed names (case-insensitive); years: inclusive (low, high) ranges."""
+
+    make: tuple[str, ...] = ()
+    model: tuple[str, ...] = ()
+    years: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, make: str | None = None, model: str | None = None, year: str | None = None) -> Filter:
+        """From the texts users type: "BMW,Audi", "2010-", "-2005", "2008,2012-2014"."""
+        return cls(_names(make), _names(model), _years(year))
+
+    def __bool__(self) -> bool:
+        return bool(self.make or self.model or self.years)
+
+    def to_json(self) -> dict:
+        return {"make": list(self.make), "model": list(self.model), "years": [list(r) for r in self.years]}
+
+    def mask(self, make: np.ndarray, model: np.ndarray, year: np.ndarray) -> np.ndarray:
+        """Which gallery rows pass."""
+        keep = np.ones(len(make), dtype=bool)
+        if self.make:
+            keep &= np.isin(np.char.lower(make.astype(str)), self.make)
+        if self.model:
+            keep &= np.isin(np.char.lower(model.astype(str)), self.model)
+        if self.years:
+            numeric = np.array([int(y) if str(y).isdigit() else -1 for y in year])
+            ok = np.zeros(len(year), dtype=bool)
+            for lo, hi in self.years:
+                ok |= (numeric >= lo) & (numeric <= hi)
+            keep &= ok
+        return keep
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(sorted({t.strip().lower() for t in (text or "").split(",") if t.strip()}))
+
+
+def _years(text: str | None) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        if part.strip().isdigit() and len(part.strip()) == 4:
+            out.append((int(part), int(part)))
+            continue
+        m = _YEAR_RANGE.match(part)
+        if not m or not (m.group(1) or m.group(2)):
+            raise CarsearchError(
+                f"year {part.strip()!r}: give a year (2012), a range (2008-2012, 2010-, -2005) or a list."
+            )
+        lo, hi = int(m.group(1) or 0), int(m.group(2) or 9999)
+        if lo > hi:
+            raise CarsearchError(f"year range {part.strip()!r} runs backwards.")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def filtered_search(
+    index: Index,
+    queries: np.ndarray,
+    k: int,
+    allowed: np.ndarray,
+    exact_limit: int = defaults.FILTER_EXACT_LIMIT,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) of the k nearest allowed ids, best first; -1 ids where fewer than k exist.
+    Up to `exact_limit` allowed ids are searched exactly where the index keeps whole vectors."""
+    q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+    allowed = np.unique(np.asarray(allowed, np.int64))
+    if len(allowed) == 0:
+        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    if len(allowed) <= exact_limit:
+        vectors = _reconstruct(index.faiss, allowed)
+        if vectors is not None:
+            return _exact(vectors, allowed, q, k)
+    fraction = len(allowed) / max(1, index.ntotal)
+    params = _selector_params(index.faiss, faiss.IDSelectorBatch(allowed), k, fraction)
+    if params is not None:
+        return index.faiss.search(q, k, params=params)
+    return _post_filter(index, q, k, allowed, fraction)
+
+
+def _exact(vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    sims, rows = flat.search(q, k)
+    return sims, np.where(rows >= 0, ids[rows.clip(min=0)], -1)
+
+
+def _reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray | None:
+    """The stored vectors of `ids` where the index keeps them whole (Flat, HNSW behind IDMap2)."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
+        return None
+    return np.vstack([index.reconstruct(int(i)) for i in ids]).astype(np.float32)
+
+
+def _selector_params(
+    index: faiss.Index, sel: faiss.IDSelector, k: int, fraction: float
+) -> faiss.SearchParameters | None:
+    scale = 1.0 / max(fraction, 1e-6)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+    if isinstance(inner, faiss.IndexHNSW):
+        ef = min(defaults.FILTER_MAX_EF, max(inner.hnsw.efSearch, math.ceil(2 * k * scale)))
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+    if isinstance(inner, faiss.IndexFlat):
+        return faiss.SearchParameters(sel=sel)
+    ivf = ivf_of(index)
+    if ivf is None:
+        return None
+    ivf_params = faiss.SearchParametersIVF(
+        sel=sel, nprobe=min(ivf.nlist, max(ivf.nprobe, math.ceil(ivf.nprobe * min(scale, 8.0))))
+    )
+    if isinstance(index, faiss.IndexIVF):
+        return ivf_params
+    if isinstance(index, faiss.IndexPreTransform) and isinstance(
+        faiss.downcast_index(index.index), faiss.IndexIVF
+    ):
+        return faiss.SearchParametersPreTransform(index_params=ivf_params)  # OPQ / PCA in front of IVF
+    return None
+
+
+def _post_filter(
+    index: Index, q: np.ndarray, k: int, allowed: np.ndarray, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    depth = min(index.ntotal, max(4 * k, math.ceil(2 * k / fraction)))
+    while True:
+        sims, ids = index.search(q, depth)
+        keep = np.isin(ids, allowed)
+        enough = (keep.sum(axis=1) >= min(k, len(allowed))).all()
+        if enough or depth >= index.ntotal:
+            break
+        depth = min(index.ntotal, depth * 4)
+    out_s = np.full((len(q), k), -np.inf, np.float32)
+    out_i = np.full((len(q), k), -1, np.int64)
+    for r in range(len(q)):
+        s, i = sims[r][keep[r]][:k], ids[r][keep[r]][:k]
+        out_s[r, : len(s)], out_i[r, : len(i)] = s, i
+    return out_s, out_i
