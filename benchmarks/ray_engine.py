@@ -45,7 +45,7 @@ def main() -> None:
         ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
         start_s = time.perf_counter() - t0
         try:
-            on_ray = embed_dataset(DEV, Path(tmp) / "ray", engine=Engine("ray", workers=a.workers), **common)
+            on_ray = embed_dataset(DEV, Path(tmp) / "ray", workers=a.workers, engine=Engine("ray"), **common)
         finally:
             ray.shutdown()
         names = sorted(p.name for p in (Path(tmp) / "local").glob("shard-*.h5"))

@@ -19,7 +19,7 @@ from tests.conftest import DEV, pick, write_csv_dataset
 ray = pytest.importorskip("ray")
 
 SHARD = 3
-RAY2 = Engine("ray", workers=2)
+RAY = Engine("ray")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,13 @@ def test_ray_shards_byte_identical_to_local(
     cluster: object, data: Path, local_run: Path, tmp_path: Path
 ) -> None:
     r = embed_dataset(
-        data, tmp_path / "emb", backbone="efficientnet_lite0", shard_size=SHARD, engine=RAY2, progress=False
+        data,
+        tmp_path / "emb",
+        backbone="efficientnet_lite0",
+        shard_size=SHARD,
+        workers=2,
+        engine=RAY,
+        progress=False,
     )
     assert (r.engine, r.workers, r.complete, r.rows) == ("ray", 2, True, 20)
     assert r.failed == {"missing": 1, "truncated": 1}
@@ -99,7 +105,8 @@ def test_worker_killed_mid_run_changes_nothing(
         tmp_path / "emb",
         backbone="efficientnet_lite0",
         shard_size=SHARD,
-        engine=RAY2,
+        workers=2,
+        engine=RAY,
         progress=False,
         on_batch=kill_one,
     )
@@ -112,11 +119,13 @@ def test_resume_and_fingerprint_refusal(cluster: object, data: Path, local_run: 
     # Started by the local engine under --limit, finished by the Ray engine: the shards are the same.
     first = embed_dataset(data, out, backbone="efficientnet_lite0", shard_size=SHARD, limit=7, progress=False)
     assert first.shards == 3 and not first.complete
-    r = embed_dataset(data, out, backbone="efficientnet_lite0", shard_size=SHARD, engine=RAY2, progress=False)
+    r = embed_dataset(
+        data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2, engine=RAY, progress=False
+    )
     assert (r.resumed_shards, r.new_shards, r.complete) == (2, 6, True)  # shard 2 was cut short by --limit
     same_output(local_run, out)
     again = embed_dataset(
-        data, out, backbone="efficientnet_lite0", shard_size=SHARD, engine=RAY2, progress=False
+        data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2, engine=RAY, progress=False
     )
     assert (again.images, again.resumed_shards) == (0, 8)
     with pytest.raises(ProvenanceMismatch, match="max_pixels"):
@@ -125,7 +134,8 @@ def test_resume_and_fingerprint_refusal(cluster: object, data: Path, local_run: 
             out,
             backbone="efficientnet_lite0",
             shard_size=SHARD,
-            engine=RAY2,
+            workers=2,
+            engine=RAY,
             max_pixels=1000,
             progress=False,
         )

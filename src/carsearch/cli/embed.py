@@ -174,7 +174,7 @@ def embed(
     """
     from carsearch.embed import Engine, embed_dataset
 
-    run_on = Engine(engine, batch_size, workers, ray_address, cpus_per_worker, gpus_per_worker, device)
+    run_on = Engine(engine, ray_address, cpus_per_worker, gpus_per_worker)
     result = embed_dataset(
         data_dir,
         out,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from carsearch import defaults, faults
+from carsearch import faults
 from carsearch.embed.resume import ShardPlan
 from carsearch.embed.shard_work import ShardDone
 from carsearch.embed.store import FAILURES, MANIFEST
@@ -23,23 +23,19 @@ ENGINES = ("local", "ray")
 
 @dataclass(frozen=True)
 class Engine:
-    """How shards get computed. `local`: this process runs the network, DataLoader processes decode.
+    """Where shards get computed. `local`: this process runs the network, DataLoader processes decode.
     `ray`: actors on a Ray cluster (`ray_address`, else RAY_ADDRESS, else a local cluster started here)
-    each hold one network and embed whole shards; this process writes the manifest."""
+    each hold one network and embed whole shards; this process writes the manifest. The batch size,
+    the workers and the device are the embed job's own settings, the same for both engines."""
 
     name: str = "local"
-    batch_size: int = defaults.BATCH_SIZE
-    workers: int | None = None  # local: decoding processes; ray: actors (None: as many as fit)
     ray_address: str | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    device: str = defaults.DEVICE  # the workers' device (the ray driver itself stays on the CPU)
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
             raise CarsearchError(f"unknown engine {self.name!r}; choose one of {', '.join(ENGINES)}.")
-        if self.batch_size < 1:
-            raise CarsearchError("--batch-size must be at least 1.")
         if self.name == "local" and (self.ray_address or self.gpus_per_worker):
             raise CarsearchError("--ray-address and --gpus-per-worker need --engine ray.")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:

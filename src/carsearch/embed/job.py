@@ -103,13 +103,13 @@ def embed_dataset(
     `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
     `verify` re-hashes the images of finished shards and embeds again those whose files changed.
     `flip` averages each image's embedding with its mirror image's (test-time augmentation, 2x the time).
-    `engine` chooses where the shards are computed (`Engine()`: here; `Engine("ray", ...)`: a Ray
-    cluster); it sets the batch size and workers, which `batch_size` and `workers` give for the local one.
-    `on_batch(images_done, images_total)` is called after each batch (the Ray engine: each shard).
+    `engine` chooses where the shards are computed (`Engine()`, the default: here; `Engine("ray", ...)`: a
+    Ray cluster, whose `workers` actors embed on `device`). `on_batch(images_done, images_total)` is called
+    after each batch (the Ray engine: each shard).
     """
-    engine = engine or Engine("local", batch_size, workers, device=device)
-    if shard_size < 1:
-        raise CarsearchError("--shard-size must be at least 1.")
+    engine = engine or Engine()
+    if batch_size < 1 or shard_size < 1:
+        raise CarsearchError("--batch-size and --shard-size must be at least 1.")
     if limit is not None and limit < 1:
         raise CarsearchError("--limit must be at least 1.")
     out = Path(out).expanduser().resolve()
@@ -118,10 +118,11 @@ def embed_dataset(
         raise CarsearchError(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
+    worker_device = device
     if engine.name == "ray":
-        # The driver only needs the network's provenance; its workers run it on engine.device. The
-        # precision they use is decided here, so that the fingerprint holds what the shards will.
-        if precision == "auto" and (engine.gpus_per_worker or engine.device.startswith("cuda")):
+        # The driver only needs the network's provenance; its workers run it on `device`. The precision
+        # they use is decided here, so that the fingerprint holds what the shards will.
+        if precision == "auto" and (engine.gpus_per_worker or device.startswith("cuda")):
             precision = "bf16"
         device = "cpu"
     encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256, flip)
@@ -143,6 +144,9 @@ def embed_dataset(
             plans,
             resumed.done,
             engine,
+            batch_size,
+            workers,
+            worker_device,
             progress,
             on_batch,
         )
@@ -168,6 +172,9 @@ def _run(
     plans: list[resume.ShardPlan],
     done: dict[int, dict],
     engine: Engine,
+    batch_size: int,
+    workers: int | None,
+    worker_device: str,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
 ) -> EmbedResult:
@@ -203,14 +210,26 @@ def _run(
     total = sum(p.run_stop - p.start for p in todo)
     t0 = time.perf_counter()
     tally = Tally(total, progress, on_batch)
-    ran = Ran(0, engine.device if engine.name == "ray" else str(encoder.device))
+    ran = Ran(0, worker_device if engine.name == "ray" else str(encoder.device))
     try:
         if todo and engine.name == "ray":
             from carsearch.embed.ray_engine import run_on_ray
 
-            ran = run_on_ray(dataset, encoder, out, fingerprint, todo, engine, writer, tally)
+            ran = run_on_ray(
+                dataset,
+                encoder,
+                out,
+                fingerprint,
+                todo,
+                engine,
+                batch_size,
+                workers,
+                worker_device,
+                writer,
+                tally,
+            )
         elif todo:
-            ran = _run_local(dataset, encoder, out, fingerprint, todo, engine, writer, tally)
+            ran = _run_local(dataset, encoder, out, fingerprint, todo, batch_size, workers, writer, tally)
     finally:
         tally.close()
     seconds = time.perf_counter() - t0
@@ -243,15 +262,16 @@ def _run_local(
     out: Path,
     fingerprint: dict,
     todo: list[resume.ShardPlan],
-    engine: Engine,
+    batch_size: int,
+    workers: int | None,
     writer: ManifestWriter,
     tally: Tally,
 ) -> Ran:
     """One process embeds; DataLoader workers decode, streaming batches across shard boundaries."""
-    workers = defaults.default_workers() if engine.workers is None else engine.workers
+    workers = defaults.default_workers() if workers is None else workers
     loader = DataLoader(
         RecordImages(dataset.root, dataset.records, encoder.preprocessing, fingerprint["max_pixels"]),
-        batch_sampler=[b for p in todo for b in plan_batches(p, engine.batch_size)],
+        batch_sampler=[b for p in todo for b in plan_batches(p, batch_size)],
         num_workers=workers,
         collate_fn=collate,
         pin_memory=encoder.device.type == "cuda",

@@ -103,7 +103,7 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def worker_count(engine: Engine, shards: int) -> int:
+def worker_count(engine: Engine, workers: int | None, shards: int) -> int:
     """--workers, else as many workers as the cluster's CPUs (or GPUs) hold; never more than shards."""
     import ray
 
@@ -118,8 +118,8 @@ def worker_count(engine: Engine, shards: int) -> int:
         raise CarsearchError(
             f"--cpus-per-worker {engine.cpus_per_worker:g} but the cluster has {cpus:g} CPUs."
         )
-    if engine.workers:
-        n = engine.workers
+    if workers:
+        n = workers
     elif engine.gpus_per_worker:
         n = int(gpus // engine.gpus_per_worker)
     else:
@@ -134,30 +134,21 @@ def run_on_ray(
     fingerprint: dict,
     todo: list[ShardPlan],
     engine: Engine,
+    batch_size: int,
+    workers: int | None,
+    device: str,
     writer: ManifestWriter,
     tally: Tally,
 ) -> Ran:
-    """Embed the `todo` shards on Ray workers, recording each in the manifest as it is reported."""
+    """Embed the `todo` shards on `workers` Ray workers (None: as many as the cluster holds) running the
+    network on `device`, recording each shard in the manifest as it is reported."""
     import ray
 
-    started = connect(engine.ray_address)
-    device = "cuda" if engine.gpus_per_worker else engine.device
+    device = "cuda" if engine.gpus_per_worker else device
     if device == "auto":
         device = "cpu"  # a worker without a GPU share must not grab a GPU it was not given
-    actor = ray.remote(ShardWorker).options(
-        num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, max_restarts=0
-    )
-    args = (
-        ray.put(dataset),
-        encoder.provenance(),
-        device,
-        str(out),
-        fingerprint,
-        engine.batch_size,
-        max(1, int(engine.cpus_per_worker)),
-    )
-    n = worker_count(engine, len(todo))
-    workers = [actor.remote(*args) for _ in range(n)]
+    started = connect(engine.ray_address)
+    actors: list = []
     queue, attempts, lost = deque(todo), dict.fromkeys((p.index for p in todo), 0), 0
     pending: dict = {}  # ObjectRef -> (slot, actor handle, plan)
 
@@ -165,10 +156,24 @@ def run_on_ray(
         busy = sum(1 for s, _, _ in pending.values() if s == slot)
         while queue and busy < defaults.RAY_SHARDS_IN_FLIGHT:
             plan = queue.popleft()
-            pending[workers[slot].embed.remote(plan)] = (slot, workers[slot], plan)
+            pending[actors[slot].embed.remote(plan)] = (slot, actors[slot], plan)
             busy += 1
 
-    try:
+    try:  # from here on, whatever happens, the workers are killed and a cluster started here stopped
+        n = worker_count(engine, workers, len(todo))
+        actor = ray.remote(ShardWorker).options(
+            num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, max_restarts=0
+        )
+        args = (
+            ray.put(dataset),
+            encoder.provenance(),
+            device,
+            str(out),
+            fingerprint,
+            batch_size,
+            max(1, int(engine.cpus_per_worker)),
+        )
+        actors.extend(actor.remote(*args) for _ in range(n))
         for slot in range(n):
             fill(slot)
         while pending:
@@ -193,10 +198,10 @@ def run_on_ray(
                         f"({type(e).__name__}); the finished shards are kept: run the same command to "
                         "resume."
                     ) from None
-                if workers[slot] is handle:  # the first loss reported for this worker: replace it
+                if actors[slot] is handle:  # the first loss reported for this worker: replace it
                     log.warning("a Ray worker died (%s); its shards go to a new worker.", type(e).__name__)
                     ray.kill(handle, no_restart=True)
-                    workers[slot] = actor.remote(*args)
+                    actors[slot] = actor.remote(*args)
                     lost += 1
                 queue.appendleft(plan)
                 fill(slot)
@@ -205,8 +210,8 @@ def run_on_ray(
             tally.update(done.images, done.failed)
             fill(slot)
     finally:
-        for w in workers:
-            ray.kill(w, no_restart=True)
+        for a in actors:
+            ray.kill(a, no_restart=True)
         remove_stale_tmp(out)  # a killed worker's half-written shard
         if started:
             ray.shutdown()
