@@ -20,21 +20,25 @@ from carsearch.models.checkpoint import load_checkpoint
 from carsearch.search import Searcher
 from carsearch.train import train_head, train_model
 from carsearch.train.data import split_classes
+from carsearch.train.settings import TrainSettings
 from carsearch.train.validation import recall_at_1
 from tests.conftest import pick, write_csv_dataset
 
-TINY = {
-    "backbone": "efficientnet_lite0",
-    "image_size": 64,
-    "batch_size": 8,
-    "per_class": 2,
-    "workers": 0,
-    "freeze_epochs": 0,
-    "warmup_epochs": 0,
-    "lr": 3e-4,
-    "embed_dim": 32,
-    "progress": False,
-}
+TINY = TrainSettings(
+    mode="full",
+    backbone="efficientnet_lite0",
+    loss="proxy-anchor",
+    image_size=64,
+    batch_size=8,
+    per_class=2,
+    workers=0,
+    freeze_epochs=0,
+    warmup_epochs=0,
+    lr=3e-4,
+    weight_decay=1e-4,
+    embed_dim=32,
+)
+RUN = {"progress": False}  # what a run takes besides its settings
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_short_run_lowers_the_loss_and_embed_loads_it(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    result = train_model(tiny_data, out, classes="1-4", epochs=4, **TINY)
+    result = train_model(tiny_data, out, TINY.override(classes="1-4", epochs=4), **RUN)
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert all(np.isfinite(losses)) and result.dim == 32
@@ -78,16 +82,20 @@ def test_short_run_lowers_the_loss_and_embed_loads_it(tiny_data: Path, tmp_path:
 
 
 def test_resume_continues_from_the_saved_epoch(tiny_data: Path, tmp_path: Path) -> None:
-    full = train_model(tiny_data, tmp_path / "full", classes="1-4", epochs=2, **TINY)
+    full = train_model(tiny_data, tmp_path / "full", TINY.override(classes="1-4", epochs=2), **RUN)
 
     def stop(entry: dict) -> None:
         if entry["epoch"] == 1:
             raise KeyboardInterrupt  # killed after epoch 1's checkpoint was written
 
     with pytest.raises(KeyboardInterrupt):
-        train_model(tiny_data, tmp_path / "part", classes="1-4", epochs=2, on_epoch=stop, **TINY)
+        train_model(
+            tiny_data, tmp_path / "part", TINY.override(classes="1-4", epochs=2), on_epoch=stop, **RUN
+        )
     assert json.loads((tmp_path / "part" / "checkpoint.json").read_text())["epoch"] == 1
-    resumed = train_model(tiny_data, tmp_path / "part", classes="1-4", epochs=2, resume=True, **TINY)
+    resumed = train_model(
+        tiny_data, tmp_path / "part", TINY.override(classes="1-4", epochs=2), resume=True, **RUN
+    )
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     # Same settings, same seed: the resumed run ends where an uninterrupted run ends.
     assert resumed.history[0]["loss"] == pytest.approx(full.history[0]["loss"], rel=1e-6)
@@ -96,21 +104,25 @@ def test_resume_continues_from_the_saved_epoch(tiny_data: Path, tmp_path: Path) 
     b = load_file(str(tmp_path / "part" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # Resuming with more epochs extends the run.
-    longer = train_model(tiny_data, tmp_path / "part", classes="1-4", epochs=3, resume=True, **TINY)
+    longer = train_model(
+        tiny_data, tmp_path / "part", TINY.override(classes="1-4", epochs=3), resume=True, **RUN
+    )
     assert [h["epoch"] for h in longer.history] == [1, 2, 3]
 
 
 def test_refusals(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    train_model(tiny_data, out, classes="1-4", epochs=1, **TINY)
+    train_model(tiny_data, out, TINY.override(classes="1-4", epochs=1), **RUN)
     with pytest.raises(CarsearchError, match="already holds a checkpoint"):
-        train_model(tiny_data, out, classes="1-4", epochs=1, **TINY)
+        train_model(tiny_data, out, TINY.override(classes="1-4", epochs=1), **RUN)
     with pytest.raises(CarsearchError, match="different embed_dim"):
-        train_model(tiny_data, out, classes="1-4", epochs=2, resume=True, **{**TINY, "embed_dim": 16})
+        train_model(tiny_data, out, TINY.override(classes="1-4", epochs=2, embed_dim=16), resume=True, **RUN)
     with pytest.raises(CarsearchError, match="no checkpoint to resume"):
-        train_model(tiny_data, tmp_path / "new", classes="1-4", epochs=1, resume=True, **TINY)
+        train_model(tiny_data, tmp_path / "new", TINY.override(classes="1-4", epochs=1), resume=True, **RUN)
     with pytest.raises(CarsearchError, match="overlap"):
-        train_model(tiny_data, tmp_path / "x", classes="1-4", val_classes="4-6", epochs=1, **TINY)
+        train_model(
+            tiny_data, tmp_path / "x", TINY.override(classes="1-4", val_classes="4-6", epochs=1), **RUN
+        )
     with pytest.raises(CarsearchError, match="fine-tuned efficientnet_lite0"):
         load_checkpoint(out, expected_backbone="resnet50")
     (out / "best.safetensors").write_bytes(b"broken")
@@ -342,9 +354,15 @@ def test_train_reads_a_labels_file(tiny_data: Path, tmp_path: Path) -> None:
     subset = tmp_path / "train.csv"
     subset.write_text("\n".join([lines[0], *[ln for ln in lines[1:] if ln.split(",")[1] in "1234"]]) + "\n")
     result = train_model(
-        tiny_data, tmp_path / "ckpt", labels_file=subset, val_classes="4", classes="1-3", epochs=1, **TINY
+        tiny_data,
+        tmp_path / "ckpt",
+        TINY.override(val_classes="4", classes="1-3", epochs=1),
+        labels_file=subset,
+        **RUN,
     )
     info = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
     assert result.epochs == 1 and info["training"]["data"] != ""
     with pytest.raises(CarsearchError, match="no images of the classes"):
-        train_model(tiny_data, tmp_path / "c2", labels_file=subset, classes="5-6", epochs=1, **TINY)
+        train_model(
+            tiny_data, tmp_path / "c2", TINY.override(classes="5-6", epochs=1), labels_file=subset, **RUN
+        )

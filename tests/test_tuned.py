@@ -114,3 +114,47 @@ def test_tune_head_honours_the_open_set_options(dev_embeddings: Path, tmp_path: 
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "none"), "--no-calibrate"])
     info = json.loads(r.stdout)
     assert r.exit_code == 0 and info["openset"] is None and info["tuning"]["epochs"] == 2
+
+
+def test_tune_head_is_the_head_preset_and_the_default(dev_embeddings: Path, tmp_path: Path) -> None:
+    """`--tune head` is what `--tune-head` was (the same vectors, bit for bit); a labelled collection with
+    >= 5 photos per class is tuned that way by default, saying so; `--frozen` indexes the embeddings."""
+    from carsearch.embed import load_embeddings
+
+    runs = {
+        "old": ["--tune-head"],
+        "preset": ["--tune", "head"],
+        "default": [],
+        "frozen": ["--frozen"],
+    }
+    infos = {}
+    for name, extra in runs.items():
+        r = CliRunner().invoke(
+            cli,
+            [
+                "index",
+                "build",
+                str(dev_embeddings),
+                "--out",
+                str(tmp_path / name),
+                "--factory",
+                "Flat",
+                "--json",
+                *extra,
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        infos[name] = json.loads(r.stdout)
+        if name == "default":
+            assert "tuning a projection head first" in r.stderr and "--frozen" in r.stderr
+    old = load_embeddings(tmp_path / "old" / "embeddings")
+    for name in ("preset", "default"):
+        assert infos[name]["tuning"]["mode"] == "head" and infos[name]["dim"] == 512
+        assert np.array_equal(load_embeddings(tmp_path / name / "embeddings").vectors, old.vectors)
+        assert infos[name]["openset"]["threshold"] == infos["old"]["openset"]["threshold"]
+    assert infos["frozen"]["dim"] == 1280 and "tuning" not in infos["frozen"]
+    both = CliRunner().invoke(
+        cli,
+        ["index", "build", str(dev_embeddings), "--out", str(tmp_path / "x"), "--tune", "head", "--frozen"],
+    )
+    assert both.exit_code == 2 and "--frozen" in both.output

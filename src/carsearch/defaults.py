@@ -69,8 +69,11 @@ WEIGHT_DECAY = 1e-4
 FREEZE_EPOCHS = 1
 WARMUP_EPOCHS = 1
 VAL_IMAGES = 3000
-TUNE_HOLDOUT = 0.2  # `index build --tune-head`: share of each class held out to pick the epoch and calibrate
+TUNE_HOLDOUT = 0.2  # `index build --tune`: share of each class held out to pick the epoch and calibrate
 TRAIN_FRACTION = 1.0
+# `index build` tunes a head by default on labelled collections with at least this many photos per class
+# (a fifth are held out: one per class at least picks the epoch and calibrates).
+MIN_PER_CLASS_TO_TUNE = 5
 
 # --- serving -------------------------------------------------------------------------------------------
 HOST = "127.0.0.1"
@@ -103,6 +106,9 @@ AUDIT_VOTE_K = 50  # neighbours voting on a photo's label (AUROC of flipped labe
 # Flagged as likely mislabelled (suspects.txt): mislabel score >= this. Dev set, 5% flipped (seed 0), frozen
 # lite0, k 50: 623 flagged, precision 0.377 (7.5x the 5% base rate), recall 0.855; 0.95: 0.141 / 0.982.
 AUDIT_MISLABEL_FLAG = 0.99
+# A label is judged only when its class has at least this many photos (the photo and 2 others) and some
+# labelled neighbour votes; otherwise the audit says "too few examples to judge" instead of "suspect".
+AUDIT_MIN_CLASS = 3
 AUDIT_OUTLIER_K = 10  # outlier score: similarity to this neighbour
 AUDIT_EXACT_LIMIT = 50_000  # up to this many vectors, exact (Flat) search; above, IVF
 AUDIT_NPROBE = 16  # IVF cells searched above AUDIT_EXACT_LIMIT

@@ -6,6 +6,16 @@ import click
 
 from carsearch import defaults
 from carsearch.cli.common import BYTES, emit, json_option
+from carsearch.train.settings import PRESETS
+
+ALLOW_DUPLICATES = click.option(
+    "--allow-duplicates",
+    is_flag=True,
+    help="Index every copy of a file that several folders (or the index and the new folder) hold; by "
+    "default each file (sha256) is indexed once and the copies are counted.",
+)
+# index build --tune runs the presets that train on what an embedding folder holds (gpu trains on images).
+TUNE_PRESETS = [name for name, p in PRESETS.items() if p.settings.mode != "full"]
 
 
 def _human_index(i: dict) -> str:
@@ -31,8 +41,13 @@ def _human_index(i: dict) -> str:
         )
     else:
         lines.append('  no open-set threshold: run `carsearch index calibrate` to enable "unknown" answers')
-    for key, label in (("added", "added"), ("removed", "removed")):
-        if key in i:
+    for key, label in (
+        ("added", "added"),
+        ("removed", "removed"),
+        ("skipped_duplicates", "skipped (the index already holds the same file)"),
+        ("duplicates_left_out", "left out (the same file as an earlier folder's)"),
+    ):
+        if i.get(key) or (key in ("added", "removed") and key in i):
             lines.append(f"  {label}: {i[key]} images")
     return "\n".join(lines)
 
@@ -87,24 +102,39 @@ def index() -> None:
 )
 @click.option("--seed", default=defaults.SEED, show_default=True, type=int)
 @click.option(
-    "--tune-head",
-    is_flag=True,
-    help="Labelled collections: train a projection head on the embeddings first (seconds on a CPU), index "
-    "the car-tuned vectors; queries follow automatically (dev protocol, lite0: top-1 35.5% -> 57.8%).",
+    "--tune",
+    type=click.Choice(TUNE_PRESETS),
+    help="Labelled collections: train a network on the collection first and index the car-tuned vectors; "
+    "queries follow automatically. head: a projection on the embeddings (seconds; dev protocol, lite0: "
+    "top-1 35.5% -> 57.8%); cpu-hour: the last stages of the backbone on cached activations of the "
+    "photos (about an hour on 2 cores; see docs/benchmarks.md). Default: head for a labelled collection "
+    "with >= 5 photos per class, else none. `carsearch train --list-presets` shows each preset.",
 )
+@click.option("--frozen", is_flag=True, help="Index the embeddings as they are (no tuning).")
+@click.option("--tune-head", is_flag=True, hidden=True, help="Old name of --tune head.")
 @click.option(
     "--tune-holdout",
     default=defaults.TUNE_HOLDOUT,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="--tune-head: share of each class held out to choose the epoch and calibrate the threshold.",
+    help="--tune: share of each class held out to choose the epoch and calibrate the threshold.",
 )
-@click.option("--tune-epochs", default=defaults.HEAD_EPOCHS, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--tune-epochs",
+    type=click.IntRange(1),
+    help=f"--tune: epochs [default: the preset's; head {defaults.HEAD_EPOCHS}].",
+)
 @click.option(
     "--exclude",
     multiple=True,
     type=click.Path(dir_okay=False),
     help="File of image ids to leave out, one per line (e.g. an audit's exclude-duplicates.txt); repeatable.",
+)
+@ALLOW_DUPLICATES
+@click.option(
+    "--drop-uploads",
+    is_flag=True,
+    help="Rebuild a folder even though it holds photos added over POST /api/images (they are dropped).",
 )
 @json_option
 def index_build(
@@ -117,27 +147,51 @@ def index_build(
     openset_k: int,
     tpr: float,
     seed: int,
+    tune: str | None,
+    frozen: bool,
     tune_head: bool,
     tune_holdout: float,
-    tune_epochs: int,
+    tune_epochs: int | None,
     exclude: tuple[str, ...],
+    allow_duplicates: bool,
+    drop_uploads: bool,
     as_json: bool,
 ) -> None:
-    """Build an index over one or more embedding folders (EMB_DIRS) into --out."""
-    if tune_head and exclude:
-        raise click.UsageError("--exclude is not supported with --tune-head yet; build without it.")
+    """Build an index over one or more embedding folders (EMB_DIRS) into --out.
+
+    A labelled collection with at least 5 photos per class is tuned with the head preset unless --frozen
+    or another --tune is given (dev protocol: top-1 35.5% frozen, 57.8% tuned)."""
     if tune_head:
+        if tune not in (None, "head"):
+            raise click.UsageError(f"--tune-head is --tune head; leave out --tune {tune}.")
+        tune = "head"
+    if tune and frozen:
+        raise click.UsageError(f"--frozen indexes the embeddings as they are; leave out --tune {tune}.")
+    if tune and exclude:
+        raise click.UsageError("--exclude is not supported with --tune yet; build with --frozen.")
+    if tune and len(emb_dirs) != 1:
+        raise click.UsageError("--tune takes one embedding folder.")
+    if tune is None and not frozen and not exclude and len(emb_dirs) == 1:
+        tune = _default_tune(emb_dirs[0])
+    if tune:
+        from carsearch.train.settings import get_preset
         from carsearch.train.tuned import build_tuned_index
 
-        if len(emb_dirs) != 1:
-            raise click.UsageError("--tune-head takes one embedding folder.")
+        settings = get_preset(tune).settings
+        head_epochs = defaults.HEAD_EPOCHS
+        if tune_epochs and settings.mode == "head":
+            head_epochs = tune_epochs
+        elif tune_epochs:
+            settings = settings.override(epochs=tune_epochs)
         info = build_tuned_index(
             emb_dirs[0],
             out,
+            preset=tune,
+            settings=None if settings == get_preset(tune).settings else settings,
             factory=factory,
             memory_budget=memory_budget,
             target_recall=target_recall,
-            epochs=tune_epochs,
+            epochs=head_epochs,
             holdout=tune_holdout,
             calibrate=calibrate,
             openset_k=openset_k,
@@ -158,8 +212,34 @@ def index_build(
             tpr,
             seed,
             exclude=list(exclude),
+            allow_duplicates=allow_duplicates,
+            drop_uploads=drop_uploads,
         )
     emit(info, as_json, _human_index)
+
+
+def _default_tune(emb_dir: str) -> str | None:
+    """head for a labelled collection with >= MIN_PER_CLASS_TO_TUNE photos in every class, else None."""
+    import logging
+
+    import numpy as np
+
+    from carsearch.embed.store import load_embeddings
+
+    try:
+        classes = load_embeddings(emb_dir, verify=False).class_ids
+    except Exception:  # the build itself reports an unreadable folder in its own words
+        return None
+    if len(classes) == 0 or (classes < 0).any():
+        return None
+    if np.unique(classes, return_counts=True)[1].min() < defaults.MIN_PER_CLASS_TO_TUNE:
+        return None
+    logging.getLogger("carsearch").info(
+        "index build: a labelled collection with >= %d photos per class: tuning a projection head first "
+        "(--tune head, seconds); pass --frozen to index the embeddings as they are.",
+        defaults.MIN_PER_CLASS_TO_TUNE,
+    )
+    return "head"
 
 
 @index.command("info")
@@ -175,15 +255,17 @@ def index_info_cmd(index_dir: str, as_json: bool) -> None:
 @index.command("add")
 @click.argument("index_dir", type=click.Path(file_okay=False))
 @click.argument("emb_dir", type=click.Path(file_okay=False))
+@ALLOW_DUPLICATES
 @json_option
-def index_add(index_dir: str, emb_dir: str, as_json: bool) -> None:
+def index_add(index_dir: str, emb_dir: str, allow_duplicates: bool, as_json: bool) -> None:
     """Add the shards of EMB_DIR that INDEX_DIR does not hold yet, without rebuilding.
 
     Refused for shards of another backbone, weights or preprocessing, or with ids already in the index.
+    Photos whose file the index already holds (same sha256) are skipped and counted.
     """
-    from carsearch.index.build import add_to_index
+    from carsearch.index.changes import add_to_index
 
-    emit(add_to_index(index_dir, emb_dir), as_json, _human_index)
+    emit(add_to_index(index_dir, emb_dir, allow_duplicates), as_json, _human_index)
 
 
 @index.command("remove")
@@ -198,7 +280,7 @@ def index_add(index_dir: str, emb_dir: str, as_json: bool) -> None:
 @json_option
 def index_remove(index_dir: str, ids: tuple[int, ...], ids_file: tuple[str, ...], as_json: bool) -> None:
     """Remove images by id (Flat and IVF indexes; HNSW cannot forget and must be rebuilt)."""
-    from carsearch.index.build import remove_from_index
+    from carsearch.index.changes import remove_from_index
     from carsearch.index.idlist import read_id_files
 
     wanted = sorted({*ids, *read_id_files(list(ids_file)).tolist()})

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from carsearch import defaults
 from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option
+from carsearch.errors import CarsearchError
+from carsearch.train.settings import DEFAULT_PRESET, LOSSES, PRESETS
+
+PRESET_NAMES = list(PRESETS)
 
 
 def _human_train(r: dict) -> str:
+    key = r.get("validation_metric", "recall@1")
+    metric = {"recall@1": "Recall@1", "knn_top1": "kNN top-1"}.get(key, key)
     lines = [f"{r['mode']} training of {r['backbone']} ({r['dim']}-d) -> {r['out']}"]
     for h in r["history"][-5:]:
         speed = f", {h['images_per_second']:.1f} images/s" if "images_per_second" in h else ""
-        lines.append(
-            f"  epoch {h['epoch']}: loss {h['loss']:.4f}, validation Recall@1 {h['recall@1']:.1%}{speed}"
-        )
+        lines.append(f"  epoch {h['epoch']}: loss {h['loss']:.4f}, validation {metric} {h[key]:.1%}{speed}")
     lines.append(
-        f"  best: epoch {r['best_epoch']}, Recall@1 {r['best_recall_at_1']:.1%} "
+        f"  best: epoch {r['best_epoch']}, {metric} {r['best_recall_at_1']:.1%} "
         f"(frozen features: {r['baseline_recall_at_1']:.1%})"
     )
     lines.append(
@@ -25,16 +31,55 @@ def _human_train(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from carsearch.train.settings import preset_table
+
+    click.echo(preset_table())
+    ctx.exit(0)
+
+
 @click.command()
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option(
+    "--preset",
+    type=click.Choice(PRESET_NAMES),
+    help="The budget you have: head (seconds: a projection on cached embeddings; DATA_DIR is an embedding "
+    "folder), cpu-hour (the last stages on cached activations, ~60 min on 2 cores), gpu (the whole "
+    "network at 288 px). Every option below overrides the preset. [default: cpu-hour; head with --head-only]",
+)
+@click.option(
+    "--list-presets",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_list_presets,
+    help="Print the presets' settings side by side and exit.",
+)
 @dataset_options
-@click.option("--backbone", default=defaults.TRAIN_BACKBONE, show_default=True)
+@click.option("--backbone", help=f"Backbone [default: the preset's, {defaults.TRAIN_BACKBONE}].")
 @click.option(
     "--weights",
-    default=defaults.WEIGHTS,
-    show_default=True,
-    help="Starting weights (imagenet, none, a file, a checkpoint folder).",
+    help="Starting weights (imagenet, none, a file, a checkpoint folder) [default: imagenet].",
+)
+@click.option(
+    "--train-blocks",
+    help="Train the last N stages (a count, or the first trained stage such as blocks.5 or layer4) on "
+    "cached activations of the rest; 'all' trains the whole network on images [default: the preset's].",
+)
+@click.option(
+    "--views",
+    type=click.IntRange(0),
+    help="Augmented views cached per training image besides the image and its mirror (crops with colour "
+    "jitter) [default: the preset's].",
+)
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), help="EMA decay of weights (0: off).")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False),
+    help="Activation cache folder (default OUT/activations); a rerun with the same settings reuses it.",
 )
 @click.option("--classes", help="Class ids to train on, e.g. 1-98 (default: all).")
 @click.option(
@@ -44,72 +89,49 @@ def _human_train(r: dict) -> str:
 )
 @click.option(
     "--train-fraction",
-    default=defaults.TRAIN_FRACTION,
-    show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
     help="Train on this share of each class (the split `bench --gallery-fraction` makes with the same "
-    "--seed); the rest is held out and validates when no --val-classes are given.",
+    "--seed); the rest is held out and validates when no --val-classes are given [default: 1].",
 )
-@click.option(
-    "--epochs",
-    type=click.IntRange(1),
-    help=f"Epochs [default: {defaults.EPOCHS}; --head-only {defaults.HEAD_EPOCHS}].",
-)
-@click.option(
-    "--loss",
-    default=defaults.LOSS,
-    show_default=True,
-    type=click.Choice(["proxy-anchor", "normalized-softmax"]),
-)
+@click.option("--epochs", type=click.IntRange(1), help="Epochs [default: the preset's].")
+@click.option("--loss", type=click.Choice(LOSSES), help="Loss [default: the preset's].")
 @click.option(
     "--embed-dim",
-    default=defaults.EMBED_DIM,
-    show_default=True,
     type=click.IntRange(0),
-    help="Projection size after the backbone (0: no projection).",
+    help=f"Projection size after the backbone (0: no projection) [default: {defaults.EMBED_DIM}].",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(2),
-    help=f"Images per batch [default: {defaults.TRAIN_BATCH}; --head-only {defaults.HEAD_BATCH}].",
-)
+@click.option("--batch-size", type=click.IntRange(2), help="Images per batch [default: the preset's].")
 @click.option(
     "--per-class",
-    default=defaults.PER_CLASS,
-    show_default=True,
     type=click.IntRange(2),
-    help="Images per class in a batch.",
+    help=f"Images per class in a proxy-anchor batch [default: {defaults.PER_CLASS}].",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(0, min_open=True),
-    help=f"Learning rate [default: {defaults.LR:g} for the backbone, head {defaults.HEAD_LR_MULT}x, proxies "
-    f"{defaults.PROXY_LR_MULT}x; --head-only: {defaults.HEAD_LR:g} for the head, proxies "
-    f"{defaults.HEAD_ONLY_PROXY_LR_MULT}x].",
+    help=f"Learning rate [default: the preset's; full fine-tunes {defaults.LR:g} for the backbone, head "
+    f"{defaults.HEAD_LR_MULT}x, proxies {defaults.PROXY_LR_MULT}x; --head-only: {defaults.HEAD_LR:g} for "
+    f"the head, proxies {defaults.HEAD_ONLY_PROXY_LR_MULT}x].",
 )
 @click.option(
     "--freeze-epochs",
-    default=defaults.FREEZE_EPOCHS,
-    show_default=True,
     type=click.IntRange(0),
-    help="First epochs with the backbone frozen (head and proxies only).",
+    help="Full fine-tune: first epochs with the backbone frozen (head and proxies only).",
 )
-@click.option("--warmup-epochs", default=defaults.WARMUP_EPOCHS, show_default=True, type=click.IntRange(0))
+@click.option("--warmup-epochs", type=click.IntRange(0), help="Epochs of linear warm-up.")
 @click.option(
     "--image-size",
     type=click.IntRange(32),
-    help="Train and embed at this resolution (default: the backbone's).",
+    help="Train and embed at this resolution (default: the preset's, else the backbone's).",
 )
-@click.option(
-    "--crop", default=defaults.CROP, show_default=True, type=click.Choice(["center", "squash", "pad"])
-)
+@click.option("--crop", type=click.Choice(["center", "squash", "pad"]), help=f"[default: {defaults.CROP}]")
 @device_options
 @click.option("--workers", default="auto", show_default=True, type=WORKERS)
 @click.option("--seed", default=defaults.SEED, show_default=True, type=int)
 @click.option(
     "--head-only",
     is_flag=True,
-    help="Train only a projection head on cached embeddings: DATA_DIR is "
+    help="The head preset: train only a projection head on cached embeddings: DATA_DIR is "
     "then an embedding folder from `carsearch embed` (seconds on a CPU).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
@@ -120,81 +142,88 @@ def train(
     ctx: click.Context,
     data_dir: str,
     out: str,
+    preset: str | None,
     format: str,
     labels: str | None,
     split: str,
-    backbone: str,
-    weights: str,
-    classes: str | None,
-    val_classes: str | None,
-    train_fraction: float,
-    epochs: int | None,
-    loss: str,
-    embed_dim: int,
-    batch_size: int | None,
-    per_class: int,
-    lr: float | None,
-    freeze_epochs: int,
-    warmup_epochs: int,
-    image_size: int | None,
-    crop: str,
-    device: str,
-    precision: str,
-    workers: int | None,
-    seed: int,
+    train_blocks: str | None,
+    views: int | None,
+    ema: float | None,
+    cache: str | None,
     head_only: bool,
     resume: bool,
     overwrite: bool,
     as_json: bool,
+    **options: object,
 ) -> None:
-    """Fine-tune a backbone so that neighbours are the same car model (metric learning).
+    """Fine-tune a network so that neighbours are the same car model, with a preset for your budget.
 
     The checkpoint plugs into every stage: carsearch embed DATA --out EMB --backbone B --weights CKPT_DIR.
+    `carsearch train --list-presets` prints what each preset sets.
     """
-    from carsearch.train import train_head, train_model
+    import logging
 
-    common = {
-        "classes": classes,
-        "val_classes": val_classes,
-        "train_fraction": train_fraction,
-        "loss": loss,
-        "embed_dim": embed_dim or None,
-        "per_class": per_class,
-        "seed": seed,
-        "resume": resume,
-        "overwrite": overwrite,
-    }
-    if head_only:
+    from carsearch.train.settings import describe, get_preset
+
+    if head_only and preset not in (None, "head"):
+        raise click.UsageError(f"--head-only is the head preset; leave out --preset {preset}.")
+    name = "head" if head_only else preset or DEFAULT_PRESET
+    base = get_preset(name).settings
+    mode = base.mode
+    if train_blocks is not None and base.mode != "head":
+        mode = "full" if train_blocks == "all" else "partial"
+    embed_dim = options.pop("embed_dim")
+    s = base.override(
+        **options,
+        mode=mode,
+        train_blocks=None if train_blocks == "all" else train_blocks,
+        augmented_views=views,
+        ema_decay=ema,
+    )
+    if embed_dim is not None:
+        s = replace(s, embed_dim=embed_dim or None)  # 0: no projection
+    if s.mode == "head":
         _refuse_image_options(ctx)
+    logging.getLogger("carsearch").info("%s", describe(s, name))
+    run = dict(resume=resume, overwrite=overwrite)
+    if s.mode == "head":
+        from carsearch.train import train_head
+
         result = train_head(
             data_dir,
             out,
-            epochs=epochs or defaults.HEAD_EPOCHS,
-            batch_size=batch_size or defaults.HEAD_BATCH,
-            lr=lr or defaults.HEAD_LR,
-            **common,
+            classes=s.classes,
+            val_classes=s.val_classes,
+            train_fraction=s.train_fraction,
+            epochs=s.epochs,
+            loss=s.loss,
+            embed_dim=s.embed_dim,
+            batch_size=s.batch_size,
+            per_class=s.per_class,
+            lr=s.lr,
+            seed=s.seed,
+            **run,
         )
+    elif s.mode == "partial":
+        import numpy as np
+
+        from carsearch.datasets import read_dataset
+        from carsearch.train.partial import Collection, train_partial
+
+        ds = read_dataset(data_dir, format, labels_file=labels, split=split)
+        if not ds.labeled:
+            raise CarsearchError(f"{ds.root} has no class labels; training needs labelled images.")
+        data = Collection(
+            ds.root,
+            tuple(r.path for r in ds.records),
+            np.array([r.class_id for r in ds.records]),
+            ds.records_sha256(),
+        )
+        result = train_partial(data, out, s, cache_dir=cache, **run).result
     else:
-        result = train_model(
-            data_dir,
-            out,
-            format=format,
-            labels_file=labels,
-            split=split,
-            backbone=backbone,
-            weights=weights,
-            epochs=epochs or defaults.EPOCHS,
-            batch_size=batch_size or defaults.TRAIN_BATCH,
-            lr=lr or defaults.LR,
-            freeze_epochs=freeze_epochs,
-            warmup_epochs=warmup_epochs,
-            image_size=image_size,
-            crop=crop,
-            device=device,
-            precision=precision,
-            workers=workers,
-            **common,
-        )
+        from carsearch.train import train_model
+
+        result = train_model(data_dir, out, s, format=format, labels_file=labels, split=split, **run)
     emit(result.to_json(), as_json, _human_train)
 
 
@@ -212,6 +241,10 @@ _IMAGE_OPTIONS = (
     "workers",
     "freeze_epochs",
     "warmup_epochs",
+    "train_blocks",
+    "views",
+    "ema",
+    "cache",
 )
 
 

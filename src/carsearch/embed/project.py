@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from carsearch import SCHEMA_VERSION
-from carsearch.embed.shards import write_shard
+from carsearch.embed.shards import ShardRows, write_shard
 from carsearch.embed.store import FAILURES, MANIFEST, read_listed_shard, read_manifest
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import (
@@ -88,11 +89,21 @@ def project(vectors: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def project_embeddings(emb_dir: str | Path, checkpoint: str | Path, out: str | Path) -> dict:
     """Write the shards of `emb_dir` projected by a head-only checkpoint to `out`; returns its manifest."""
+    src = Path(emb_dir).expanduser().resolve()
+    w, b, prov = head_of(Path(checkpoint), read_manifest(src)["provenance"])
+    return derive_embeddings(src, out, prov, lambda rows: project(rows.embeddings, w, b))
+
+
+def derive_embeddings(
+    emb_dir: str | Path, out: str | Path, prov: dict, transform: Callable[[ShardRows], np.ndarray]
+) -> dict:
+    """Write `emb_dir`'s shards to `out` with each shard's vectors replaced by `transform(rows)` (n, d)
+    float32 and the provenance `prov` (the network the new vectors come from); returns the new manifest.
+    Used by a head's projection and by a partial fine-tune's embeddings computed from cached activations."""
     src, out = Path(emb_dir).expanduser().resolve(), Path(out).expanduser().resolve()
     if out == src:
         raise CarsearchError("--out must be another folder than the embeddings it projects.")
     manifest = read_manifest(src)
-    w, b, prov = head_of(Path(checkpoint), manifest["provenance"])
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
         remove_stale_tmp(out)
@@ -101,7 +112,7 @@ def project_embeddings(emb_dir: str | Path, checkpoint: str | Path, out: str | P
         shards = []
         for entry in manifest["shards"]:
             rows, attrs = read_listed_shard(src, entry)
-            rows.embeddings = project(rows.embeddings, w, b)
+            rows.embeddings = np.ascontiguousarray(transform(rows), dtype=np.float32)
             attrs = {**attrs, **{k: v for k, v in prov.items() if k != "weights_source"}}
             digest = write_shard(out / entry["file"], rows, attrs)
             shards.append({**entry, "sha256": digest})
@@ -124,5 +135,5 @@ def project_embeddings(emb_dir: str | Path, checkpoint: str | Path, out: str | P
             "updated": now,
         }
         write_json_atomic(out / MANIFEST, body)
-    log.info("projected %d embeddings of %s into %s (%d-d)", body["rows"], src, out, prov["dim"])
+    log.info("derived %d embeddings of %s into %s (%d-d)", body["rows"], src, out, prov["dim"])
     return body

@@ -17,9 +17,59 @@ import numpy as np
 
 from carsearch.errors import CarsearchError
 from carsearch.models import checkpoint as ckpt
+from carsearch.train.settings import TrainSettings
 from carsearch.train.state import restore, snapshot
 
 log = logging.getLogger(__name__)
+
+
+def schedule_and_ema(opt: object, net: object, s: TrainSettings, steps: int) -> tuple[object, object | None]:
+    """timm's warm-up cosine schedule, stepped per batch (`step_update`), over `s.epochs` epochs of `steps`
+    batches, and timm's EMA of `net`'s weights (ModelEmaV3, with its warm-up) when `s.ema_decay` > 0."""
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+    sched = CosineLRScheduler(
+        opt,
+        t_initial=s.epochs * steps,
+        warmup_t=s.warmup_epochs * steps,
+        warmup_lr_init=s.lr * 0.01,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    ema = ModelEmaV3(net, decay=s.ema_decay, use_warmup=True) if s.ema_decay else None
+    return sched, ema
+
+
+def network_run(
+    out: Path,
+    net: object,
+    backbone: str,
+    base_weights: object,
+    preprocessing: dict,
+    mode: str,
+    settings: dict,
+    baseline: float,
+    parts: dict[str, object],
+) -> Run:
+    """The Run of a mode that trains the network itself (full, partial): checkpoint.json describes the whole
+    network, so `embed --weights CKPT_DIR` rebuilds it."""
+    from carsearch.provenance import library_versions
+
+    return Run(
+        out,
+        {
+            **ckpt.architecture(net, backbone),
+            "base_weights": {"id": base_weights.id, "sha256": base_weights.sha256},
+            "dim": net.dim,
+            "preprocessing": preprocessing,
+            "mode": mode,
+            "training": settings,
+            "baseline_recall_at_1": baseline,
+            "versions": library_versions(),
+        },
+        parts,
+    )
 
 
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -89,8 +139,10 @@ def fit(
     checkpoint: Callable[[int, bool], None] | None,
     report: Callable[[dict, bool], None],
     on_epoch: Callable[[dict], None] | None = None,
+    metric: str = "recall@1",
 ) -> None:
-    """Run epochs run.start..epochs. Each: `train_epoch(epoch)` -> {"loss", ...}, `validate()` -> Recall@1,
+    """Run epochs run.start..epochs. Each: `train_epoch(epoch)` -> {"loss", ...}, `validate()` -> the
+    validation score (higher is better; history names it `metric`, Recall@1 by default),
     `on_improved(epoch)` when it is the best so far, train_state.pt, then `checkpoint(epoch, improved)`
     (None: the mode delivers once at the end), `report` and `on_epoch`."""
     for epoch in range(run.start, epochs + 1):
@@ -105,7 +157,7 @@ def fit(
         if improved:
             run.best = (epoch, r1)
             on_improved(epoch)
-        run.history.append({"epoch": epoch, "loss": metrics.pop("loss"), "recall@1": r1, **metrics})
+        run.history.append({"epoch": epoch, "loss": metrics.pop("loss"), metric: r1, **metrics})
         # The resume state first (it alone restores a run), the deliverables next.
         ckpt.save_state(run.out, {**snapshot(run.parts, epoch, run.history, run.best), **run.extra_state})
         if checkpoint is not None:

@@ -1,4 +1,11 @@
-"""Metric-learning losses for few images per class: Proxy-Anchor and normalised softmax."""
+"""Metric-learning losses for few images per class.
+
+proxy-anchor and normalized-softmax (the head's and the full fine-tune's historical pair) are written
+here; cosface, arcface and the PML forms come from pytorch-metric-learning; cosine-ce is a cosine
+classifier (NormFace) under torch's cross-entropy with label smoothing, which PML's losses lack. Every
+loss is a module `loss(embeddings (B, d) float, labels (B,) int64) -> scalar` whose parameters (proxies or
+class weights) train with it; the cosine classifiers also give `logits(embeddings)` (B, C).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("proxy-anchor", "normalized-softmax")
+from carsearch.train.settings import LOSSES
+
+# Losses that learn from any batch (a class weight per class), so batches need no P x K structure.
+CLASSIFIER_LOSSES = ("normalized-softmax", "cosine-ce", "cosface", "arcface")
 
 
 class ProxyAnchor(nn.Module):
@@ -50,11 +60,49 @@ class NormalizedSoftmax(nn.Module):
         return F.cross_entropy(logits, y)
 
 
-def make_loss(name: str, n_classes: int, dim: int) -> nn.Module:
+class CosineCE(nn.Module):
+    """Cosine classifier (NormFace, Wang et al. 2017): cross-entropy over s * cos(x, w_c), with label
+    smoothing (Szegedy et al. 2016) through torch's own cross_entropy."""
+
+    def __init__(self, n_classes: int, dim: int, scale: float = 16.0, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.proxies = nn.Parameter(torch.empty(n_classes, dim))
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.scale, self.label_smoothing = scale, label_smoothing
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x.float(), dim=1) @ F.normalize(self.proxies.float(), dim=1).T
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(x), y, label_smoothing=self.label_smoothing)
+
+
+def make_loss(
+    name: str,
+    n_classes: int,
+    dim: int,
+    scale: float = 16.0,
+    margin: float = 0.0,
+    label_smoothing: float = 0.1,
+) -> nn.Module:
+    """The loss called `name` for `n_classes` classes of `dim`-d embeddings. `scale`, `margin` and
+    `label_smoothing` apply to the cosine classifiers (cosine-ce; cosface, arcface: PML's, margin in
+    cosine units for cosface and degrees for arcface; 0 takes PML's default). Raises CarsearchError."""
     from carsearch.errors import CarsearchError
 
     if name == "proxy-anchor":
         return ProxyAnchor(n_classes, dim)
     if name == "normalized-softmax":
         return NormalizedSoftmax(n_classes, dim)
+    if name == "cosine-ce":
+        return CosineCE(n_classes, dim, scale, label_smoothing)
+    if name in ("cosface", "arcface", "pml-proxy-anchor"):
+        from pytorch_metric_learning import losses
+
+        if name == "pml-proxy-anchor":
+            return losses.ProxyAnchorLoss(n_classes, dim)
+        kind = losses.CosFaceLoss if name == "cosface" else losses.ArcFaceLoss
+        return kind(
+            num_classes=n_classes, embedding_size=dim, scale=scale, **({"margin": margin} if margin else {})
+        )
     raise CarsearchError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}.")

@@ -29,6 +29,12 @@ RESUME_FIELDS = (
     "lr",
     "seed",
     "data",
+    "train_blocks",
+    "augmented_views",
+    "label_smoothing",
+    "scale",
+    "ema_decay",
+    "flip",
 )
 
 
@@ -45,6 +51,10 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     device: str = "cpu"
     precision: str = "fp32"
+    # What best_recall_at_1 and baseline_recall_at_1 measure: "recall@1" (held-out images among
+    # themselves) or "knn_top1" (the classifier's weighted kNN vote of held-out images against the
+    # training images, what `index build --tune` delivers).
+    validation_metric: str = "recall@1"
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,32 +1,42 @@
-"""The tuned workflow in one call: a labelled embedding folder -> a car-tuned index.
+"""The tuned workflow in one call: a labelled embedding folder -> a car-tuned index (`index build --tune`).
 
-1. A projection head is trained on the cached embeddings (seconds on a CPU) on a stratified part of each
-   class; the rest is held out and chooses the best epoch.
-2. Every shard is projected by the head (no CNN), into `INDEX/embeddings/`; the head lives in `INDEX/head/`
-   and the projected shards' provenance names it, so queries are embedded through it automatically.
-3. The index is built over the projected vectors, and the open-set threshold is calibrated on the held-out
-   images only (each scored without itself), never on the head's training images.
+1. A network is trained on a stratified part of each class; the rest is held out and chooses the best
+   epoch. Preset `head`: a projection head on the cached embeddings (seconds on a CPU), in `INDEX/head/`.
+   Preset `cpu-hour` (mode partial): the last stages of the backbone + a projection on cached prefix
+   activations of the collection's photos, in `INDEX/model/` (its activation cache beside it).
+2. Every shard gets the tuned network's vectors, into `INDEX/embeddings/` (the head projects the stored
+   vectors; the partial fine-tune embeds from the cached activations: no photo is decoded twice); their
+   provenance names the checkpoint, so queries are embedded through it automatically.
+3. The index is built over the tuned vectors, and the open-set threshold is calibrated on the held-out
+   images only (each scored without itself), never on the training images.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from carsearch import defaults
-from carsearch.embed.project import project_embeddings
-from carsearch.embed.store import load_embeddings
+from carsearch.embed.project import derive_embeddings, project_embeddings
+from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.splits import stratified_split
 from carsearch.index.build import build_index, calibrate_on_members, save_info_extra
+from carsearch.models.checkpoint import read_info
+from carsearch.models.preprocess import Preprocessing
 from carsearch.train.head import train_head
+from carsearch.train.partial import Collection, train_partial
+from carsearch.train.settings import TrainSettings, get_preset
+from carsearch.train.state import TrainResult
 
 log = logging.getLogger(__name__)
 
 HEAD_DIR = "head"
+MODEL_DIR = "model"
 EMBEDDINGS_DIR = "embeddings"
 
 
@@ -34,6 +44,8 @@ def build_tuned_index(
     emb_dir: str | Path,
     out: str | Path,
     *,
+    preset: str = "head",
+    settings: TrainSettings | None = None,
     factory: str = defaults.FACTORY,
     memory_budget: int = defaults.MEMORY_BUDGET,
     target_recall: float = defaults.TARGET_RECALL,
@@ -45,32 +57,48 @@ def build_tuned_index(
     tpr: float = defaults.TPR,
     seed: int = defaults.SEED,
     progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Train a head on `emb_dir`'s labelled embeddings, index the projected vectors into `out`, calibrate
-    on held-out images. Returns index.json with a `tuning` section."""
+    """Train the `preset`'s network (or `settings`, which override it whole) on `emb_dir`'s labelled
+    collection, index the tuned vectors into `out`, calibrate on held-out images. Returns index.json with a
+    `tuning` section. `epochs` and `embed_dim` apply to the head preset. Raises CarsearchError for an
+    unlabelled collection, a holdout outside (0, 1), or a preset this command cannot run (gpu: train it
+    with `carsearch train --preset gpu`, then embed with --weights)."""
     out = Path(out).expanduser().resolve()
     emb = load_embeddings(emb_dir)
     if len(emb) == 0 or (emb.class_ids < 0).any():
         raise CarsearchError(
-            f"{emb.folder} is not a labelled collection (every image needs a class); "
-            "build without --tune-head."
+            f"{emb.folder} is not a labelled collection (every image needs a class); build without --tune."
         )
     if not 0 < holdout < 1:
         raise CarsearchError("--tune-holdout must be between 0 and 1.")
+    s = settings or get_preset(preset).settings
     t0 = time.perf_counter()
-    trained = train_head(
-        emb.folder,
-        out / HEAD_DIR,
-        epochs=epochs,
-        embed_dim=embed_dim,
-        train_fraction=1 - holdout,
-        seed=seed,
-        overwrite=True,
-        progress=progress,
-    )
-    train_s = time.perf_counter() - t0
     projected = out / EMBEDDINGS_DIR
-    project_embeddings(emb.folder, out / HEAD_DIR, projected)
+    if s.mode == "head":
+        trained = train_head(
+            emb.folder,
+            out / HEAD_DIR,
+            epochs=epochs,
+            embed_dim=embed_dim,
+            train_fraction=1 - holdout,
+            seed=seed,
+            overwrite=True,
+            progress=progress,
+        )
+        project_embeddings(emb.folder, out / HEAD_DIR, projected)
+        network_dir = out / HEAD_DIR
+    elif s.mode == "partial":
+        s = s.override(train_fraction=1 - holdout, seed=seed)
+        trained = _tune_partial(emb, out / MODEL_DIR, s, projected, progress, on_epoch, cache_dir)
+        embed_dim, epochs, network_dir = s.embed_dim, s.epochs, out / MODEL_DIR
+    else:
+        raise CarsearchError(
+            f"index build --tune runs the head and cpu-hour presets; a {s.mode} fine-tune trains on images: "
+            "run `carsearch train DATA --out CKPT --preset gpu`, embed with `--weights CKPT`, then build."
+        )
+    train_s = time.perf_counter() - t0
     info = build_index(
         [projected], out, factory, memory_budget, target_recall, calibrate=False, tpr=tpr, seed=seed
     )
@@ -79,12 +107,16 @@ def build_tuned_index(
     projected_set = load_embeddings(projected)
     calibration = projected_set.subset(np.isin(projected_set.ids, emb.ids[held]))
     tuning = {
-        "head": str(out / HEAD_DIR),
+        "preset": preset,
+        "settings": s.to_dict() if s.mode != "head" else None,
+        "mode": s.mode,
+        "network": str(network_dir),
         "source_embeddings": str(emb.folder),
         "embed_dim": embed_dim,
         "epochs": epochs,
         "best_epoch": trained.best_epoch,
         "holdout": holdout,
+        "validation_metric": trained.validation_metric,
         "validation_recall_at_1": round(trained.best_recall_at_1, 4),
         "frozen_recall_at_1": round(trained.baseline_recall_at_1, 4),
         "train_seconds": round(train_s, 2),
@@ -95,7 +127,7 @@ def build_tuned_index(
         out,
         calibration.ids,
         calibration.vectors,
-        f"{len(calibration)} images held out from the projection head's training",
+        f"{len(calibration)} images held out from the tuned network's training",
         tpr,
         extra={"tuning": tuning},
         k=openset_k,
@@ -108,3 +140,53 @@ def build_tuned_index(
         out,
     )
     return info
+
+
+def _tune_partial(
+    emb: EmbeddingSet,
+    model_dir: Path,
+    s: TrainSettings,
+    projected: Path,
+    progress: bool,
+    on_epoch: Callable[[dict], None] | None,
+    cache_dir: str | Path | None = None,
+) -> TrainResult:
+    """Partial fine-tune on the collection's photos; its vectors, from the cache, into `projected`."""
+    flip = bool(emb.provenance["preprocessing"].get("flip"))
+    if s.crop != emb.provenance["preprocessing"]["crop"] or s.backbone != emb.provenance["backbone"]:
+        s = s.override(crop=emb.provenance["preprocessing"]["crop"], backbone=emb.provenance["backbone"])
+    data = Collection(
+        emb.root, tuple(emb.paths.tolist()), emb.class_ids, emb.manifest["dataset"]["records_sha256"]
+    )
+    run = train_partial(
+        data,
+        model_dir,
+        s,
+        cache_dir=cache_dir,
+        flip=flip,
+        embed_all=True,
+        overwrite=True,
+        progress=progress,
+        on_epoch=on_epoch,
+    )
+    if not run.ok.all():
+        bad = np.flatnonzero(~run.ok)
+        raise CarsearchError(
+            f"{len(bad)} photo(s) of the collection could not be read again for training (first: "
+            f"{emb.root / emb.paths[bad[0]]}); restore them, or embed the collection again without them."
+        )
+    row_of = {int(i): r for r, i in enumerate(emb.ids)}
+    # The checkpoint's own framing (the training resolution may differ from the collection's embeddings).
+    prep = Preprocessing.from_dict(read_info(model_dir)["preprocessing"]).with_flip(flip)
+    prov = {
+        **emb.provenance,
+        "preprocessing": prep.to_dict(),
+        "weights": str(model_dir),
+        "weights_sha256": run.weights_sha256,
+        "weights_source": str(model_dir),
+        "dim": int(run.embeddings.shape[1]),
+    }
+    derive_embeddings(
+        emb.folder, projected, prov, lambda rows: run.embeddings[[row_of[int(i)] for i in rows.ids]]
+    )
+    return run.result

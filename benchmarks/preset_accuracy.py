@@ -1,0 +1,238 @@
+"""A training preset on the dev protocol, run as a user runs it: `index build GALLERY --tune PRESET`.
+
+Dev protocol (shared/DESIGN.md): each class of the dev folder is split 2/3 gallery (+ training) / 1/3
+queries (seeded per-class split, seed 0). The one command sees only the gallery: it trains on 80% of each
+gallery class, picks its epoch on the other 20%, embeds the gallery from its cached activations and
+indexes it. The queries are then embedded from their photos through the index's checkpoint (what
+`classify --index` does) and classified by the weighted kNN vote (k=20, T=0.07).
+
+`--known 1-98`: the open-set / zero-shot protocol instead: the collection is the gallery images of classes
+1-98 only; every dev photo is then embedded with the checkpoint; Recall@1/2/4/8 on classes 99-196 (never
+seen), open-set AUROC and FPR@95%TPR (the index's scores: similarity to the nearest known image).
+
+The curve: every `--curve-every` epochs the current checkpoint (model.safetensors, the EMA weights when the
+preset uses EMA) embeds the gallery and the queries from cached activations (the queries' cache is the
+benchmark's own, built before training starts and timed apart) and its closed-set top-1 is printed with the
+training wall time so far; that evaluation's own time is subtracted from the minutes shown.
+
+    carsearch embed ../shared/data/stanford-cars-dev --out emb/lite0 --backbone efficientnet_lite0
+    python benchmarks/preset_accuracy.py emb/lite0 --preset cpu-hour --work /tmp/preset-acc
+    python benchmarks/preset_accuracy.py emb/lite0 --preset cpu-hour --known 1-98 --work /tmp/preset-os
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from carsearch.embed import embed_dataset
+from carsearch.embed.store import load_embeddings, write_embedding_set
+from carsearch.eval.splits import class_range, stratified_split
+from carsearch.train.settings import get_preset
+from carsearch.train.tuned import build_tuned_index
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tuned_accuracy import closed_set, zero_shot_open_set
+
+
+class Curve:
+    """Closed-set top-1 of the current checkpoint every few epochs, from cached activations."""
+
+    def __init__(self, emb, gal, qry, model_dir: Path, work: Path, every: int, t0: float) -> None:
+        self.emb, self.gal, self.qry, self.model_dir, self.every = emb, gal, qry, model_dir, every
+        self.work, self.t0, self.spent, self.points = work, t0, 0.0, []
+        self.x_gal = self.x_qry = None
+
+    def _activations(self):
+        import torch
+
+        from carsearch.models import load_backbone
+        from carsearch.models.checkpoint import read_info
+        from carsearch.models.cut import cut, resolve_trained
+        from carsearch.models.preprocess import Preprocessing
+        from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
+
+        info = read_info(self.model_dir)
+        t = info["training"]
+        base = load_backbone(t["backbone"], t["weights"])
+        trained = resolve_trained(base.model, len(t["train_blocks"].split(",")))
+        split = cut(base.model, trained)
+        prep = Preprocessing.from_dict(info["preprocessing"])
+        cache = ActivationCache(
+            self.work / "curve-cache",
+            cache_key(t["backbone"], base.weights.sha256, split.trained, prep, 0, True),
+        )
+        cache.prepare()
+        self.trained = trained
+        paths = [str(p) for p in self.emb.paths]
+        out = []
+        for name, rows in (("gallery", self.gal), ("queries", self.qry)):
+            x, ok = cache.load(
+                Group(name, tuple(paths[i] for i in rows), ("plain",)),
+                self.emb.root,
+                Prefix(split.prefix, prep, torch.device("cpu"), True, 1),
+                progress=False,
+            )
+            assert ok.all()
+            out.append(x)
+        return out
+
+    def __call__(self, entry: dict) -> None:
+        if entry["epoch"] % self.every:
+            return
+        t = time.perf_counter()
+        from carsearch.models.checkpoint import load_checkpoint
+        from carsearch.models.cut import cut
+        from carsearch.train.partial import embed_cached
+
+        if self.x_gal is None:
+            self.x_gal, self.x_qry = self._activations()
+        net = load_checkpoint(self.model_dir, best=False).model
+        suffix = cut(net.backbone, self.trained).suffix
+        g = embed_cached(net, suffix, self.x_gal, True)
+        q = embed_cached(net, suffix, self.x_qry, True)
+        r = closed_set(g, self.emb.subset(self.gal), q, self.emb.subset(self.qry))
+        self.spent += time.perf_counter() - t
+        minutes = (time.perf_counter() - self.t0 - self.spent) / 60
+        self.points.append({"epoch": entry["epoch"], "minutes": round(minutes, 1), "top1": r["top1"]})
+        metric = "knn_top1" if "knn_top1" in entry else "recall@1"
+        print(
+            f"curve: epoch {entry['epoch']}, {minutes:.1f} min, top-1 {100 * r['top1']:.1f}% "
+            f"(validation {metric} {100 * entry[metric]:.1f}%)",
+            flush=True,
+        )
+
+
+def openset_scores(tuned, gal: np.ndarray, known: np.ndarray, unknown: np.ndarray, model_dir: Path) -> dict:
+    """AUROC and FPR@95%TPR of each candidate unknown-model score (higher = known): similarity to the
+    nearest gallery image and to the k-th, the vote share of the winning class (k=20, T=0.07), and, for a
+    cosine classifier, its largest cosine to a class weight and the energy logsumexp(s * cos)."""
+    import torch
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from carsearch.index.core import Index
+
+    index = Index.build("Flat", tuned.vectors[gal], target_recall=None)
+    queries = np.concatenate([known, unknown])
+    is_known = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+    sims, rows = index.search(tuned.vectors[queries], 20)
+    labels = tuned.labels[gal][rows]
+    weights = np.exp(sims / 0.07)
+    share = np.array(
+        [
+            max(weights[i][labels[i] == c].sum() for c in set(labels[i])) / weights[i].sum()
+            for i in range(len(rows))
+        ]
+    )
+    scores = {
+        "sim@1": sims[:, 0],
+        "sim@5": sims[:, 4],
+        "sim@20": sims[:, 19],
+        "vote share (k=20)": share,
+    }
+    state = model_dir / "train_state.pt"
+    if state.is_file():
+        loss = torch.load(state, map_location="cpu", weights_only=True)["loss"]
+        if "proxies" in loss:
+            w = torch.nn.functional.normalize(loss["proxies"].float(), dim=1).numpy()
+            cos = tuned.vectors[queries] @ w.T
+            scores["max cosine to a class weight"] = cos.max(1)
+            scores["energy (s=16)"] = np.log(np.exp(16 * cos).sum(1)) / 16
+    out = {}
+    for name, score in scores.items():
+        fpr, tpr, _ = roc_curve(is_known, score)
+        out[name] = {
+            "auroc": round(float(roc_auc_score(is_known, score)), 4),
+            "fpr@95tpr": round(float(fpr[np.searchsorted(tpr, 0.95)]), 4),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("emb_dir", type=Path, help="frozen embeddings of the whole dev folder")
+    ap.add_argument("--preset", default="cpu-hour")
+    ap.add_argument("--epochs", type=int, help="override the preset's epochs")
+    ap.add_argument("--train-blocks", help="override the preset's trained stages")
+    ap.add_argument("--views", type=int, help="override the preset's augmented views")
+    ap.add_argument("--loss", help="override the preset's loss")
+    ap.add_argument("--lr", type=float, help="override the preset's learning rate")
+    ap.add_argument("--ema", type=float, help="override the preset's EMA decay (0: off)")
+    ap.add_argument("--known", help="open-set protocol: the collection holds these classes only (1-98)")
+    ap.add_argument("--curve-every", type=int, default=10)
+    ap.add_argument(
+        "--cache", type=Path, help="activation cache to reuse (a variant with the same views and cut)"
+    )
+    ap.add_argument("--work", type=Path, required=True)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    emb = load_embeddings(a.emb_dir)
+    gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
+    settings = get_preset(a.preset).settings.override(
+        epochs=a.epochs,
+        train_blocks=a.train_blocks,
+        augmented_views=a.views,
+        loss=a.loss,
+        lr=a.lr,
+        ema_decay=a.ema,
+    )
+    if a.known:
+        gal = np.intersect1d(gal, np.flatnonzero(np.isin(emb.class_ids, sorted(class_range(a.known)))))
+    collection = write_embedding_set(emb.subset(gal), a.work / "collection", "dev protocol gallery")
+    t0 = time.perf_counter()
+    curve = Curve(emb, gal, qry, a.work / "index" / "model", a.work, a.curve_every, t0)
+    info = build_tuned_index(
+        collection,
+        a.work / "index",
+        preset=a.preset,
+        settings=settings,
+        factory="Flat",
+        on_epoch=None if a.known else curve,
+        cache_dir=a.cache,
+    )
+    wall = time.perf_counter() - t0 - curve.spent
+    tuning = info["tuning"]
+    # Every dev photo through the index's checkpoint, as `classify --index` embeds a query.
+    prov = load_embeddings(a.work / "index" / "embeddings").provenance
+    data = Path(emb.manifest["dataset"]["root"])
+    embed_dataset(
+        data,
+        a.work / "all",
+        backbone=prov["backbone"],
+        weights=prov["weights"],
+        weights_sha256=prov["weights_sha256"],
+        crop=prov["preprocessing"]["crop"],
+        flip=bool(prov["preprocessing"].get("flip")),
+        progress=False,
+    )
+    tuned = load_embeddings(a.work / "all")
+    assert (tuned.ids == emb.ids).all()
+    row = {
+        "preset": a.preset,
+        "settings": settings.to_dict(),
+        "wall_minutes": round(wall / 60, 1),
+        "cache_reused": a.cache is not None,
+        "best_epoch": tuning["best_epoch"],
+        "validation_recall_at_1": tuning["validation_recall_at_1"],
+        "curve": curve.points,
+    }
+    if a.known:
+        row.update(zero_shot_open_set(a.work / "all", a.work / "bench"))
+        member = np.isin(emb.class_ids, sorted(class_range(a.known)))
+        known_q = np.intersect1d(qry, np.flatnonzero(member))
+        row["openset_scores"] = openset_scores(
+            tuned, gal, known_q, np.flatnonzero(~member), a.work / "index" / "model"
+        )
+    else:
+        row.update(closed_set(tuned.vectors[gal], emb.subset(gal), tuned.vectors[qry], emb.subset(qry)))
+    print(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()

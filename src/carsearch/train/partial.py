@@ -1,0 +1,346 @@
+"""Partial fine-tuning on cached activations: the last stages of a backbone + a projection, on a CPU.
+
+The network is cut at a stage boundary (models/cut.py). The frozen prefix runs once per training image and
+view (train/activations.py); every epoch trains only the suffix, the projection head and the loss's class
+weights, on one randomly chosen cached view of each training image. Validation, the best epoch and the
+collection's own embeddings all come from cached activations, so no photo is decoded twice. The checkpoint
+is the whole network (prefix and trained suffix), loaded by `embed --weights CKPT_DIR` like any other.
+
+Recipe pieces come from libraries: timm's warm-up cosine schedule (CosineLRScheduler, per step) and EMA of
+weights (ModelEmaV3); losses from train/losses.py (pytorch-metric-learning's, or a cosine classifier).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from carsearch import defaults
+from carsearch.embed.encoder import resolve_device, resolve_precision
+from carsearch.errors import CarsearchError
+from carsearch.models import EmbeddingNet, Preprocessing, load_backbone
+from carsearch.models import checkpoint as ckpt
+from carsearch.models.cut import cut, resolve_trained
+from carsearch.models.network import freeze_batchnorm
+from carsearch.progress import Progress
+from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
+from carsearch.train.data import BalancedBatches, split_classes
+from carsearch.train.loop import fit, mean_loss, network_run, schedule_and_ema
+from carsearch.train.losses import CLASSIFIER_LOSSES, make_loss
+from carsearch.train.settings import MIRROR, PLAIN, TrainSettings
+from carsearch.train.state import TrainResult, prepare_out
+from carsearch.train.validation import recall_at_1, require_validation
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "activations"
+
+
+@dataclass(frozen=True)
+class Collection:
+    """Labelled images to train on: paths relative to `root`, class ids (n,) int64, and what identifies
+    the set (`data`: a sha256 of the records)."""
+
+    root: Path
+    paths: tuple[str, ...]
+    class_ids: np.ndarray
+    data: str
+
+
+@dataclass
+class PartialRun:
+    """What `train_partial` returns: the run's result, and (with `embed_all`) every image's embedding."""
+
+    result: TrainResult
+    embeddings: np.ndarray | None  # (n, dim) float32, L2-normalised, rows in the collection's order
+    ok: np.ndarray | None  # (n,) bool: the image decoded (rows of False are zeros)
+    weights_sha256: str | None
+
+
+def _prep_for(base_prep: Preprocessing, s: TrainSettings) -> Preprocessing:
+    prep = base_prep.with_crop(s.crop)
+    if s.image_size:
+        resize = max(s.image_size, round(s.image_size * prep.resize / prep.size))
+        prep = replace(prep, size=s.image_size, resize=resize)
+    return prep
+
+
+def train_partial(
+    data: Collection,
+    out: str | Path,
+    s: TrainSettings,
+    *,
+    cache_dir: str | Path | None = None,
+    flip: bool = False,
+    embed_all: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> PartialRun:
+    """Train the last `s.train_blocks` stages of `s.backbone` + an `s.embed_dim` projection on `data`.
+
+    `flip`: embeddings average the image's and its mirror's (as `embed --flip`). `embed_all`: also return
+    every image's embedding by the best checkpoint, from the cache. Raises CarsearchError for unlabelled
+    data, a backbone that cannot be cut, or a validation set of fewer than two images."""
+    if s.mode != "partial":
+        raise CarsearchError(f"train_partial runs mode 'partial', not {s.mode!r}.")
+    out = Path(out).expanduser().resolve()
+    dev = resolve_device(s.device)
+    prec = resolve_precision(s.precision, dev)
+    bf16 = prec == "bf16"
+    if (data.class_ids < 0).any():
+        raise CarsearchError(f"{data.root}: every image needs a class label to train on.")
+    tmask, vmask, how = split_classes(data.class_ids, s.classes, s.val_classes, s.seed, s.train_fraction)
+    val_idx = np.flatnonzero(vmask)
+    if not embed_all and len(val_idx) > s.val_images:
+        val_idx = np.sort(np.random.default_rng(s.seed).choice(val_idx, s.val_images, replace=False))
+    require_validation(len(val_idx), how)
+    train_idx = np.flatnonzero(tmask)
+
+    base = load_backbone(s.backbone, s.weights)
+    prep = _prep_for(base.preprocessing, s)
+    trained = resolve_trained(base.model, s.train_blocks)
+    torch.manual_seed(s.seed)
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim)
+    split = cut(net.backbone, trained)
+    settings = {
+        **s.to_dict(),
+        "weights": base.weights.id,
+        "weights_sha256": base.weights.sha256,
+        "train_blocks": ",".join(split.trained),
+        "precision": prec,
+        "data": data.data,
+        "data_root": str(data.root),
+        "validation": how,
+        "flip": flip,
+    }
+    state = prepare_out(out, settings, resume, overwrite)
+
+    # --- the cache: training images with every view; the others with the plain view (and its mirror).
+    cache = ActivationCache(
+        Path(cache_dir) if cache_dir else out / CACHE_DIR,
+        cache_key(s.backbone, base.weights.sha256, split.trained, prep, s.seed, bf16),
+    )
+    cache.prepare()
+    workers = defaults.default_workers() if s.workers is None else s.workers
+    plain_views = (PLAIN, MIRROR) if flip else (PLAIN,)
+    other_idx = np.flatnonzero(~tmask) if embed_all else val_idx
+    t_cache = time.perf_counter()
+    prefix = Prefix(split.prefix, prep, dev, bf16, workers)
+    load = lambda g: cache.load(g, data.root, prefix, progress)  # noqa: E731
+    x_train, ok_train = load(Group("train", tuple(data.paths[i] for i in train_idx), s.views()))
+    x_other, ok_other = load(Group("other", tuple(data.paths[i] for i in other_idx), plain_views))
+    cache_seconds = time.perf_counter() - t_cache
+
+    keep = np.flatnonzero(ok_train)
+    x_train = x_train[torch.from_numpy(keep)]
+    train_classes = sorted(set(data.class_ids[train_idx[keep]].tolist()))
+    lookup = {c: i for i, c in enumerate(train_classes)}
+    y_train = torch.tensor([lookup[int(c)] for c in data.class_ids[train_idx[keep]]])
+    val_pos = np.flatnonzero(np.isin(other_idx, val_idx) & ok_other)
+    x_val, c_val = x_other[torch.from_numpy(val_pos)], data.class_ids[other_idx[val_pos]]
+    require_validation(len(val_pos), how)
+
+    # --- what trains: the suffix (BatchNorm kept as pretrained), the head, the loss's class weights.
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for m in [split.suffix, net.head]:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    freeze_batchnorm(split.suffix)
+    loss_fn = make_loss(s.loss, len(train_classes), net.dim, s.scale, s.margin, s.label_smoothing)
+    suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": suffix_params, "lr": s.lr},
+            {"params": list(net.head.parameters()), "lr": s.lr * s.head_lr_mult},
+            {"params": list(loss_fn.parameters()), "lr": s.lr * s.head_lr_mult, "weight_decay": 0.0},
+        ],
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+    )
+    classifier = s.loss in CLASSIFIER_LOSSES
+    sampler = None if classifier else BalancedBatches(y_train.tolist(), s.per_class, s.batch_size, s.seed)
+    steps = len(sampler) if sampler else max(1, len(y_train) // s.batch_size)
+    sched, ema = schedule_and_ema(opt, net, s, steps)
+    evaluated = ema.module if ema is not None else net
+    eval_split = cut(evaluated.backbone, trained)
+
+    # Validation as the product is used: held-out images classified by the weighted kNN vote over the
+    # training images (which become the gallery). With validation classes of their own (zero-shot), there
+    # is no gallery of them: Recall@1 among the held-out images.
+    c_train = data.class_ids[train_idx[keep]]
+    metric = "knn_top1" if set(c_val.tolist()) <= set(c_train.tolist()) else "recall@1"
+    gallery_views = len(plain_views)
+
+    def score(model: EmbeddingNet, suffix: nn.Module, head: bool = True) -> float:
+        q = embed_cached(model, suffix, x_val, bf16, head=head)
+        if metric == "recall@1":
+            return recall_at_1(q, c_val)
+        g = embed_cached(model, suffix, x_train[:, :gallery_views], bf16, head=head)
+        return knn_top1(g, c_train, q, c_val)
+
+    baseline = score(net, split.suffix, head=False)
+    parts: dict[str, object] = {"model": net, "loss": loss_fn, "optimizer": opt, "scheduler": sched}
+    if ema is not None:
+        parts["ema"] = ema
+    run = network_run(
+        out, net, s.backbone, base.weights, prep.to_dict(), "partial", settings, baseline, parts
+    )
+    run.resume_from(state)
+    log.info(
+        "partial: training %s + head on %d images x %d cached views (%d classes); validation on %d images "
+        "(%s); frozen features Recall@1 %.3f; caching took %.0f s",
+        ", ".join(split.trained),
+        len(y_train),
+        len(s.views()),
+        len(train_classes),
+        len(val_pos),
+        how,
+        baseline,
+        cache_seconds,
+    )
+    t_train = time.perf_counter()
+
+    def train_epoch(epoch: int) -> dict:
+        net.train()
+        freeze_batchnorm(net)
+        g = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
+        n_views = x_train.shape[1]
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            batches = [torch.tensor(b) for b in sampler]
+        else:
+            order = torch.randperm(len(y_train), generator=g)
+            batches = [order[i * s.batch_size : (i + 1) * s.batch_size] for i in range(steps)]
+        t0, losses, seen = time.perf_counter(), [], 0
+        with Progress(steps * s.batch_size, f"epoch {epoch}/{s.epochs}", "img", progress) as bar:
+            for i, b in enumerate(batches):
+                views = torch.randint(n_views, (len(b),), generator=g)
+                x = x_train[b, views].contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    emb = net.project(split.suffix(x))
+                value = loss_fn(emb.float(), y_train[b])
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                sched.step_update((epoch - 1) * steps + i + 1)
+                if ema is not None:
+                    ema.update(net, step=(epoch - 1) * steps + i + 1)
+                losses.append(value.item())
+                seen += len(b)
+                bar.update(len(b), loss=f"{np.mean(losses[-20:]):.3f}")
+        seconds = time.perf_counter() - t0
+        done = epoch - run.start + 1
+        eta = (time.perf_counter() - t_train) / done * (s.epochs - epoch)
+        return {
+            "loss": mean_loss(losses),
+            "images_per_second": seen / seconds,
+            "seconds": seconds,
+            "eta_seconds": eta,
+        }
+
+    def report(entry: dict, improved: bool) -> None:
+        log.info(
+            "epoch %d/%d: loss %.4f, validation %s %.3f%s, %.0f images/s, ETA %.0f s",
+            entry["epoch"],
+            s.epochs,
+            entry["loss"],
+            metric,
+            entry[metric],
+            " (best)" if improved else "",
+            entry["images_per_second"],
+            entry["eta_seconds"],
+        )
+
+    fit(
+        run,
+        s.epochs,
+        train_epoch,
+        lambda: score(evaluated, eval_split.suffix),
+        on_improved=lambda _epoch: None,
+        checkpoint=lambda epoch, improved: run.deliver(
+            epoch, evaluated.state_dict(), evaluated.state_dict() if improved else None
+        ),
+        report=report,
+        on_epoch=on_epoch,
+        metric=metric,
+    )
+    result = TrainResult(
+        str(out),
+        "partial",
+        s.backbone,
+        net.dim,
+        s.epochs,
+        run.best[0],
+        run.best[1],
+        baseline,
+        run.history,
+        str(dev),
+        prec,
+        metric,
+    )
+    best = ckpt.load_checkpoint(out, s.backbone)
+    if not embed_all:
+        return PartialRun(result, None, None, best.weights.sha256)
+    best_split = cut(best.model.backbone, trained)
+    vectors = np.zeros((len(data.paths), net.dim), np.float32)
+    vectors[train_idx[keep]] = embed_cached(
+        best.model, best_split.suffix, x_train[:, : len(plain_views)], bf16
+    )
+    good_other = np.flatnonzero(ok_other)
+    vectors[other_idx[good_other]] = embed_cached(
+        best.model, best_split.suffix, x_other[torch.from_numpy(good_other)], bf16
+    )
+    ok = np.zeros(len(data.paths), bool)
+    ok[train_idx[keep]] = True
+    ok[other_idx[good_other]] = True
+    return PartialRun(result, vectors, ok, best.weights.sha256)
+
+
+def knn_top1(gallery: np.ndarray, g_classes: np.ndarray, queries: np.ndarray, q_classes: np.ndarray) -> float:
+    """Top-1 of the weighted kNN vote (k=20, T=0.07: the classifier's) of L2-normalised `queries` (m, d)
+    against `gallery` (n, d) float32, exact inner product."""
+    from carsearch.eval.knn import knn_metrics
+    from carsearch.index.factory import exact_search
+
+    k = min(defaults.K_VOTE, len(gallery))
+    sims, rows = exact_search(gallery, np.arange(len(gallery)), np.ascontiguousarray(queries, np.float32), k)
+    # The vote works on label strings.
+    return knn_metrics(np.asarray(g_classes).astype(str), np.asarray(q_classes).astype(str), sims, rows)[
+        "top1"
+    ]
+
+
+@torch.inference_mode()
+def embed_cached(
+    net: EmbeddingNet, suffix: nn.Module, x: torch.Tensor, bf16: bool, head: bool = True, batch: int = 256
+) -> np.ndarray:
+    """Embeddings (n, dim) float32, L2-normalised, from cached activations (n, views, C, H, W): the view 0
+    embedding, plus the view 1 one when two views are given (test-time flip), as `Encoder.encode` does."""
+    was = net.training
+    net.eval()
+    normalize = nn.functional.normalize
+    out = []
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        y = None
+        for v in range(min(2, chunk.shape[1])):
+            a = chunk[:, v].contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                f = suffix(a if bf16 else a.float())
+                f = net.project(f) if head else f
+                f = normalize(f.float(), dim=1)
+            y = f if y is None else y + f
+        out.append(normalize(y, dim=1).numpy())
+    net.train(was)
+    dim = net.dim if head else net.backbone_dim
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
