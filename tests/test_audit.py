@@ -291,3 +291,52 @@ def test_near_pairs_reusing_neighbours_equal_range_search(exact: bool) -> None:
     else:  # quantised similarities differ a little by direction: a pair at the threshold may go either way
         assert len(got ^ want) <= 0.01 * len(want) and len(want) >= 40 * 21
     assert (i < j).all() and len(got) == len(i) and (s >= 0.8).all()
+
+
+def test_too_few_examples_is_not_a_suspect(planted: tuple[Path, list]) -> None:
+    """A photo whose class has no other photo, or whose neighbours carry no label, cannot be judged by
+    its neighbours' vote: it is reported as too few examples, never flagged (index build --exclude
+    suspects.txt would drop the only example of that model)."""
+    from carsearch.audit.scores import label_quality, neighbours
+
+    emb = load_embeddings(planted[0])
+    labels = emb.labels.copy()
+    labels[0] = "Singleton Model 2031"  # the only photo of its class
+    labels[1:40] = ""  # row 40 and on keep their labels; rows 1..39 are unlabelled
+    lonely = 45  # a labelled photo whose neighbours we unlabel
+    nb = neighbours(search_index(emb.vectors), emb.vectors, 10)
+    labels[[r for r in nb.rows[lonely] if r >= 0]] = ""
+    labels[lonely] = emb.labels[lonely]
+    q = label_quality(labels, nb, 10)
+    assert q.mislabel_score[0] == 1.0 and not q.flagged[0] and q.too_few_examples[0]
+    assert q.mislabel_score[lonely] == 1.0 and not q.flagged[lonely] and q.too_few_examples[lonely]
+    # A wrong label of a class with many photos elsewhere is still judged (and flagged when voted down).
+    judged = np.flatnonzero((labels != "") & ~q.too_few_examples)
+    assert len(judged) > 30 and not q.too_few_examples[labels == ""].any()
+
+
+def test_a_second_audit_into_the_same_folder_shows_its_own_photos(
+    planted: tuple[Path, list], tmp_path: Path
+) -> None:
+    """Ids are positions every collection reuses: thumbnails are named by content, so auditing another
+    collection into the same --out never shows the first collection's photos under the second's ids."""
+    import re
+
+    first = load_embeddings(planted[0])
+    other = write_embedding_set(first.subset(np.arange(len(first))[::-1]), tmp_path / "other", "reversed")
+    second = load_embeddings(other)
+    second = replace(second, ids=first.ids.copy())  # the same ids, other photos behind them
+    other = write_embedding_set(second, tmp_path / "other2", "same ids, other photos")
+    out = tmp_path / "report"
+    audit(planted[0], out, progress=False, top=4)
+    audit(other, out, progress=False, top=4)
+    page = (out / "index.html").read_text()
+    names = set(re.findall(r'src="thumbs/([0-9a-f]{32})\.jpg"', page))
+    assert names
+    second_files = {str(x)[:32] for x in load_embeddings(other).sha256}
+    assert names <= second_files
+    for name in names:  # each thumbnail shows the photo its name says
+        row = next(i for i, d in enumerate(load_embeddings(other).sha256) if str(d).startswith(name))
+        shown = Image.open(out / "thumbs" / f"{name}.jpg")
+        original = Image.open(load_embeddings(other).root / load_embeddings(other).paths[row])
+        assert abs(shown.width / shown.height - original.width / original.height) < 0.05

@@ -130,3 +130,20 @@ def test_dataset_and_backbones_json() -> None:
     assert {"name": "resnet50", "dim": 2048}.items() <= rows[0].items() or any(
         r["name"] == "resnet50" for r in rows
     )
+
+
+def test_json_errors_are_one_json_document(tmp_path: Path) -> None:
+    """With --json, a failure still prints one JSON document on stdout (error, exit_code); the sentence
+    stays on stderr."""
+    r = CliRunner().invoke(
+        cli, ["index", "build", str(tmp_path / "none"), "--out", str(tmp_path / "x"), "--json"]
+    )
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == 1 and "manifest.json" in doc["error"] and "manifest.json" in r.stderr
+    r = CliRunner().invoke(cli, ["search", "--index", str(tmp_path), "q.jpg", "-k", "0", "--json"])
+    assert r.exit_code == 2 and json.loads(r.stdout) == {
+        "error": json.loads(r.stdout)["error"],
+        "exit_code": 2,
+    }
+    assert "-k" in json.loads(r.stdout)["error"]

@@ -86,3 +86,44 @@ def test_errors_are_one_sentence(tmp_path: Path, index_dir: Path) -> None:
         assert "Traceback" not in result.output
     bad_k = _run("search", "--index", str(index_dir), str(DEV / "images" / "00001.jpg"), "-k", "0")
     assert bad_k.exit_code == 2
+
+
+def test_the_same_photos_are_indexed_once(small_dataset: Path, tmp_path: Path) -> None:
+    """A second embedding of the same files (a new id range) adds nothing by default, in `index add` and
+    in `index build` over both folders; --allow-duplicates indexes every copy."""
+    from carsearch.embed import embed_dataset
+
+    for name, start in (("a", 0), ("b", 1000)):
+        embed_dataset(
+            small_dataset,
+            tmp_path / name,
+            backbone="efficientnet_lite0",
+            id_start=start,
+            workers=0,
+            progress=False,
+        )
+    idx = tmp_path / "idx"
+    assert _run("index", "build", str(tmp_path / "a"), "--out", str(idx), "--frozen").exit_code == 0
+    r = _run("index", "add", str(idx), str(tmp_path / "b"), "--json")
+    assert r.exit_code == 0, r.output
+    added = json.loads(r.stdout)
+    assert added["added"] == 0 and added["skipped_duplicates"] == 24 and added["ntotal"] == 24
+    photo = str(small_dataset / "images" / sorted(p.name for p in (small_dataset / "images").iterdir())[0])
+    hits = json.loads(_run("search", "--index", str(idx), photo, "-k", "3", "--json").stdout)[0]["neighbors"]
+    assert hits[0]["score"] > 0.99 and hits[1]["score"] < 0.99  # the photo once, not twice
+    both = json.loads(
+        _run(
+            "index",
+            "build",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "both"),
+            "--json",
+        ).stdout
+    )
+    assert both["ntotal"] == 24 and both["duplicates_left_out"] == 24
+    forced = json.loads(
+        _run("index", "add", str(idx), str(tmp_path / "b"), "--allow-duplicates", "--json").stdout
+    )
+    assert forced["added"] == 24 and forced["ntotal"] == 48

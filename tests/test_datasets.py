@@ -191,3 +191,33 @@ def test_records_fingerprint_changes_with_labels(tmp_path: Path) -> None:
     text = (root / "labels.csv").read_text().replace("AM General Hummer SUV 2000", "Renamed 2000")
     (root / "labels.csv").write_text(text)
     assert read_dataset(root).records_sha256() != before
+
+
+def test_labels_are_unicode_normalised(tmp_path: Path) -> None:
+    """One class written composed and decomposed (as macOS writes folder names) is one class, and a
+    filter typed either way, in any case, finds it."""
+    import unicodedata
+
+    from carsearch.search.filters import Filter
+
+    composed = "Citroën C4 Picasso 2012"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    rows = pick([14], 4)
+    root = tmp_path / "data"
+    for i, name in enumerate((composed, decomposed)):
+        (root / name).mkdir(parents=True)
+        for row in rows[2 * i : 2 * i + 2]:
+            shutil.copyfile(DEV / row["image"], root / name / Path(row["image"]).name)
+    ds = read_dataset(root, "folders")
+    assert {r.label for r in ds.records} == {composed} and {r.class_id for r in ds.records} == {1}
+    assert {r.make for r in ds.records} == {"Citroën"} and len(ds.records) == 4
+    # The file paths keep the file system's spelling, so they still open.
+    assert all((root / r.path).is_file() for r in ds.records)
+    # Filters compare NFC + casefold, also against stored labels written before normalisation.
+    make = np.array([unicodedata.normalize("NFD", "Citroën"), "Citroën", "Audi"])
+    model = np.array(["C4 Picasso"] * 3)
+    year = np.array(["2012"] * 3)
+    for typed in ("Citroën", decomposed.split()[0], "CITROËN", "citroën"):
+        assert Filter.parse(make=typed).mask(make, model, year).tolist() == [True, True, False], typed
+    assert Record("a.jpg", label=decomposed).label == composed

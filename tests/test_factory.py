@@ -81,3 +81,46 @@ def test_errors() -> None:
         train_and_add(make_index("IVF1024,Flat", 32), _data(500), np.arange(500))
     with pytest.raises(CarsearchError, match="do not apply"):
         set_search_params(make_index("Flat", 8), "nprobe=4")
+
+
+# --- fewer than k results (faiss pads with -1 when a search visits fewer than k candidates) ------------
+
+
+def _clustered(n: int = 48, d: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, d))
+    x = centres[np.arange(n) % 4] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("factory", "params"),
+    [
+        ("IVF4,Flat", "nprobe=1"),
+        ("IVF4,PQ8x4", "nprobe=1"),
+        ("HNSW4", "efSearch=1"),
+        ("PCA16,IVF4,Flat", "nprobe=1"),
+    ],
+)
+def test_k_results_whenever_k_exist(factory: str, params: str) -> None:
+    """Every index type returns k results when it holds k vectors, even tuned as narrow as it goes."""
+    from carsearch.index.core import Index
+    from carsearch.search.filters import filtered_search
+
+    x = _clustered()
+    ids = np.arange(1000, 1048)
+    index = Index.build(factory, x, ids, params=params)
+    for k in (10, 40, 48):
+        _, got = index.search(x[:5], k)
+        assert (got >= 0).all(), (factory, k)
+        assert all(len(set(row)) == k for row in got.tolist())
+    # More than the index holds: all of them, then -1 padding.
+    _, got = index.search(x[:2], 60)
+    assert (got[:, :48] >= 0).all() and (got[:, 48:] == -1).all()
+    assert sorted(got[0, :48].tolist()) == ids.tolist()
+    # A filter that every image passes, through the selector path (exact_limit 0): k results too.
+    allowed = ids[ids % 2 == 0]
+    _, got = filtered_search(index, x[:3], 20, allowed, exact_limit=0)
+    assert (got >= 0).all() and np.isin(got, allowed).all()
+    _, got = filtered_search(index, x[:3], 30, allowed, exact_limit=0)
+    assert (got[:, :24] >= 0).all() and (got[:, 24:] == -1).all()

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from PIL import Image
 
 from carsearch.cli import cli
 from carsearch.embed import load_embeddings
-from tests.conftest import DEV
+from tests.conftest import DEV, pick, write_csv_dataset
 
 PHOTOS = sorted((DEV / "images").iterdir())[:12]
 
@@ -359,3 +360,120 @@ def test_classify_exits_1_when_any_query_failed_and_answers_the_rest(embedded: P
     )
     answers = json.loads(out)
     assert code == 1 and answers[0]["error"] is None and answers[1]["error"].startswith("empty")
+
+
+# --- HDF5 files another program has or had open; storage without file locks -------------------------------
+
+_SHIM = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sys/file.h>
+/* Storage without locks (NFS without lockd): every flock() fails with ENOLCK, as the kernel says there. */
+int flock(int fd, int operation) { (void)fd; (void)operation; errno = ENOLCK; return -1; }
+"""
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "carsearch", "-q", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def lite_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 real photos embedded (lite0) in 3 shards."""
+    tmp = tmp_path_factory.mktemp("locks")
+    data = write_csv_dataset(tmp / "data", pick([1, 14, 50, 151], 6))
+    r = _cli(
+        "embed",
+        str(data),
+        "--out",
+        str(tmp / "emb"),
+        "--backbone",
+        "efficientnet_lite0",
+        "--workers",
+        "0",
+        "--shard-size",
+        "8",
+    )
+    assert r.returncode == 0, r.stderr
+    return tmp / "emb"
+
+
+def test_storage_without_locks_works_and_says_so(lite_small: Path, tmp_path: Path) -> None:
+    """A real ENOLCK from every flock() (an LD_PRELOAD shim, as on NFS without lockd): embed, index build and
+    search work (HDF5 opened without its locking, carsearch's writer lock an O_EXCL file); a lock file of a
+    live writer refuses in one sentence; it was 'a file: No locks available' / 'damaged' before."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc builds the ENOLCK shim")
+    shim = tmp_path / "enolck.so"
+    (tmp_path / "enolck.c").write_text(_SHIM)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "enolck.c")], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(shim)}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fcntl, sys; fcntl.flock(sys.stdin.fileno(), fcntl.LOCK_EX)"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert "No locks available" in probe.stderr  # the shim is real: flock fails with ENOLCK
+    data = Path(load_embeddings(lite_small).root)
+    r = _cli(
+        "embed",
+        str(data),
+        "--out",
+        str(tmp_path / "emb"),
+        "--backbone",
+        "efficientnet_lite0",
+        "--workers",
+        "0",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    r = _cli("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
+    assert r.returncode == 0, r.stderr
+    photo = next((data / "images").iterdir())
+    r = _cli("search", "--index", str(tmp_path / "idx"), str(photo), "-k", "3", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["neighbors"][0]["score"] > 0.99, r.stderr
+    assert not (tmp_path / "idx" / ".lock.owner").exists()  # released
+    (tmp_path / "idx" / ".lock.owner").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live writer
+    r = _cli("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
+    assert r.returncode == 1 and "has no file locks (ENOLCK)" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "idx" / ".lock.owner").write_text(f"{socket.gethostname()} 999999999")  # a dead one
+    r = _cli("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_shard_held_open_or_left_open_is_not_called_damaged(lite_small: Path, tmp_path: Path) -> None:
+    """A shard open for writing in another process (h5py 'r+'): one sentence saying so, not "damaged";
+    after that process is killed (the open-for-writing mark stays set, the data are intact) the shard is
+    read as it is, with a warning naming h5clear; a shard with changed data is still refused."""
+    emb = tmp_path / "emb"
+    shutil.copytree(lite_small, emb)
+    shard = sorted(emb.glob("shard-*.h5"))[0]
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, time; f = h5py.File({str(shard)!r}, 'r+'); print('open', flush=True); "
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        r = _cli("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
+        assert r.returncode == 1 and "is open for writing in another program" in r.stderr, r.stderr
+        assert "damaged" not in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    r = _cli("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
+    assert r.returncode == 0, r.stderr
+    assert "open for writing by a program that ended" in r.stderr and "h5clear" in r.stderr
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # a changed byte inside the data
+    shard.write_bytes(bytes(data))
+    r = _cli("index", "build", str(emb), "--out", str(tmp_path / "idx2"), "--frozen")
+    assert r.returncode == 1 and "changed or damaged" in r.stderr

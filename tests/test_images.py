@@ -184,3 +184,56 @@ def test_safe_join_refuses_escapes_and_follows_links(tmp_path: Path) -> None:
     with pytest.raises(BadImage) as e:
         safe_join(root, "caf\udce9.jpg")  # a Latin-1 file name as os.listdir returns it
     assert e.value.reason == "name_not_utf8" and e.value.detail == "caf\ufffd.jpg"
+
+
+# --- every format Pillow (with its plugins) reads; the same pixels decode the same in any container ----
+
+
+def test_phone_and_renamed_formats_are_datasets_and_queries(tmp_path: Path) -> None:
+    """.jfif / .jpe (JPEG under other names), HEIC (pillow-heif) and AVIF (Pillow) files, written here by
+    the libraries themselves, are read in every layout and in query folders; other files are counted."""
+    from click.testing import CliRunner
+
+    from carsearch.cli import cli
+    from carsearch.datasets import read_dataset
+    from carsearch.formats import image_extensions, register_plugins
+
+    assert "pillow-heif" in register_plugins()
+    assert {".jfif", ".jpe", ".heic", ".avif", ".jpg"} <= image_extensions()
+    assert not {".h5", ".mpg", ".txt", ".csv"} & image_extensions()
+    img = _rgb()
+    folder = tmp_path / "data" / "Audi TTS Coupe 2012"
+    folder.mkdir(parents=True)
+    for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.heic", "HEIF"), ("d.avif", "AVIF")):
+        (folder / name).write_bytes(_encode(img, fmt))
+    (folder / "notes.txt").write_text("not a photo")
+    ds = read_dataset(tmp_path / "data")
+    assert sorted(Path(r.path).name for r in ds.records) == ["a.jfif", "b.jpe", "c.heic", "d.avif"]
+    assert ds.left_out == {".txt": 1}
+    for r in ds.records:
+        assert load_image(tmp_path / "data" / r.path).size == img.size
+    listed = CliRunner().invoke(cli, ["dataset", str(tmp_path / "data")])
+    assert "left out (not images): 1 files (.txt 1)" in listed.output, listed.output
+    # A query folder holding only such files is a folder of queries, not "no images".
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    (queries / "q.jfif").write_bytes(_encode(img, "JPEG"))
+    from carsearch.search import expand_queries
+
+    assert [p.name for p in expand_queries([queries])] == ["q.jfif"]
+    (queries / "q.jfif").rename(queries / "q.doc")
+    with pytest.raises(Exception, match=r"holds no images \(left out: 1 .doc"):
+        expand_queries([queries])
+
+
+def test_mpo_decodes_like_the_same_jpeg(tmp_path: Path) -> None:
+    """A multi-picture JPEG (MPO, what many cameras write) takes the same reduced-size decode as a JPEG of
+    the same first picture, so both embed identically (it was decoded at full size: cosine 0.9977)."""
+    big = _rgb().resize((1600, 1200))
+    jpeg = _encode(big, "JPEG", quality=90)
+    mpo = _encode(big, "MPO", quality=90, save_all=True, append_images=[big.rotate(180)])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    a = load_image(jpeg, draft_size=256)
+    b = load_image(mpo, draft_size=256)
+    assert a.size == b.size == (400, 300)
+    assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -13,7 +13,8 @@ from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.eval.neighbors import recall_at_k
 from carsearch.eval.openset import kth_similarity, threshold_for_tpr
-from carsearch.index.build import add_to_index, build_index, calibrate_index, remove_from_index
+from carsearch.index.build import build_index, calibrate_index
+from carsearch.index.changes import add_to_index, remove_from_index
 from carsearch.index.store import open_bundle
 from tests.conftest import DEV, embed_dev_subset, pick_range
 

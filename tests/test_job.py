@@ -228,3 +228,62 @@ def test_second_writer_is_refused(small_dataset: Path, tmp_path: Path) -> None:
 def test_output_inside_dataset_root_is_refused(small_dataset: Path) -> None:
     with pytest.raises(CarsearchError, match="into the dataset folder"):
         embed_dataset(small_dataset, small_dataset, **SETTINGS)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_killed_decoding_worker_is_one_sentence(tmp_path: Path) -> None:
+    """The OOM killer (here: SIGKILL) takes a DataLoader worker mid-run: one sentence saying what happened
+    and what to do, exit 1, no traceback; the rerun finishes the job."""
+    import time
+
+    from tests.conftest import _subset_labels, pick_range
+
+    labels = _subset_labels(tmp_path / "labels.csv", pick_range(list(range(1, 197)), 0, 1))
+    cmd = [
+        sys.executable,
+        "-m",
+        "carsearch",
+        "embed",
+        str(DEV),
+        "--labels",
+        str(labels),
+        "--out",
+        str(tmp_path / "emb"),
+        "--backbone",
+        "efficientnet_lite0",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+        "--shard-size",
+        "64",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    killed = None
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if workers:
+            time.sleep(0.5)  # let it decode a little first
+            os.kill(workers[0], signal.SIGKILL)
+            killed = workers[0]
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None, err
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and f"image-decoding worker (pid {killed}) was killed by signal" in err
+    assert "fewer --workers" in err and len(err.strip().splitlines()) <= 2, err
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert load_embeddings(tmp_path / "emb").manifest["complete"]

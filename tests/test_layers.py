@@ -24,6 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
         "provenance",
         "config",
         "faults",
+        "formats",
+        "h5state",
         "lazy",
         "memwatch",
     ),

@@ -122,3 +122,32 @@ def test_queries_are_decoded_one_batch_at_a_time(searcher: Searcher, dev_embeddi
         searcher.encoder.encode_images, searcher.batch_size = encode, 32
     assert seen == [4, 8, 10]  # at the first forward pass only the first batch was read
     assert [r.neighbors[0].id for r in results] == emb.ids[:10].tolist()
+
+
+def test_answers_carry_make_model_year_and_a_display_name(tmp_path: Path) -> None:
+    """A VMMRdb folder (`land rover_range rover_2012`): the prediction has make / model / year fields and
+    a display name a person reads, while `label` keeps the raw class."""
+    import shutil
+
+    from carsearch.datasets.records import display_name
+    from carsearch.embed import embed_dataset
+    from tests.conftest import pick
+
+    root = tmp_path / "vmmrdb"
+    for folder, cls in (("land rover_range rover_2012", 1), ("audi_tts coupe_2012", 14)):
+        (root / folder).mkdir(parents=True)
+        for row in pick([cls], 4):
+            shutil.copyfile(DEV / row["image"], root / folder / row["image"].split("/")[-1])
+    embed_dataset(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0, progress=False)
+    build_index([tmp_path / "emb"], tmp_path / "idx", factory="Flat", calibrate=False)
+    s = Searcher.open(tmp_path / "idx")
+    photo = next((root / "land rover_range rover_2012").iterdir())
+    r = s.classify([photo], k=3)[0]
+    assert r.label == "land rover_range rover_2012"
+    assert (r.make, r.model, r.year) == ("land rover", "range rover", "2012")
+    assert r.display == "Land Rover Range Rover 2012"
+    m = s.classify([photo], k=3, level="make")[0]
+    assert m.label == "land rover" and m.display == "Land Rover" and m.model is None
+    # Names with their own capitals stay as written.
+    assert display_name("BMW", "M3 Coupe", "2012") == "BMW M3 Coupe 2012"
+    assert display_name("smart", "fortwo Convertible", "2012") == "smart fortwo Convertible 2012"

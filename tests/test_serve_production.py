@@ -187,6 +187,11 @@ def test_add_search_delete_search(server, index_dir: Path) -> None:
     assert httpx.get(f"{url}/api/info", timeout=TIMEOUT).json()["images"] == before + 1
     only = post(url, [photo], make="testmake").json()["neighbors"]
     assert [n["id"] for n in only] == [new_id]  # the filter sees the new photo's labels
+    # The same file again: refused (409) with the id it already has, unless allow_duplicates is sent.
+    files = {"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+    dup = httpx.post(f"{url}/api/images", files=files, headers=auth(), timeout=TIMEOUT)
+    assert dup.status_code == 409 and f"image {new_id}" in dup.json()["detail"], dup.text
+    assert httpx.get(f"{url}/api/info", timeout=TIMEOUT).json()["images"] == before + 1
     r = httpx.delete(f"{url}/api/images/{new_id}", headers=auth(), timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     assert new_id not in [n["id"] for n in post(url, [photo], k="5").json()["neighbors"]]
@@ -217,6 +222,14 @@ def test_kill_9_after_an_acknowledged_add_loses_nothing(dev_embeddings: Path, tm
     with _server(folder, tmp_path / "s.log", "--token", TOKEN) as again:
         r = httpx.delete(f"{again}/api/images/{new_id}", headers=auth(), timeout=TIMEOUT)
         assert r.status_code == 409 and "HNSW" in r.json()["detail"]
+    # A rebuild from the embedding folders would drop the acknowledged photo: refused unless asked for.
+    from carsearch.errors import CarsearchError
+
+    with pytest.raises(CarsearchError, match="holds 1 photos added over POST /api/images"):
+        build_index([dev_embeddings], folder, factory="HNSW32")
+    assert open_bundle(folder).index.ntotal == before + 1
+    build_index([dev_embeddings], folder, factory="HNSW32", drop_uploads=True)
+    assert open_bundle(folder).index.ntotal == before
 
 
 def test_reload_under_load_fails_no_request(
@@ -329,3 +342,42 @@ def test_selective_filter_recall_on_every_path(factory: str) -> None:
     _, exact = filtered_search(index, q, 10, allowed)  # the default: exact over the subset
     if factory == "HNSW32":
         assert (exact == truth).mean() > 0.99
+
+
+def test_rebuilt_and_reloaded_index_never_serves_a_stale_photo(tmp_path: Path) -> None:
+    """An index rebuilt in place over other photos (ids are positions: id 0 is now another car) and
+    reloaded: the answers' image URLs change with the content, image responses carry an ETag from the
+    file's sha256, and a client revalidating the old URL's ETag gets the new photo, not a 304."""
+    from carsearch.embed import embed_dataset
+    from tests.conftest import _subset_labels, pick_range
+
+    folder = tmp_path / "idx"
+    made = {}
+    for name, start in (("first", 0), ("second", 1)):
+        labels = _subset_labels(tmp_path / f"{name}.csv", pick_range(list(range(1, 21)), start, start + 1))
+        emb = tmp_path / name
+        embed_dataset(DEV, emb, labels_file=labels, backbone="efficientnet_lite0", workers=0, progress=False)
+        made[name] = emb
+    build_index([made["first"]], folder, factory="Flat", calibrate=False)
+    query = DEV / pick_range([1], 0, 1)[0]["image"]
+    with serving(folder, "--token", TOKEN) as (url, _):
+        first = post(url, [query], k="1").json()["neighbors"][0]
+        assert first["score"] > 0.99 and "?v=" in first["image_url"]
+        image_id = first["id"]
+        r0 = httpx.get(f"{url}{first['image_url']}", timeout=TIMEOUT)
+        etag = r0.headers["etag"]
+        assert r0.status_code == 200 and etag
+        again = httpx.get(f"{url}{first['image_url']}", headers={"If-None-Match": etag}, timeout=TIMEOUT)
+        assert again.status_code == 304
+        build_index(
+            [made["second"]], folder, factory="Flat", calibrate=False
+        )  # in place: id 0 is another photo
+        assert httpx.post(f"{url}/api/reload", headers=auth(), timeout=TIMEOUT).status_code == 200
+        second = post(url, [query], k="20").json()["neighbors"]
+        now = next(n for n in second if n["id"] == image_id)
+        assert now["image_url"] != first["image_url"]
+        fresh = httpx.get(f"{url}/images/{image_id}", headers={"If-None-Match": etag}, timeout=TIMEOUT)
+        assert fresh.status_code == 200 and fresh.headers["etag"] != etag
+        assert fresh.content != r0.content  # another photo now, not the cached old one
+        thumb = httpx.get(f"{url}{now['image_url']}&size=64", timeout=TIMEOUT)
+        assert thumb.status_code == 200 and thumb.headers["etag"].endswith('-64"')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -86,9 +87,18 @@ def remove_stale_tmp(folder: Path, stem: str = "") -> int:
 
 @contextlib.contextmanager
 def exclusive_lock(folder: Path) -> Iterator[None]:
-    """One writer per output folder: a second process writing the same folder is refused, not interleaved."""
+    """One writer per output folder: a second process writing the same folder is refused, not interleaved.
+
+    The lock is flock on FOLDER/.lock. Where the storage has no locks (ENOLCK: NFS without lockd, some
+    Lustre / FUSE / SMB mounts) it is a lock file created with O_EXCL instead (FOLDER/.lock.owner, holding
+    host and pid; removed on exit; a stale one of a dead process on this host is taken over).
+    CARSEARCH_NO_LOCK=1 turns writer locking off, with a warning: two writers could then interleave."""
     from carsearch.errors import CarsearchError
 
+    if os.environ.get("CARSEARCH_NO_LOCK") == "1":
+        _log().warning("CARSEARCH_NO_LOCK=1: %s is written without a writer lock.", folder)
+        yield
+        return
     with open(Path(folder) / ".lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,10 +107,66 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
                 f"another carsearch process is writing to {folder}; wait for it to finish or choose "
                 "another output folder."
             ) from None
+        except OSError as e:
+            if e.errno != errno.ENOLCK:
+                raise
+            with _owner_file(Path(folder)):
+                yield
+            return
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("carsearch")
+
+
+@contextlib.contextmanager
+def _owner_file(folder: Path) -> Iterator[None]:
+    """The writer lock as a file created with O_EXCL, for storage without flock."""
+    import socket
+
+    from carsearch.errors import CarsearchError
+
+    owner = folder / ".lock.owner"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            host, _, pid = owner.read_text().partition(" ") if owner.exists() else ("", "", "")
+            if host == socket.gethostname() and pid.strip().isdigit() and not _alive(int(pid)):
+                owner.unlink(missing_ok=True)  # left by a process of this host that died
+                continue
+            raise CarsearchError(
+                f"the storage of {folder} has no file locks (ENOLCK), and {owner} says that carsearch "
+                f"process {pid.strip() or '?'} on {host or '?'} is writing to it; if that process is gone, "
+                "delete the file and run again (CARSEARCH_NO_LOCK=1 turns the writer lock off)."
+            ) from None
+    else:
+        raise CarsearchError(f"could not take the writer lock {owner}; delete it and run again.")
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    _log().info("%s has no file locks (ENOLCK): writer lock held by %s instead.", folder, owner.name)
+    try:
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_descriptor(path: Path, kind: str, what: str, remedy: str, missing: str | None = None) -> dict:

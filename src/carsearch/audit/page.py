@@ -6,8 +6,11 @@ the dataset's images; text from the data is escaped. An image that cannot be rea
 
 from __future__ import annotations
 
+import hashlib
 import html
 from pathlib import Path
+
+import numpy as np
 
 from carsearch.embed.images import BadImage, load_image, safe_join
 from carsearch.embed.store import EmbeddingSet
@@ -37,7 +40,15 @@ class Thumbs:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def card(self, emb: EmbeddingSet, tag: str, m: dict, note: str = "") -> str:
-        name = f"{tag}-{m['id']}.jpg"
+        # Named by content: ids are positions every collection reuses, so a name by id would show the
+        # photo of an earlier audit written into the same folder.
+        row = np.flatnonzero(emb.ids == m["id"])
+        digest = str(emb.sha256[row[0]]) if len(row) else ""
+        name = (
+            f"{digest[:32]}.jpg"
+            if digest
+            else f"{tag}-{m['id']}-{hashlib.sha256(m['path'].encode()).hexdigest()[:16]}.jpg"
+        )
         path = self.dir / name
         if not path.exists():
             try:

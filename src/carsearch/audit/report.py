@@ -53,7 +53,16 @@ def markdown(r: dict) -> str:
     lines += [
         f"| {_who(m)} | {m['score']} | {m['voted']} ({m['voted_share']:.0%}) |"
         for m in r["mislabelled"][:SHOWN]
+        if not m.get("too_few_examples")
     ]
+    few = r["summary"].get("too_few_examples_to_judge", 0)
+    if few:
+        lines += [
+            "",
+            f"Too few examples to judge: {few} labelled photos whose class has fewer than 3 photos or that "
+            "have no labelled neighbour (not suspects; see `too_few_examples` in report.json): "
+            + ", ".join(_who(m) for m in r.get("too_few_examples", [])[:SHOWN]),
+        ]
     lines += ["", "## Outliers", "", "| photo | k-th neighbour similarity |", "|---|---:|"]
     lines += [f"| {_who(m)} | {m['kth_similarity']} |" for m in r["outliers"][:SHOWN]]
     if r["leakage"] is not None:

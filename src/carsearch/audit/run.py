@@ -116,9 +116,12 @@ def audit(
     labelled = emb.labels != ""
     near_groups = [_group(emb, g, pair_sim) for g in near]
     conflicts = [gi for gi, g in enumerate(near_groups) if g["conflict"]]
-    mislabel_order = np.argsort(-quality.mislabel_score[labelled], kind="stable")
+    # Ranked by score among the photos that can be judged; "too few examples" ones after them.
+    ranked = np.where(quality.too_few_examples, -1.0, quality.mislabel_score)
+    mislabel_order = np.argsort(-ranked[labelled], kind="stable")
     mislabel_rows = np.flatnonzero(labelled)[mislabel_order]
     flagged = quality.flagged & labelled
+    too_few = quality.too_few_examples & labelled
     outlier_rows = np.argsort(outlier, kind="stable")
     is_outlier = outlier < fence
     lists = {
@@ -149,6 +152,7 @@ def audit(
             "near_duplicate_images": sum(len(g) for g in near),
             "label_conflicts": len(conflicts),
             "likely_mislabelled": int(flagged.sum()),
+            "too_few_examples_to_judge": int(too_few.sum()),
             "outliers": int(is_outlier.sum()),
             **({"leaked_queries": leakage["leaked"], "leakage_rate": leakage["rate"]} if leakage else {}),
         },
@@ -164,9 +168,11 @@ def audit(
                 "voted": str(quality.voted[r]),
                 "voted_share": round(float(quality.voted_share[r]), 4),
                 "flagged": bool(flagged[r]),
+                "too_few_examples": bool(too_few[r]),
             }
             for r in mislabel_rows[:top]
         ],
+        "too_few_examples": [member(emb, r) for r in np.flatnonzero(too_few)[:top]],
         "outliers": [
             {**member(emb, r), "kth_similarity": round(float(outlier[r]), 4), "flagged": bool(is_outlier[r])}
             for r in outlier_rows[:top]

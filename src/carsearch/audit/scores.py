@@ -48,6 +48,9 @@ class LabelQuality:
     voted_share: np.ndarray
     probs: np.ndarray | None = None  # (n, classes) vote shares, columns = `classes` (for cleanlab)
     classes: np.ndarray | None = None
+    # Per row: the neighbours can judge its label: some labelled neighbour voted, and its class has at
+    # least AUDIT_MIN_CLASS photos (a singleton or a rare class finds no other example near it anyway).
+    judgeable: np.ndarray | None = None
 
     @property
     def mislabel_score(self) -> np.ndarray:
@@ -55,8 +58,15 @@ class LabelQuality:
 
     @property
     def flagged(self) -> np.ndarray:
-        """Likely mislabelled: the photo's own label gets (almost) none of its neighbours' vote."""
-        return self.mislabel_score >= defaults.AUDIT_MISLABEL_FLAG
+        """Likely mislabelled: the photo's own label gets (almost) none of its neighbours' vote, among
+        photos that can be judged (too few examples of a class is not evidence against its label)."""
+        flagged = self.mislabel_score >= defaults.AUDIT_MISLABEL_FLAG
+        return flagged if self.judgeable is None else flagged & self.judgeable
+
+    @property
+    def too_few_examples(self) -> np.ndarray:
+        """Labelled rows the vote cannot judge (see `judgeable`)."""
+        return np.zeros(len(self.own_share), bool) if self.judgeable is None else ~self.judgeable
 
 
 def label_quality(
@@ -99,7 +109,9 @@ def label_quality(
         classes = names[keep]
         probs = sums.toarray()[:, keep] / np.where(total > 0, total, 1)[:, None]
         probs[~has_vote] = 0.0
-    return LabelQuality(own, voted, voted_share, probs, classes)
+    class_size = np.bincount(codes, minlength=len(names))[codes]
+    judgeable = (labels == "") | (has_vote & (class_size >= defaults.AUDIT_MIN_CLASS))
+    return LabelQuality(own, voted, voted_share, probs, classes, judgeable)
 
 
 def outlier_scores(nb: Neighbours, k: int = defaults.AUDIT_OUTLIER_K) -> np.ndarray:

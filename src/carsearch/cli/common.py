@@ -22,13 +22,22 @@ class Group(click.Group):
     """Turns errors a user can cause into one sentence and an exit code, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # A script that asked for --json gets one JSON document on stdout also when the command fails.
+        wants_json = "--json" in [*getattr(ctx, "_protected_args", []), *ctx.args]
         try:
-            return super().invoke(ctx)
-        except CarsearchError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:  # a full disk, a read-only folder, an unreadable file: said, not traced
-            raise click.ClickException(os_error_sentence(e)) from None
+            try:
+                return super().invoke(ctx)
+            except CarsearchError as e:
+                raise click.ClickException(str(e)) from None
+            except OSError as e:  # a full disk, a read-only folder, an unreadable file: said, not traced
+                raise click.ClickException(os_error_sentence(e)) from None
+        except click.ClickException as e:
+            if wants_json:
+                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
+            raise
         except KeyboardInterrupt:
+            if wants_json:
+                click.echo(json.dumps({"error": "interrupted", "exit_code": 130}))
             click.echo("interrupted; run the same command again to resume where it stopped.", err=True)
             sys.exit(130)
 

@@ -29,8 +29,14 @@ def _human_embed(r: dict) -> str:
         f"{r['rows']} embeddings in {r['shards']} shards at {r['out']} ({state}); "
         f"this run: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_second']:.1f} images/s "
         f"({r['backbone']}, {r['precision']}, {r['device']}{_on(r)}), {r['resumed_shards']} shards resumed; "
-        f"skipped: {failed}" + notes
+        f"skipped: {failed}"
+        + (f"; left out (not images): {left_out_text(r['left_out'])}" if r.get("left_out") else "")
+        + notes
     )
+
+
+def left_out_text(counts: dict[str, int]) -> str:
+    return f"{sum(counts.values())} files (" + ", ".join(f"{ext} {n}" for ext, n in counts.items()) + ")"
 
 
 def _on(r: dict) -> str:
@@ -247,6 +253,7 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
         "classes": len(classes),
         "makes": len({r.make for r in ds.records if r.make}),
         "images_per_class": {"min": min(classes.values()), "max": max(classes.values())} if classes else None,
+        "left_out": ds.left_out,
         "examples": [
             {"path": r.path, "label": r.label, "make": r.make, "model": r.model, "year": r.year}
             for r in ds.records[:: max(1, len(ds.records) // 5)][:5]
@@ -257,7 +264,9 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
         as_json,
         lambda i: (
             f"{i['root']}: {i['format']} layout, {i['images']} images, {i['classes']} classes, "
-            f"{i['makes']} makes\n"
+            f"{i['makes']} makes"
+            + (f"; left out (not images): {left_out_text(i['left_out'])}" if i["left_out"] else "")
+            + "\n"
             + "\n".join(f"  {e['path']}: {e['make']} | {e['model']} | {e['year']}" for e in i["examples"])
         ),
     )

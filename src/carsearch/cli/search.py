@@ -40,6 +40,8 @@ def _human_search(results: list[dict]) -> str:
         out.append(r["query"])
         if r["error"]:
             out.append(f"   error: {r['error']}")
+        if r.get("note"):
+            out.append(f"   note: {r['note']}")
         for i, n in enumerate(r["neighbors"], 1):
             out.append(
                 f"  {i:>3}. {n['score']:.3f}  {n['label'] or '(unlabeled)':<40} {n['path']}  (id {n['id']})"
@@ -87,15 +89,22 @@ def _human_classify(results: list[dict]) -> str:
         if r["error"]:
             out.append(f"{r['query']}: error: {r['error']}")
             continue
+        name = r.get("display") or r["label"]
         if r["label"] is None:
             verdict = "no labelled neighbours"
         elif r["unknown"]:
-            verdict = f"unknown model (closest: {r['label']}, {r['confidence']:.0%} of the vote)"
+            what = {"model": "model", "make": "make", "year": "year"}.get(r["level"], "model")
+            verdict = (
+                f"unknown {what} (closest: {name}, {r['confidence']:.0%} of the vote; similarity "
+                f"{r['openset_score']:.3f} below the threshold {r['threshold']:.3f})"
+            )
         else:
-            verdict = f"{r['label']} ({r['confidence']:.0%} of the vote)"
+            verdict = f"{name} ({r['confidence']:.0%} of the vote)"
         out.append(f"{r['query']}: {verdict}")
         if r["top5"]:
             out.append("   votes: " + " | ".join(f"{v['label']} {v['share']:.0%}" for v in r["top5"]))
+        if r.get("note"):
+            out.append(f"   note: {len(r['neighbors'])} neighbours voted; {r['note']}")
     return "\n".join(out)
 
 

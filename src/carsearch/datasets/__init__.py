@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from carsearch.datasets.csv_layout import read_csv
 from carsearch.datasets.folders import VMMRDB_FOLDER, read_folders, read_unlabeled, read_vmmrdb
 from carsearch.datasets.records import Record, split_make_model_year
-from carsearch.datasets.scan import class_folders, top_level_images
+from carsearch.datasets.scan import class_folders, left_out_files, top_level_images
 from carsearch.datasets.stanford import SPLITS, devkit_dir, read_stanford
 from carsearch.errors import CarsearchError
 
@@ -33,6 +33,7 @@ class Dataset:
     root: Path
     format: str
     records: list[Record]
+    left_out: dict[str, int] = field(default_factory=dict)  # files not read as images, by extension
 
     @property
     def labeled(self) -> bool:
@@ -92,7 +93,7 @@ def read_dataset(
         records = read_unlabeled(root)
     if not records:
         raise CarsearchError(f"the {fmt} reader found no images under {root}.")
-    return Dataset(root=root, format=fmt, records=number_classes(records))
+    return Dataset(root=root, format=fmt, records=number_classes(records), left_out=left_out_files(root))
 
 
 def number_classes(records: list[Record]) -> list[Record]:

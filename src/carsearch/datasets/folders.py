@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from carsearch.datasets.csv_layout import read_class_names
-from carsearch.datasets.records import SLASH_CLASS_NAMES, Record, record_for, restore_slash_name
+from carsearch.datasets.records import SLASH_CLASS_NAMES, Record, nfc, record_for, restore_slash_name
 from carsearch.datasets.scan import class_folders, image_files
 from carsearch.errors import CarsearchError
 
@@ -33,11 +33,13 @@ def read_folders(root: Path) -> list[Record]:
     ids = {}
     if (root / "classes.csv").is_file():
         ids = {
-            name: int(cid) for cid, name in read_class_names(root / "classes.csv").items() if cid.isdigit()
+            nfc(name): int(cid)
+            for cid, name in read_class_names(root / "classes.csv").items()
+            if cid.isdigit()
         }
     records = []
     for folder in folders:
-        label = restore_slash_name(folder.name, known)
+        label = nfc(restore_slash_name(folder.name, known))
         records.extend(record_for(p, label, class_id=ids.get(label, -1)) for p in image_files(folder, root))
     return sorted(records, key=lambda r: r.path)
 

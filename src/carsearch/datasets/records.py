@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # Makes written as two words. Everything else is one token ("Mercedes-Benz", "Rolls-Royce" are one token
 # in Stanford Cars; VMMRdb writes them "mercedes benz" / "mercedes_benz" / "rolls royce").
@@ -39,6 +38,17 @@ class Record:
     year: str = ""
     class_id: int = -1  # the dataset's class number (Stanford: 1..196); -1 when unlabeled
     bbox: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in pixels, inclusive
+
+    def __post_init__(self) -> None:
+        # Labels enter in NFC (macOS writes file and folder names decomposed: "Citroe\u0308n"), so one
+        # class written both ways is one class. The path stays as the file system spells it.
+        for name in ("label", "make", "model", "year"):
+            object.__setattr__(self, name, nfc(getattr(self, name)))
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode normal form C (composed), the form labels and filter values are compared in."""
+    return unicodedata.normalize("NFC", text) if text and not text.isascii() else text
 
 
 def _norm(text: str) -> str:
@@ -89,3 +99,14 @@ def record_for(
     """A record whose make / model / year are parsed from its label."""
     make, model, year = split_make_model_year(label) if label else ("", "", "")
     return Record(path=path, label=label, make=make, model=model, year=year, class_id=class_id, bbox=bbox)
+
+
+def display_name(make: str, model: str, year: str) -> str:
+    """A class as a person reads it: "land rover", "range rover", "2012" -> "Land Rover Range Rover 2012".
+    Names written all in lower case (VMMRdb's folders) are title-cased word by word; names that carry any
+    capitals of their own (Stanford Cars: "BMW M3", "smart fortwo Convertible") are kept as written."""
+
+    words = " ".join(part for part in (make, model, year) if part)
+    if words != words.lower():  # the dataset wrote its own capitals somewhere: keep every word as written
+        return words
+    return " ".join(w[:1].upper() + w[1:] for w in words.split())

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
-from carsearch.datasets.records import IMAGE_EXTENSIONS
+from carsearch.formats import is_image_name
+
+__all__ = ["class_folders", "image_files", "is_image_name", "left_out_files", "top_level_images"]
+# A dataset's own description files: read, not left out.
+_DATASET_FILES = frozenset({"labels.csv", "classes.csv"})
 
 
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+def left_out_files(root: Path) -> dict[str, int]:
+    """Files under `root` that are not read as images, counted by extension ("(none)" without one);
+    hidden files and a dataset's labels.csv / classes.csv / devkit .mat files are not counted."""
+    counts: Counter[str] = Counter()
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
+        ]
+        for f in filenames:
+            if f.startswith(".") or is_image_name(f) or f in _DATASET_FILES or f.endswith(".mat"):
+                continue
+            counts[os.path.splitext(f)[1].lower() or "(none)"] += 1
+    return dict(counts.most_common())
 
 
 def image_files(folder: Path, root: Path) -> list[str]:

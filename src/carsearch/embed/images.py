@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from carsearch import defaults
+from carsearch.formats import register_plugins
 
 # Pillow's own default limit (about 89.5 megapixels); images above it are decompression-bomb suspects.
 DEFAULT_MAX_PIXELS = defaults.MAX_PIXELS
@@ -36,6 +37,9 @@ REASONS = (
 TRANSIENT_REASONS = ("missing", "unreadable")
 
 _WHITE = (255, 255, 255)
+# Formats whose decoder can scale down while decoding: the same reduction rule for all of them, so the
+# same pixels embed the same whatever the container (MPO is a JPEG with more pictures after the first).
+_DRAFTABLE = frozenset({"JPEG", "MPO"})
 
 
 class BadImage(Exception):
@@ -111,6 +115,7 @@ def load_image(
     a large photo then decodes several times faster, for the same final resize.
     Raises BadImage with a reason from REASONS.
     """
+    register_plugins()  # HEIC / HEIF (pillow-heif), once
     data = source if isinstance(source, bytes) else read_file(Path(source))
     if not data:
         raise BadImage("empty", "zero-byte file")
@@ -133,7 +138,7 @@ def load_image(
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated GIF / multi-page TIFF: the first frame
-        if draft_size and img.format == "JPEG":
+        if draft_size and img.format in _DRAFTABLE:
             img.draft(None, (draft_size, draft_size))
         img.load()
         # In place: a copy would double the memory of every decode (a 243 MB upload held twice).

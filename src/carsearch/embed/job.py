@@ -25,7 +25,7 @@ from carsearch.embed import resume
 from carsearch.embed.encoder import Encoder
 from carsearch.embed.engines import Engine, ManifestWriter, Ran, Tally
 from carsearch.embed.images import TRANSIENT_REASONS
-from carsearch.embed.reader import Batch, RecordImages, collate
+from carsearch.embed.reader import Batch, RecordImages, collate, decoding_workers
 from carsearch.embed.shard_work import finish_shard, plan_batches
 from carsearch.embed.store import MANIFEST_KIND
 from carsearch.errors import CarsearchError
@@ -59,6 +59,7 @@ class EmbedResult:
     engine: str = "local"
     workers: int = 0  # local: decoding processes; ray: actors, each holding one network
     workers_lost: int = 0  # ray: workers that died; their shards were embedded by new ones
+    left_out: dict[str, int] = field(default_factory=dict)  # files of the folder not read as images
 
     @property
     def transient_failures(self) -> int:
@@ -253,6 +254,7 @@ def _run(
         engine=engine.name,
         workers=ran.workers,
         workers_lost=ran.workers_lost,
+        left_out=dataset.left_out,
     )
 
 
@@ -280,11 +282,12 @@ def _run_local(
     plan_iter = iter(todo)
     plan = next(plan_iter)
     buf: list[tuple[Batch, np.ndarray]] = []
-    for batch in loader:
-        buf.append((batch, encoder.encode(batch.pixels)))
-        tally.update(len(batch.index), Counter(r for _, r, _ in batch.failures))
-        if batch.index[-1] == plan.run_stop - 1:
-            writer.add(finish_shard(out, plan, buf, dataset, encoder, fingerprint))
-            buf = []
-            plan = next(plan_iter, plan)
+    with decoding_workers("finished shards are kept: run the same command again to resume after them"):
+        for batch in loader:
+            buf.append((batch, encoder.encode(batch.pixels)))
+            tally.update(len(batch.index), Counter(r for _, r, _ in batch.failures))
+            if batch.index[-1] == plan.run_stop - 1:
+                writer.add(finish_shard(out, plan, buf, dataset, encoder, fingerprint))
+                buf = []
+                plan = next(plan_iter, plan)
     return Ran(workers, str(encoder.device))

@@ -3,7 +3,10 @@ file's sha256, or a failure reason (clip-retrieval's reader)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,33 @@ import torch
 
 from carsearch.datasets import Record
 from carsearch.embed.images import BadImage, load_image, read_file, safe_join
+from carsearch.errors import CarsearchError
 from carsearch.models import Preprocessing
+
+# torch's words for a decoding process that died: "DataLoader worker (pid 123) is killed by signal:
+# Killed." / "DataLoader worker (pid(s) 123) exited unexpectedly".
+_WORKER_DIED = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (is killed by signal: (\w+)|exited unexpectedly)"
+)
+
+
+@contextlib.contextmanager
+def decoding_workers(
+    resume_hint: str = "finished shards are kept: run the same command again",
+) -> Iterator[None]:
+    """Turn the death of a DataLoader worker (the OOM killer, a decoder that crashed) into one sentence
+    that says what to do, instead of torch's multi-page traceback. Other errors pass through."""
+    try:
+        yield
+    except RuntimeError as e:
+        m = _WORKER_DIED.search(str(e))
+        if m is None:
+            raise
+        how = f"was killed by signal {m.group(3)}" if m.group(3) else "exited unexpectedly"
+        raise CarsearchError(
+            f"an image-decoding worker (pid {m.group(1).strip()}) {how}, most likely out of memory; "
+            f"{resume_hint}, perhaps with fewer --workers or a smaller --batch-size."
+        ) from None
 
 
 class RecordImages(torch.utils.data.Dataset):

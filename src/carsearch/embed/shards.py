@@ -19,6 +19,7 @@ import numpy as np
 
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, sha256_file
+from carsearch.h5state import open_h5
 
 STRING_FIELDS = ("paths", "labels", "make", "model", "year", "sha256")
 
@@ -71,7 +72,7 @@ def write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict)
 
 def _write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict) -> str:
     str_dtype = h5py.string_dtype("utf-8")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, open_h5(tmp, "w") as f:
         for name, values in arrays.items():
             if isinstance(values, np.ndarray) and values.dtype != object:
                 f.create_dataset(name, data=np.ascontiguousarray(values), track_times=False)
@@ -87,7 +88,7 @@ def _write_h5(path: Path, arrays: dict[str, np.ndarray | list[str]], attrs: dict
 
 def read_h5(path: Path) -> tuple[dict[str, np.ndarray | list[str]], dict]:
     """Read back what `write_h5` wrote (strings as lists of str)."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         arrays = {
             name: list(ds.asstr()[:]) if h5py.check_string_dtype(ds.dtype) else ds[:]
             for name, ds in f.items()
@@ -110,12 +111,25 @@ def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
 def read_shard_ids(path: Path) -> np.ndarray:
     """Only the /ids of a shard."""
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "r") as f:
             return f["ids"][:]
     except (OSError, KeyError) as e:
-        raise CarsearchError(
-            f"embedding shard {path} is damaged or not a carsearch shard ({e}); re-run embed."
-        ) from None
+        raise _damaged(path, e) from None
+
+
+def read_shard_ids_and_sha256(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The /ids (int64) and /sha256 (str) of a shard: a few dozen bytes a row."""
+    try:
+        with open_h5(path, "r") as f:
+            return f["ids"][:], f["sha256"].asstr()[:].astype(str)
+    except (OSError, KeyError) as e:
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, error: Exception) -> CarsearchError:
+    return CarsearchError(
+        f"embedding shard {path} is damaged or not a carsearch shard ({error}); re-run embed."
+    )
 
 
 def read_shard(path: Path) -> tuple[ShardRows, dict]:
@@ -129,9 +143,7 @@ def read_shard(path: Path) -> tuple[ShardRows, dict]:
             **{n: arrays[n] for n in STRING_FIELDS},
         )
     except (OSError, KeyError) as e:
-        raise CarsearchError(
-            f"embedding shard {path} is damaged or not a carsearch shard ({e}); re-run embed."
-        ) from None
+        raise _damaged(path, e) from None
     return rows, attrs
 
 

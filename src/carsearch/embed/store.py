@@ -11,7 +11,8 @@ import numpy as np
 from carsearch.datasets.levels import LabelLevels
 from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard
 from carsearch.errors import CarsearchError
-from carsearch.fsutil import read_descriptor, sha256_file
+from carsearch.fsutil import read_descriptor
+from carsearch.h5state import check_recorded
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,17 @@ def read_manifest(folder: Path) -> dict:
 
 
 def read_listed_shard(folder: Path, entry: dict, verify: bool = True) -> tuple[ShardRows, dict]:
-    """A shard a manifest lists, refused by name when it is missing or (with `verify`) does not match the
-    sha256 the manifest records for it."""
+    """A shard a manifest lists, refused by name when it is missing, (with `verify`) does not match the
+    sha256 the manifest records for it, or holds another number of rows than the manifest says."""
     path = folder / entry["file"]
     if not path.is_file():
         raise CarsearchError(f"shard {path} listed in the manifest is missing; re-run embed to rebuild it.")
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise CarsearchError(
-            f"shard {path} does not match the sha256 in {folder / MANIFEST}; it was changed or damaged: "
-            "re-run embed to rebuild it."
-        )
-    return read_shard(path)
+    if verify:
+        check_recorded(path, entry["sha256"], "shard", "re-run embed to rebuild it.")
+    rows, attrs = read_shard(path)
+    if len(rows) != entry["rows"]:
+        raise CarsearchError(f"shard {path} holds {len(rows)} rows, its manifest says {entry['rows']}.")
+    return rows, attrs
 
 
 def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] | None = None) -> EmbeddingSet:
@@ -103,10 +104,6 @@ def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] |
     parts, at = [], 0
     for entry in entries:
         rows = read_listed_shard(folder, entry, verify)[0]
-        if len(rows) != entry["rows"]:
-            raise CarsearchError(
-                f"shard {folder / entry['file']} holds {len(rows)} rows, its manifest says {entry['rows']}."
-            )
         vectors[at : at + len(rows)] = rows.embeddings
         at += len(rows)
         rows.embeddings = None  # the shard's own copy can go now

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from carsearch import defaults
-from carsearch.embed.store import MANIFEST, load_embeddings, read_manifest
+from carsearch.embed.store import MANIFEST, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.neighbors import drop_self, sample_queries
 from carsearch.eval.openset import kth_similarity, leave_one_out_scores, threshold_for_tpr
@@ -19,7 +19,7 @@ from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
 from carsearch.index.factory import make_index, min_training_points, train, training_rows
 from carsearch.index.idlist import read_id_files
-from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
+from carsearch.index.store import open_bundle, save_bundle
 from carsearch.index.stream import ShardStream, Source, open_sources
 from carsearch.index.tune import tune_with_truth
 from carsearch.memwatch import peak_rss_bytes
@@ -40,6 +40,27 @@ def _source(folder: Path, m: dict) -> dict:
         "complete": m.get("complete", False),
         "shards": [{"file": s["file"], "sha256": s["sha256"], "rows": s["rows"]} for s in m["shards"]],
     }
+
+
+def _refuse_to_drop_uploads(out: Path) -> None:
+    """Refuse to rebuild over photos a server acknowledged (POST /api/images), naming how many."""
+    try:
+        info = json.loads((out / "index.json").read_text())
+        uploads = [i for i, src in enumerate(info.get("sources", [])) if src.get("uploads")]
+    except (OSError, ValueError, AttributeError):
+        return
+    if not uploads:
+        return
+    try:
+        held = int((open_bundle(out, verify=False).gallery.source == uploads[0]).sum())
+    except CarsearchError:
+        held = len(list((out / "uploads").glob("*")))
+    if held:
+        raise CarsearchError(
+            f"{out} holds {held} photos added over POST /api/images (files in {out / 'uploads'}), which no "
+            "embedding folder has: rebuilding it would drop them. Build into another folder, or pass "
+            "--drop-uploads to rebuild without them."
+        )
 
 
 def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
@@ -97,11 +118,16 @@ def build_index(
     seed: int = defaults.SEED,
     max_train: int | None = None,
     exclude: list[str | Path] | None = None,
+    allow_duplicates: bool = False,
+    drop_uploads: bool = False,
 ) -> dict:
     """Build an index over one or more embedding folders, streaming their shards; returns index.json.
 
     `exclude`: files of image ids (one per line, `#` comments) left out, e.g. an audit's
-    exclude-duplicates.txt or suspects.txt.
+    exclude-duplicates.txt or suspects.txt. A file (sha256) that several folders hold is indexed once
+    (the first folder's row) unless `allow_duplicates`; index.json counts the rows left out. Rebuilding a
+    folder that holds photos added over POST /api/images is refused unless `drop_uploads`: they are in
+    no embedding folder, and the rebuilt index would silently lose them.
 
     Memory follows the index, not the collection: training uses a seeded sample of at most `max_train`
     vectors (by default as many as a quarter of --memory-budget holds, within fixed bounds), and vectors
@@ -111,9 +137,17 @@ def build_index(
     if not 0 < target_recall <= 1:
         raise CarsearchError("--target-recall must be in (0, 1].")
     out = Path(out).expanduser().resolve()
+    if not drop_uploads:
+        _refuse_to_drop_uploads(out)
     sets = open_sources(emb_dirs)
     excluded = read_id_files(exclude or [])
-    stream = ShardStream(sets, excluded)
+    stream = ShardStream(sets, excluded, allow_duplicates)
+    if stream.duplicates:
+        log.warning(
+            "%d images are files an earlier folder already holds (same sha256): indexed once "
+            "(--allow-duplicates indexes every copy).",
+            stream.duplicates,
+        )
     n, d = stream.n, stream.d
     if n == 0:
         raise CarsearchError(
@@ -209,85 +243,13 @@ def build_index(
             if exclude
             else None
         ),
+        "duplicates_left_out": stream.duplicates,
         "openset": openset,
         "versions": library_versions(),
     }
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
         return save_bundle(out, index, gallery, info)
-
-
-def add_to_index(index_dir: str | Path, emb_dir: str | Path) -> dict:
-    """Add the shards of `emb_dir` that the index does not hold yet, without rebuilding it."""
-    folder = Path(index_dir).expanduser().resolve()
-    with exclusive_lock(folder):
-        bundle = open_bundle(folder)
-        emb_folder = Path(emb_dir).expanduser().resolve()
-        manifest = read_manifest(emb_folder)
-        check_compatible(bundle.provenance, manifest["provenance"], str(folder), str(emb_folder))
-        sources = list(bundle.info["sources"])
-        src = next((i for i, s in enumerate(sources) if s["embeddings"] == str(emb_folder)), None)
-        held = {(s["file"], s["sha256"]) for s in sources[src]["shards"]} if src is not None else set()
-        new = [s["file"] for s in manifest["shards"] if (s["file"], s["sha256"]) not in held]
-        if not new:
-            log.info("%s has no shards the index does not already hold.", emb_folder)
-            return {**bundle.info, "added": 0}
-        emb = load_embeddings(emb_folder, shards=new)
-        if src is not None:
-            # A shard of the same folder can come back grown: `embed --limit` stopped inside it, a later
-            # run finished it. Ids are record positions, so its rows already indexed are the same images:
-            # skip them (after checking that they are), add the rest.
-            rows = bundle.gallery.rows(emb.ids)
-            held_rows = rows >= 0
-            if held_rows.any():
-                if not (bundle.gallery.paths[rows[held_rows]] == emb.paths[held_rows]).all():
-                    raise CarsearchError(
-                        f"{emb_folder} reuses ids the index holds for other images; rebuild the index."
-                    )
-                emb = emb.subset(~held_rows)
-        _check_unique(emb.ids, bundle.gallery.ids)
-        fresh = _source(emb_folder, manifest)
-        if src is None:
-            src = len(sources)
-            sources.append({**fresh, "shards": [s for s in fresh["shards"] if s["file"] in new]})
-        else:
-            # The source now holds every shard of the manifest it has rows from.
-            kept = [s for s in sources[src]["shards"] if s["file"] not in new]
-            sources[src] = {**fresh, "shards": kept + [s for s in fresh["shards"] if s["file"] in new]}
-        add_s = bundle.index.add(emb.vectors, emb.ids)
-        gallery = bundle.gallery.concat(Gallery.from_embeddings(emb, src))
-        info = {**bundle.info, "sources": sources, "memory_bytes": bundle.index.memory_bytes}
-        info["build"] = {**info["build"], "last_add_seconds": round(add_s, 3)}
-        info = save_bundle(folder, bundle.index, gallery, info)
-        return {**info, "added": len(emb)}
-
-
-def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:
-    """Remove images by id (where the index type supports removal)."""
-    folder = Path(index_dir).expanduser().resolve()
-    with exclusive_lock(folder):
-        bundle = open_bundle(folder)
-        out_of_range = [i for i in ids if not is_image_id(i)]
-        if out_of_range:
-            raise CarsearchError(
-                f"{out_of_range[0]} is not an image id (ids are 64-bit integers); `carsearch search --json` "
-                "shows the ids an index holds."
-            )
-        wanted = np.unique(np.asarray(ids, dtype=np.int64))
-        present = wanted[bundle.gallery.rows(wanted) >= 0]
-        missing = np.setdiff1d(wanted, present)
-        if len(present) == 0:
-            raise CarsearchError(f"none of the {len(wanted)} ids is in the index (first: {int(wanted[0])}).")
-        removed = bundle.index.remove(present)
-        keep = np.ones(len(bundle.gallery), bool)
-        keep[bundle.gallery.rows(present)] = False
-        info = save_bundle(
-            folder,
-            bundle.index,
-            bundle.gallery.take(np.flatnonzero(keep)),
-            {**bundle.info, "memory_bytes": bundle.index.memory_bytes},
-        )
-        return {**info, "removed": removed, "not_found": [int(i) for i in missing]}
 
 
 def calibrate_index(
@@ -378,11 +340,9 @@ def index_info(index_dir: str | Path) -> dict:
 
 
 __all__ = [
-    "add_to_index",
     "build_index",
     "calibrate_index",
     "calibrate_on_members",
     "index_info",
-    "remove_from_index",
     "save_info_extra",
 ]

@@ -14,7 +14,17 @@ import faiss
 import numpy as np
 
 from carsearch.defaults import MAX_TRAIN_VECTORS, TARGET_RECALL
-from carsearch.index.factory import index_bytes, make_index, remove_ids, set_search_params, train_and_add
+from carsearch.index.factory import (
+    exact_search,
+    exhaustive_params,
+    index_bytes,
+    make_index,
+    remove_ids,
+    set_search_params,
+    stored_ids,
+    stored_vectors,
+    train_and_add,
+)
 from carsearch.index.tune import TuneResult, tune
 
 
@@ -99,8 +109,45 @@ class Index:
         return self.tuned
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids) of the k nearest, best first; -1 ids where fewer than k were found."""
-        return self.faiss.search(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32), k)
+        """(similarities (n, k) float32, ids (n, k) int64) of the k nearest, best first. k results come
+        back whenever the index holds k vectors; -1 ids (and -inf) pad the rest only when it holds fewer."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        sims, ids = self.faiss.search(q, k)
+        return self.complete(q, k, sims, ids, min(k, self.ntotal))
+
+    def complete(
+        self,
+        q: np.ndarray,
+        k: int,
+        sims: np.ndarray,
+        ids: np.ndarray,
+        expected: int,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fill the rows of a search result that came back with fewer than `expected` ids.
+
+        An approximate search returns -1 slots whenever it visits fewer than k candidates (small inverted
+        lists and a low nprobe, a selective filter, HNSW on a tiny graph). Such rows are searched again
+        visiting every stored vector (passing `allowed`), and where that still falls short, exactly over
+        the stored vectors (Flat and HNSW-Flat keep them)."""
+        short = np.flatnonzero((ids[:, :expected] < 0).any(axis=1)) if expected > 0 else np.array([], int)
+        if len(short) == 0:
+            return sims, ids
+        sims, ids = sims.copy(), ids.copy()
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        params = exhaustive_params(self.faiss, k, sel)
+        if params is not None:
+            s2, i2 = self.faiss.search(q[short], k, params=params)
+            sims[short], ids[short] = s2, i2
+            short = short[(i2[:, :expected] < 0).any(axis=1)]
+        if len(short):
+            every = stored_ids(self.faiss)
+            if every is not None and allowed is not None:
+                every = every[np.isin(every, allowed)]
+            vectors = stored_vectors(self.faiss, every) if every is not None and len(every) else None
+            if vectors is not None:
+                sims[short], ids[short] = exact_search(vectors, every, q[short], k)
+        return sims, ids
 
     # --- changes ---------------------------------------------------------------------------------------
 

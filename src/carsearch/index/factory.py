@@ -226,3 +226,47 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
 def index_bytes(index: faiss.Index) -> int:
     """Bytes the index takes in memory, as its serialised size (faiss's own layout, the same in RAM)."""
     return int(faiss.serialize_index(index).nbytes)
+
+
+def exhaustive_params(index: faiss.Index, k: int, sel: faiss.IDSelector | None = None):
+    """Search parameters under which a search of `index` visits every stored vector (passing `sel`):
+    every inverted list for IVF (OPQ / PCA in front included), an HNSW beam as wide as the collection.
+    None for index types whose search already visits everything (Flat) or that take no parameters."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=max(k, int(index.ntotal)))
+    ivf = ivf_of(index)
+    if ivf is None:
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+    params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nlist))
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=params)
+    return params
+
+
+def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray | None:
+    """The stored vectors of `ids` (n, d) float32 where the index keeps them whole (Flat, HNSW-Flat
+    behind IDMap2); None for compressed or unmapped indexes."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
+        return None
+    return index.reconstruct_batch(np.ascontiguousarray(ids, np.int64)).astype(np.float32, copy=False)
+
+
+def stored_ids(index: faiss.Index) -> np.ndarray | None:
+    """Every id an IDMap2-wrapped index holds (int64), or None."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def exact_search(
+    vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) of the k nearest of `vectors` by inner product, -1 past the end."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, np.float32))
+    sims, rows = flat.search(q, k)
+    return sims, np.where(rows >= 0, ids[rows.clip(min=0)], -1)

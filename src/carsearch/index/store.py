@@ -33,6 +33,7 @@ from carsearch.fsutil import (
     tmp_name,
     write_json_atomic,
 )
+from carsearch.h5state import check_recorded
 from carsearch.index.core import Index
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,11 @@ def read_info(folder: Path) -> dict:
     )
 
 
+_REBUILD = "rebuild the index with `carsearch index build`."
+
+
 def _refuse(path: Path, what: str) -> CarsearchError:
-    return CarsearchError(f"{path} {what}; rebuild the index with `carsearch index build`.")
+    return CarsearchError(f"{path} {what}; {_REBUILD}")
 
 
 def open_bundle(folder: str | Path, verify: bool = True) -> IndexBundle:
@@ -258,10 +262,8 @@ def _open(folder: Path, verify: bool) -> IndexBundle:
             if _stamp(folder / INFO_FILE) != stamp:
                 raise _Replaced(path)
             raise _refuse(path, "is missing")
-        if verify and sha256_file(path) != files[role]["sha256"]:
-            raise _refuse(
-                path, f"does not match the sha256 recorded in {INFO_FILE} (truncated, swapped or changed)"
-            )
+        if verify:
+            check_recorded(path, files[role]["sha256"], "index file", _REBUILD)
     index_path = paths["index"]
     try:
         # Not IO_FLAG_READ_ONLY: add / remove / calibrate open the same way and then change the index.

@@ -17,9 +17,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard_ids
+from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard_ids, read_shard_ids_and_sha256
 from carsearch.embed.store import read_listed_shard, read_manifest
-from carsearch.errors import CarsearchError
 from carsearch.index.store import Gallery
 from carsearch.provenance import check_compatible
 
@@ -57,10 +56,21 @@ def open_sources(emb_dirs: list[str | Path]) -> list[Source]:
 class ShardStream:
     """The shards of several embedding folders in one order: folder by folder, shard by shard."""
 
-    def __init__(self, sources: list[Source], exclude: np.ndarray | None = None) -> None:
-        """`exclude`: ids left out of every pass (an audit's duplicates or suspects)."""
+    def __init__(
+        self, sources: list[Source], exclude: np.ndarray | None = None, allow_duplicates: bool = True
+    ) -> None:
+        """`exclude`: ids left out of every pass (an audit's duplicates or suspects). Without
+        `allow_duplicates`, a row whose file (sha256) an earlier folder already holds is left out too
+        (`duplicates` counts them): the same photos embedded twice would come back twice in every search."""
         self.sources = sources
         self.entries = [(i, s, e) for i, s in enumerate(sources) for e in s.manifest["shards"]]
+        self.duplicates = 0
+        if not allow_duplicates and len(sources) > 1:
+            repeated = self._repeated_files()
+            self.duplicates = len(repeated)
+            exclude = (
+                repeated if exclude is None else np.concatenate([np.asarray(exclude, np.int64), repeated])
+            )
         self.exclude = np.unique(np.asarray(exclude, np.int64)) if exclude is not None else None
         if self.exclude is not None and len(self.exclude) == 0:
             self.exclude = None
@@ -75,16 +85,26 @@ class ShardStream:
             self.n -= self.excluded
         self.d = int(sources[0].provenance["dim"])
 
+    def _repeated_files(self) -> np.ndarray:
+        """Ids of rows whose file (sha256) a row of an earlier folder holds (within a folder, the embed job
+        already gave each file one row)."""
+        seen: set[str] = set()
+        repeated: list[np.ndarray] = []
+        for i, source in enumerate(self.sources):
+            mine: list[tuple[np.ndarray, np.ndarray]] = [
+                read_shard_ids_and_sha256(source.folder / e["file"]) for j, _, e in self.entries if j == i
+            ]
+            for ids, digests in mine:
+                known = np.array([d in seen for d in digests], bool) & (digests != "")
+                repeated.append(ids[known])
+            seen.update(d for _, digests in mine for d in digests if d)
+        return np.concatenate(repeated) if repeated else np.zeros(0, np.int64)
+
     def _shards(self, verify: bool) -> Iterator[tuple[int, int, ShardRows]]:
         """(source index, first row position, rows) per shard."""
         start = 0
         for i, source, entry in self.entries:
             rows = read_listed_shard(source.folder, entry, verify)[0]
-            if len(rows) != entry["rows"]:
-                raise CarsearchError(
-                    f"shard {source.folder / entry['file']} holds {len(rows)} rows, its manifest says "
-                    f"{entry['rows']}."
-                )
             if self.exclude is not None:
                 rows = rows.select(~np.isin(rows.ids, self.exclude))
             yield i, start, rows

@@ -18,16 +18,18 @@ import faiss
 import numpy as np
 
 from carsearch import defaults
+from carsearch.datasets.records import nfc
 from carsearch.errors import CarsearchError
 from carsearch.index.core import Index
-from carsearch.index.factory import ivf_of
+from carsearch.index.factory import exact_search, ivf_of, stored_vectors
 
 _YEAR_RANGE = re.compile(r"^\s*(\d{4})?\s*-\s*(\d{4})?\s*$")
 
 
 @dataclass(frozen=True)
 class Filter:
-    """make / model: any of the listed names (case-insensitive); years: inclusive (low, high) ranges."""
+    """make / model: any of the listed names (compared case- and Unicode-form-insensitively: NFC, then
+    casefold); years: inclusive (low, high) ranges."""
 
     make: tuple[str, ...] = ()
     model: tuple[str, ...] = ()
@@ -48,9 +50,9 @@ class Filter:
         """Which gallery rows pass."""
         keep = np.ones(len(make), dtype=bool)
         if self.make:
-            keep &= np.isin(np.char.lower(make.astype(str)), self.make)
+            keep &= np.isin(_folded(make), self.make)
         if self.model:
-            keep &= np.isin(np.char.lower(model.astype(str)), self.model)
+            keep &= np.isin(_folded(model), self.model)
         if self.years:
             numeric = np.array([int(y) if str(y).isdigit() else -1 for y in year])
             ok = np.zeros(len(year), dtype=bool)
@@ -60,8 +62,18 @@ class Filter:
         return keep
 
 
+def _fold(text: str) -> str:
+    return nfc(text).casefold()
+
+
+def _folded(values: np.ndarray) -> np.ndarray:
+    """Gallery strings folded like filter values (indexes built before labels were NFC included)."""
+    uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+    return np.array([_fold(u) for u in uniq], dtype=object)[inverse].astype(str)
+
+
 def _names(text: str | None) -> tuple[str, ...]:
-    return tuple(sorted({t.strip().lower() for t in (text or "").split(",") if t.strip()}))
+    return tuple(sorted({_fold(t.strip()) for t in (text or "").split(",") if t.strip()}))
 
 
 def _years(text: str | None) -> tuple[tuple[int, int], ...]:
@@ -98,31 +110,16 @@ def filtered_search(
     if len(allowed) == 0:
         return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
     if len(allowed) <= exact_limit:
-        vectors = _reconstruct(index.faiss, allowed)
+        vectors = stored_vectors(index.faiss, allowed)
         if vectors is not None:
-            return _exact(vectors, allowed, q, k)
+            return exact_search(vectors, allowed, q, k)
     fraction = len(allowed) / max(1, index.ntotal)
     params = _selector_params(index.faiss, faiss.IDSelectorBatch(allowed), k, fraction)
     if params is not None:
-        return index.faiss.search(q, k, params=params)
+        sims, ids = index.faiss.search(q, k, params=params)
+        # The scaled nprobe / efSearch may still visit fewer than k allowed vectors: widen those rows.
+        return index.complete(q, k, sims, ids, min(k, len(allowed)), allowed)
     return _post_filter(index, q, k, allowed, fraction)
-
-
-def _exact(vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    sims, rows = flat.search(q, k)
-    return sims, np.where(rows >= 0, ids[rows.clip(min=0)], -1)
-
-
-def _reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray | None:
-    """The stored vectors of `ids` where the index keeps them whole (Flat, HNSW behind IDMap2)."""
-    if not isinstance(index, faiss.IndexIDMap2):
-        return None
-    inner = faiss.downcast_index(index.index)
-    if not isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
-        return None
-    return np.vstack([index.reconstruct(int(i)) for i in ids]).astype(np.float32)
 
 
 def _selector_params(

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from carsearch import defaults
-from carsearch.datasets.scan import image_files
+from carsearch.datasets.records import display_name
+from carsearch.datasets.scan import image_files, left_out_files
 from carsearch.embed.images import BadImage, load_image, safe_join
 from carsearch.errors import CarsearchError
 from carsearch.eval.openset import kth_similarity
@@ -40,6 +41,7 @@ class SearchResult:
     query: str
     neighbors: list[Neighbor] = field(default_factory=list)
     error: str | None = None
+    note: str | None = None  # why fewer neighbours than asked for came back
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -63,6 +65,13 @@ class Classification:
     level: str
     neighbors: list[Neighbor] = field(default_factory=list)
     error: str | None = None
+    note: str | None = None  # why fewer neighbours than asked for voted
+    # The winning label's parts as the collection stores them, and a name to show ("Land Rover Range Rover
+    # 2012"); `label` is the raw class ("land rover_range rover_2012") at --level model.
+    make: str | None = None
+    model: str | None = None
+    year: str | None = None
+    display: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -75,11 +84,19 @@ def expand_queries(paths: Sequence[str | Path]) -> list[Path]:
         if p.is_dir():
             found = [p / rel for rel in image_files(p, p)]
             if not found:
-                raise CarsearchError(f"query folder {p} holds no images.")
+                other = left_out_files(p)
+                raise CarsearchError(
+                    f"query folder {p} holds no images"
+                    + (f" (left out: {_counts(other)}, not image types Pillow reads)." if other else ".")
+                )
             out.extend(found)
         else:
             out.append(p)
     return out
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {ext}" for ext, n in counts.items())
 
 
 def _name(q: Query, i: int) -> str:
@@ -184,10 +201,8 @@ class Searcher:
 
     def embed_arrays(self, arrays: np.ndarray) -> np.ndarray:
         """Embed framed uint8 images (n, size, size, 3) in one forward pass (the server's batches)."""
-        import torch
-
         with self._lock:
-            return self.encoder.encode(torch.from_numpy(np.ascontiguousarray(arrays)))
+            return self.encoder.encode_arrays(np.ascontiguousarray(arrays), batch_size=max(1, len(arrays)))
 
     def allowed_ids(self, where: Filter) -> np.ndarray:
         """Ids of the indexed images that pass `where` (cached per filter)."""
@@ -260,9 +275,38 @@ class Searcher:
             if err is not None:
                 out.append(SearchResult(name, [], err))
                 continue
-            out.append(SearchResult(name, self.neighbors(sims[j], ids[j])))
+            found = self.neighbors(sims[j], ids[j])
+            out.append(SearchResult(name, found, note=self.shortfall(len(found), k, where)))
             j += 1
         return out
+
+    def _parts(self, level: str, label: str | None) -> dict:
+        """make / model / year / display of a winning label at `level` (from a gallery row that has it)."""
+        if label is None:
+            return {}
+        g = self.bundle.gallery
+        rows = np.flatnonzero(g.level(level) == label)
+        if len(rows) == 0:
+            return {"display": label}
+        r = rows[0]
+        make = str(g.make[r])
+        model, year = (str(g.model[r]), str(g.year[r])) if level == "model" else ("", "")
+        if level == "year":
+            make, year = "", str(g.year[r])
+        return {
+            "make": make or None,
+            "model": model or None,
+            "year": year or None,
+            "display": display_name(make, model, year) or label,
+        }
+
+    def shortfall(self, found: int, k: int, where: Filter | None) -> str | None:
+        """Why a query got fewer than k neighbours: only that many images exist (or pass the filter)."""
+        if found >= k:
+            return None
+        if where:
+            return f"only {found} indexed images pass the filter (asked for {k})."
+        return f"the index holds only {found} images (asked for {k})."
 
     # --- classification --------------------------------------------------------------------------------
 
@@ -300,6 +344,7 @@ class Searcher:
             score = float(kth_similarity(sims[j], k_os)[0]) if cal else None
             unknown = bool(reject and cal is not None and score < cal["threshold"])
             top = ranked[0] if ranked else (None, 0.0)
+            parts = self._parts(level, top[0])
             out.append(
                 Classification(
                     query=name,
@@ -310,7 +355,9 @@ class Searcher:
                     openset_score=None if score is None else round(score, 6),
                     threshold=cal["threshold"] if cal else None,
                     level=level,
-                    neighbors=self.neighbors(sims[j][:k], ids[j][:k]),
+                    neighbors=(found := self.neighbors(sims[j][:k], ids[j][:k])),
+                    note=self.shortfall(len(found), k, where),
+                    **parts,
                 )
             )
             j += 1

@@ -90,8 +90,17 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     page = (resources.files("carsearch.serve") / "templates" / "index.html").read_text()
 
+    def sha256_of(image_id: int) -> str:
+        """The indexed file's sha256 ("" for rows without one): the photo's identity across reloads."""
+        g = s.bundle.gallery
+        row = int(g.rows(np.array([image_id], np.int64))[0])
+        return str(g.sha256[row]) if row >= 0 else ""
+
     def image_url(image_id: int) -> str:
-        return f"/images/{image_id}"
+        # The URL names the content too: after a rebuild and reload an id may name another photo, and a
+        # cached copy under the old URL must not stand in for it.
+        digest = sha256_of(image_id)
+        return f"/images/{image_id}?v={digest[:16]}" if digest else f"/images/{image_id}"
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:  # no lock: a health check must answer while a change is being written
@@ -182,12 +191,13 @@ def create_app(
     def _answer(vector: np.ndarray, name: str, k: int, level: str, where: Filter | None) -> dict:
         with live.lock.read():
             result = s.classify(vector[None], k=k, level=level, where=where)[0]
+            urls = [image_url(n.id) for n in result.neighbors]  # the same version of the index
         body = asdict(result)
         body["query"] = name
         if where:
             body["filter"] = where.to_json()
-        for n in body["neighbors"]:
-            n["image_url"] = image_url(n["id"])
+        for n, url in zip(body["neighbors"], urls, strict=True):
+            n["image_url"] = url
         return body
 
     def _classify(data: bytes, name: str, k: int, level: str, where: Filter | None) -> dict:
@@ -237,19 +247,27 @@ def create_app(
             raise HTTPException(404, str(e)) from None
 
     @app.api_route("/images/{image_id}", methods=["GET", "HEAD"])
-    def image(image_id: int, size: int | None = Query(None, ge=16, le=THUMB_MAX)) -> Response:
+    def image(
+        request: Request, image_id: int, size: int | None = Query(None, ge=16, le=THUMB_MAX)
+    ) -> Response:
+        with live.lock.read():
+            digest = sha256_of(image_id)
+        # A validator from the content: a client revalidates (If-None-Match) instead of trusting max-age
+        # for a URL whose photo changed.
+        etag = f'"{digest[:32]}{"-" + str(size) if size else ""}"' if digest else None
+        headers = {"Cache-Control": "public, max-age=3600, must-revalidate"}
+        if etag:
+            headers["ETag"] = etag
+            if etag in request.headers.get("if-none-match", ""):
+                return Response(status_code=304, headers=headers)
         if size is None:
             path = _resolve(image_id)
             return FileResponse(
                 path,
                 media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                headers={"Cache-Control": "public, max-age=3600"},
+                headers=headers,
             )
-        return Response(
-            _thumbnail(image_id, size),
-            media_type="image/jpeg",
-            headers={"Cache-Control": "public, max-age=3600"},
-        )
+        return Response(_thumbnail(image_id, size), media_type="image/jpeg", headers=headers)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     def index_page() -> str:

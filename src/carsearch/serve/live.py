@@ -64,6 +64,14 @@ class RWLock:
                 self._cond.notify_all()
 
 
+class DuplicatePhoto(Exception):
+    """The uploaded file is already in the index, as `image_id`."""
+
+    def __init__(self, image_id: int) -> None:
+        super().__init__(image_id)
+        self.image_id = image_id
+
+
 class LiveIndex:
     """The served Searcher and the folder it persists changes to."""
 
@@ -95,11 +103,23 @@ class LiveIndex:
         for hook in self.on_change:
             hook()
 
-    def add(self, data: bytes, suffix: str, vector: np.ndarray, meta: dict[str, str]) -> int:
-        """Add one embedded photo with its labels; returns its new id once it is on disk."""
+    def add(
+        self,
+        data: bytes,
+        suffix: str,
+        vector: np.ndarray,
+        meta: dict[str, str],
+        allow_duplicates: bool = False,
+    ) -> int:
+        """Add one embedded photo with its labels; returns its new id once it is on disk. A file the index
+        already holds (same sha256) raises DuplicatePhoto unless `allow_duplicates`."""
+        digest = hashlib.sha256(data).hexdigest()
         with self._writes, self.lock.write():
             b = self.searcher.bundle
             g = b.gallery
+            same = np.flatnonzero(g.sha256 == digest)
+            if len(same) and not allow_duplicates:
+                raise DuplicatePhoto(int(g.ids[same[0]]))
             # Never an id used before (a deleted photo's id could still be cached by clients).
             new_id = max(int(g.ids.max()) + 1 if len(g) else 0, int(b.info.get("next_id", 0)))
             sources = list(b.info["sources"])
@@ -118,7 +138,7 @@ class LiveIndex:
                 make=np.array([meta.get("make", "")], dtype=object),
                 model=np.array([meta.get("model", "")], dtype=object),
                 year=np.array([meta.get("year", "")], dtype=object),
-                sha256=np.array([hashlib.sha256(data).hexdigest()], dtype=object),
+                sha256=np.array([digest], dtype=object),
                 source=np.array([src], np.int32),
             )
             b.index.add(np.atleast_2d(vector), np.array([new_id], np.int64))

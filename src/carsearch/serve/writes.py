@@ -19,12 +19,13 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 
 from carsearch.errors import CarsearchError
+from carsearch.formats import image_extensions
 from carsearch.serve.limits import read_form
-from carsearch.serve.live import LiveIndex
+from carsearch.serve.live import DuplicatePhoto, LiveIndex
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
 FIELDS = ("label", "make", "model", "year")
 
 
@@ -55,16 +56,25 @@ def add_write_routes(
             raise HTTPException(400, "send the photo in the multipart field 'image'")
         data = await upload.read()
         meta = {f: str(form.get(f) or "").strip() for f in FIELDS}
+        allow_duplicates = str(form.get("allow_duplicates") or "").strip().lower() in ("1", "true", "yes")
         suffix = PurePath(upload.filename or "").suffix.lower()
         await form.close()
         from starlette.concurrency import run_in_threadpool
 
         def work() -> int:
             vector = embed(data)
-            return live.add(data, suffix if suffix in SUFFIXES else ".img", vector, meta)
+            return live.add(
+                data, suffix if suffix in image_extensions() else ".img", vector, meta, allow_duplicates
+            )
 
         try:
             new_id = await run_in_threadpool(work)
+        except DuplicatePhoto as e:
+            raise HTTPException(
+                409,
+                f"this photo is already in the index as image {e.image_id} (/images/{e.image_id}); send "
+                "allow_duplicates=true to add it again",
+            ) from None
         except OSError as e:
             raise HTTPException(507, f"the index folder could not be written ({e.strerror or e})") from None
         app.state.metrics.writes.labels("add").inc()

@@ -33,14 +33,14 @@ function showPrediction(r) {
     label.textContent = "no labelled neighbours";
     label.className = "";
   } else if (r.unknown) {
-    label.textContent = "unknown model";
+    label.textContent = `unknown ${r.level || "model"}`;
     label.className = "unknown";
   } else {
-    label.textContent = r.label;
+    label.textContent = r.display || r.label;  // "Land Rover Range Rover 2012", not the raw class
     label.className = "";
   }
   $("confidence").textContent = r.unknown
-    ? `closest: ${r.label} (${pct(r.confidence)} of the vote); similarity ${r.openset_score.toFixed(3)} is below ${r.threshold.toFixed(3)}`
+    ? `closest: ${r.display || r.label} (${pct(r.confidence)} of the vote); similarity ${r.openset_score.toFixed(3)} is below ${r.threshold.toFixed(3)}`
     : r.label === null ? "" : `${pct(r.confidence)} of the ${r.neighbors.length} nearest cars' vote`;
   const votes = $("votes");
   votes.replaceChildren(...r.top5.map((v) => {
@@ -63,10 +63,12 @@ function showResults(r) {
     card.dataset.id = n.id;
     card.title = n.path;
     card.innerHTML = `<img loading="lazy" alt=""><div class="label"></div><div class="score"></div>`;
-    card.querySelector("img").src = `${n.image_url}?size=256`;
+    const thumb = new URL(n.image_url, location.href);  // image_url carries the content version (?v=)
+    thumb.searchParams.set("size", "256");
+    card.querySelector("img").src = thumb.pathname + thumb.search;
     card.querySelector(".label").textContent = n.label || "(unlabelled)";
     card.querySelector(".score").textContent = `similarity ${n.score.toFixed(3)}`;
-    card.addEventListener("click", () => searchById(n.id, n.label || `image ${n.id}`));
+    card.addEventListener("click", () => searchById(n.image_url, n.label || `image ${n.id}`));
     return card;
   }));
 }
@@ -100,9 +102,9 @@ async function search(blob, name) {
   }
 }
 
-async function searchById(id, name) {
-  const resp = await fetch(`/images/${id}`);
-  if (!resp.ok) { $("status").textContent = `cannot load image ${id}`; return; }
+async function searchById(url, name) {
+  const resp = await fetch(url);
+  if (!resp.ok) { $("status").textContent = `cannot load ${name}`; return; }
   await search(await resp.blob(), name);
 }
 
