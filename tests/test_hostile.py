@@ -373,7 +373,7 @@ int flock(int fd, int operation) { (void)fd; (void)operation; errno = ENOLCK; re
 """
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "carsearch", "-q", *args], capture_output=True, text=True, env=env, timeout=600
     )
@@ -384,7 +384,7 @@ def lite_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 real photos embedded (lite0) in 3 shards."""
     tmp = tmp_path_factory.mktemp("locks")
     data = write_csv_dataset(tmp / "data", pick([1, 14, 50, 151], 6))
-    r = _cli(
+    r = _run(
         "embed",
         str(data),
         "--out",
@@ -418,7 +418,7 @@ def test_storage_without_locks_works_and_says_so(lite_small: Path, tmp_path: Pat
     )
     assert "No locks available" in probe.stderr  # the shim is real: flock fails with ENOLCK
     data = Path(load_embeddings(lite_small).root)
-    r = _cli(
+    r = _run(
         "embed",
         str(data),
         "--out",
@@ -430,17 +430,17 @@ def test_storage_without_locks_works_and_says_so(lite_small: Path, tmp_path: Pat
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    r = _cli("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
+    r = _run("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
     assert r.returncode == 0, r.stderr
     photo = next((data / "images").iterdir())
-    r = _cli("search", "--index", str(tmp_path / "idx"), str(photo), "-k", "3", "--json", env=env)
+    r = _run("search", "--index", str(tmp_path / "idx"), str(photo), "-k", "3", "--json", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)[0]["neighbors"][0]["score"] > 0.99, r.stderr
     assert not (tmp_path / "idx" / ".lock.owner").exists()  # released
     (tmp_path / "idx" / ".lock.owner").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live writer
-    r = _cli("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
+    r = _run("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
     assert r.returncode == 1 and "has no file locks (ENOLCK)" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "idx" / ".lock.owner").write_text(f"{socket.gethostname()} 999999999")  # a dead one
-    r = _cli("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
+    r = _run("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--frozen", env=env)
     assert r.returncode == 0, r.stderr
 
 
@@ -463,17 +463,17 @@ def test_a_shard_held_open_or_left_open_is_not_called_damaged(lite_small: Path, 
     )
     try:
         assert holder.stdout.readline().strip() == "open"
-        r = _cli("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
+        r = _run("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
         assert r.returncode == 1 and "is open for writing in another program" in r.stderr, r.stderr
         assert "damaged" not in r.stderr
     finally:
         holder.kill()
         holder.wait()
-    r = _cli("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
+    r = _run("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
     assert r.returncode == 0, r.stderr
     assert "open for writing by a program that ended" in r.stderr and "h5clear" in r.stderr
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF  # a changed byte inside the data
     shard.write_bytes(bytes(data))
-    r = _cli("index", "build", str(emb), "--out", str(tmp_path / "idx2"), "--frozen")
+    r = _run("index", "build", str(emb), "--out", str(tmp_path / "idx2"), "--frozen")
     assert r.returncode == 1 and "changed or damaged" in r.stderr

@@ -61,7 +61,7 @@ def test_queries_are_embedded_through_the_head(tuned: Path, dev_embeddings: Path
 def test_threshold_is_calibrated_on_held_out_images_only(tuned: Path, dev_embeddings: Path) -> None:
     info = json.loads((tuned / "index.json").read_text())
     os_, tuning = info["openset"], info["tuning"]
-    assert "held out from the projection head's training" in os_["method"]
+    assert "held out from the tuned network's training" in os_["method"]
     emb = load_embeddings(dev_embeddings)
     from carsearch.eval.splits import stratified_split
 
@@ -158,3 +158,23 @@ def test_tune_head_is_the_head_preset_and_the_default(dev_embeddings: Path, tmp_
         ["index", "build", str(dev_embeddings), "--out", str(tmp_path / "x"), "--tune", "head", "--frozen"],
     )
     assert both.exit_code == 2 and "--frozen" in both.output
+
+
+def test_frozen_embeddings_added_to_a_head_tuned_index_are_projected(
+    dev_embeddings: Path, dev_heldout: Path, tmp_path: Path
+) -> None:
+    """`index add` of a frozen embedding folder to an index tuned with a head (the default for labelled
+    collections) projects the new rows through the index's head instead of refusing them."""
+    from carsearch.embed import load_embeddings
+    from carsearch.embed.project import head_of, project
+    from carsearch.index.changes import add_to_index
+    from carsearch.search import Searcher
+
+    build_tuned_index(dev_embeddings, tmp_path / "idx", factory="Flat", calibrate=False, progress=False)
+    added = add_to_index(tmp_path / "idx", dev_heldout)
+    held = load_embeddings(dev_heldout)
+    assert added["added"] + added["skipped_duplicates"] == len(held) and added["added"] > 0
+    w, b, _ = head_of(tmp_path / "idx" / "head", held.provenance)
+    s = Searcher.open(tmp_path / "idx")
+    sims, ids = s.search_vectors(project(held.vectors[-3:], w, b), 1)
+    assert (ids[:, 0] == held.ids[-3:]).all() and (sims[:, 0] > 0.999).all()

@@ -116,16 +116,11 @@ def _head_for(info: dict, index_prov: dict, prov: dict) -> tuple | None:
 
 
 def unseen_files(digests: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """(n,) bool: rows whose file (sha256) is neither in `held` nor an earlier row of `digests`. Rows without
-    a sha256 (vectors added without a file) always count as unseen."""
+    """(n,) bool: rows whose file (sha256) is not in `held`. Copies inside one embedding folder are that
+    collection's own (`carsearch audit` reports them), as in a multi-folder `index build`; rows without a
+    sha256 (vectors added without a file) always count as unseen."""
     known = set(held[held != ""].tolist())
-    out = np.ones(len(digests), bool)
-    for i, d in enumerate(digests.tolist()):
-        if not d:
-            continue
-        out[i] = d not in known
-        known.add(d)
-    return out
+    return np.array([not d or d not in known for d in digests.tolist()], bool)
 
 
 def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:

@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from carsearch import __version__, defaults
 from carsearch.embed.images import BadImage, load_image
 from carsearch.errors import CarsearchError
+from carsearch.index.store import is_image_id
 from carsearch.search import Searcher
 from carsearch.search.filters import Filter
 from carsearch.serve import memory
@@ -92,6 +93,8 @@ def create_app(
 
     def sha256_of(image_id: int) -> str:
         """The indexed file's sha256 ("" for rows without one): the photo's identity across reloads."""
+        if not is_image_id(image_id):
+            return ""  # not an id at all: the route answers 404 for it
         g = s.bundle.gallery
         row = int(g.rows(np.array([image_id], np.int64))[0])
         return str(g.sha256[row]) if row >= 0 else ""
