@@ -25,6 +25,14 @@ EDITS = (
     "crop_5+jpeg_q35",
     "resize_75+brighten_115",
 )
+# A listing photo re-posted elsewhere: cropped a little, downscaled, recompressed hard and colour-shifted
+# (issue 19, kind 10: frozen-feature cosines of 0.81-0.87 to their originals).
+REPOST_EDITS = (
+    "crop_6+resize_60+saturate_125+jpeg_q30",
+    "crop_4+resize_50+tint_106+jpeg_q25",
+    "crop_8+resize_60+contrast_115+brighten_110+jpeg_q30",
+    "crop_5+resize_55+saturate_80+tint_95+jpeg_q25",
+)
 
 
 def _edit(img: Image.Image, edit: str) -> tuple[Image.Image, int]:
@@ -41,12 +49,23 @@ def _edit(img: Image.Image, edit: str) -> tuple[Image.Image, int]:
             img = img.crop((dx, dy, img.width - dx, img.height - dy))
         elif name == "brighten":
             img = ImageEnhance.Brightness(img).enhance(v / 100)
+        elif name == "saturate":
+            img = ImageEnhance.Color(img).enhance(v / 100)
+        elif name == "contrast":
+            img = ImageEnhance.Contrast(img).enhance(v / 100)
+        elif name == "tint":  # warmer (v > 100) or cooler: red scaled by v%, blue by (200 - v)%
+            r, g, b = img.split()
+            red = [min(255, x * v // 100) for x in range(256)]
+            blue = [min(255, x * (200 - v) // 100) for x in range(256)]
+            img = Image.merge("RGB", (r.point(red), g, b.point(blue)))
         elif name == "mirror":
             img = ImageOps.mirror(img)
     return img, quality
 
 
-def plant_duplicates(dev: Path, out: Path, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+def plant_duplicates(
+    dev: Path, out: Path, n: int, seed: int = 0, edits: tuple[str, ...] = EDITS
+) -> list[tuple[str, str, str]]:
     """Build the folder at `out`; returns (original path, planted path, edit) for each planted copy."""
     if out.exists():
         shutil.rmtree(out)
@@ -60,7 +79,7 @@ def plant_duplicates(dev: Path, out: Path, n: int, seed: int = 0) -> list[tuple[
     chosen = sorted(rng.choice(len(rows), size=n, replace=False))
     pairs, planted_rows = [], []
     for k, i in enumerate(chosen):
-        row, edit = rows[i], EDITS[k % len(EDITS)]
+        row, edit = rows[i], edits[k % len(edits)]
         with Image.open(dev / row["image"]) as im:
             img, quality = _edit(ImageOps.exif_transpose(im).convert("RGB"), edit)
         name = f"planted/{Path(row['image']).stem}_{edit.replace('+', '-')}.jpg"

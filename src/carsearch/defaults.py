@@ -101,6 +101,16 @@ RAY_SHARD_ATTEMPTS = 3
 
 # Audit (carsearch audit, bench's leakage check).
 NEAR_DUPLICATE_THRESHOLD = 0.90  # cosine; measured on planted pairs, docs/benchmarks.md (audit)
+# Edited copies (re-posted photos: cropped, downscaled, recompressed, colour-shifted) below the cosine
+# threshold, confirmed by local features (eval/edited_copies.py; measured on planted re-posts,
+# docs/benchmarks.md, audit): candidates are each photo's first EDITED_COPY_K neighbours at cosine
+# >= EDITED_COPY_MIN_COSINE, a copy has >= EDITED_COPY_MIN_INLIERS RANSAC inliers of ORB features
+# (EDITED_COPY_FEATURES per photo, scaled to EDITED_COPY_SIDE px).
+EDITED_COPY_K = 3
+EDITED_COPY_MIN_COSINE = 0.70
+EDITED_COPY_MIN_INLIERS = 30
+EDITED_COPY_FEATURES = 500
+EDITED_COPY_SIDE = 256
 AUDIT_VOTE_K = 50  # neighbours voting on a photo's label (AUROC of flipped labels rises with k up to
 # ~50 on the dev set, flip seed 0: k 10 0.848, 30 0.916, 50 0.940, 60 0.944; docs/benchmarks.md (audit))
 # Flagged as likely mislabelled (suspects.txt): mislabel score >= this. Dev set, 5% flipped (seed 0), frozen

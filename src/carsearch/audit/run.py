@@ -27,6 +27,7 @@ from carsearch.eval.duplicates import (
     search_index,
     search_index_bytes,
 )
+from carsearch.eval.edited_copies import LocalMatcher, candidate_pairs, edited_copies
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.memwatch import peak_rss_bytes
 from carsearch.progress import Progress
@@ -68,9 +69,14 @@ def audit(
     exact: bool | None = None,
     top: int = defaults.AUDIT_LIST,
     page: bool = True,
+    local_features: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Audit `emb_dir` (and the leakage of `queries_dir` into it); write the report into `out`."""
+    """Audit `emb_dir` (and the leakage of `queries_dir` into it); write the report into `out`.
+
+    `local_features`: also find edited copies below `threshold` by local-feature agreement of the photos
+    (eval/edited_copies.py); skipped, with a note in the summary, when the photos are not where the
+    embedding folder says."""
     if not 0 < threshold <= 1:
         raise CarsearchError("--threshold is a cosine similarity: give a value in (0, 1].")
     if k < 1 or outlier_k < 1:
@@ -101,7 +107,7 @@ def audit(
         nb = neighbours(index, emb.vectors, depth)
         step("neighbours")
         exact_groups = _exact_groups(emb)
-        i, j, s = near_pairs(index, emb.vectors, threshold, nb.sims, nb.rows)
+        i, j, s, copies = near_duplicate_pairs(emb, index, nb, threshold, local_features, progress)
         near = components(n, i, j)
         pair_sim = {(int(a), int(b)): float(c) for a, b, c in zip(i, j, s, strict=True)}
         step("duplicates")
@@ -110,7 +116,7 @@ def audit(
         outlier = outlier_scores(nb, outlier_k)
         fence = outlier_fence(outlier)
         step("outliers")
-        leakage = _leakage(index, emb, other, threshold) if other is not None else None
+        leakage = _leakage(index, emb, other, threshold, local_features) if other is not None else None
         if other is not None:
             step("leakage")
     labelled = emb.labels != ""
@@ -148,6 +154,8 @@ def audit(
             "exact_duplicate_groups": len(exact_groups),
             "exact_duplicate_images": sum(len(g) for g in exact_groups),
             "near_duplicate_pairs": len(i),
+            "edited_copy_pairs": len(copies["i"]) if copies else 0,
+            **({"edited_copies_not_checked": copies["note"]} if copies and copies["note"] else {}),
             "near_duplicate_groups": len(near),
             "near_duplicate_images": sum(len(g) for g in near),
             "label_conflicts": len(conflicts),
@@ -222,10 +230,66 @@ def _group(emb: EmbeddingSet, rows: np.ndarray, pair_sim: dict[tuple[int, int], 
     }
 
 
-def _leakage(index: object, emb: EmbeddingSet, other: EmbeddingSet, threshold: float) -> dict:
-    """Every photo of the second folder with a near-duplicate in the first."""
+def _photo_path(emb: EmbeddingSet, row: int) -> Path:
+    path = Path(str(emb.paths[row]))
+    return path if path.is_absolute() else emb.root / path
+
+
+def near_duplicate_pairs(
+    emb: EmbeddingSet,
+    index: object,
+    nb,
+    threshold: float,
+    local_features: bool = True,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict | None]:
+    """The audit's near-duplicate pairs (i < j, cosine) of `emb`: cosine >= `threshold`, plus, with
+    `local_features`, edited copies below it; `nb` is `neighbours(index, emb.vectors, >= EDITED_COPY_K)`.
+    The dict says how many were edited copies and why some could not be checked (None without)."""
+    i, j, s = near_pairs(index, emb.vectors, threshold, nb.sims, nb.rows)
+    copies = _edited_copies(emb, nb, threshold, progress) if local_features else None
+    if copies is not None and len(copies["i"]):
+        i = np.concatenate([i, copies["i"]])
+        j = np.concatenate([j, copies["j"]])
+        s = np.concatenate([s, copies["s"]])
+    return i, j, s, copies
+
+
+def _edited_copies(emb: EmbeddingSet, nb, threshold: float, progress: bool) -> dict:
+    """Pairs below `threshold` confirmed as edited copies by their photos' local features."""
+    ci, cj, cs = candidate_pairs(nb.sims, nb.rows, threshold)
+    empty = np.zeros(0, np.int64)
+    if not emb.root.is_dir():
+        note = f"the photos are not in {emb.root} any more"
+        log.warning("audit: edited copies not checked: %s.", note)
+        return {"i": empty, "j": empty, "s": np.zeros(0, np.float32), "note": note}
+    matcher = LocalMatcher(lambda r: _photo_path(emb, r))
+    keep, _ = edited_copies(matcher, ci, cj, progress=progress)
+    note = f"{len(matcher.unreadable)} photos could not be read" if matcher.unreadable else ""
+    return {"i": ci[keep], "j": cj[keep], "s": cs[keep], "note": note}
+
+
+def _leakage(
+    index: object, emb: EmbeddingSet, other: EmbeddingSet, threshold: float, local_features: bool = True
+) -> dict:
+    """Every photo of the second folder with a near-duplicate in the first: its nearest photo there at
+    `threshold` or above, or an edited copy of it (local features) at EDITED_COPY_MIN_COSINE or above."""
     sims, rows = nearest_in(index, other.vectors)
-    hit = np.flatnonzero(sims >= threshold)
+    hit = sims >= threshold
+    maybe = np.flatnonzero(~hit & (sims >= defaults.EDITED_COPY_MIN_COSINE))
+    if local_features and len(maybe) and emb.root.is_dir() and other.root.is_dir():
+        # Each such query's first EDITED_COPY_K photos there, as in the audit of one folder; one key space
+        # for both folders: gallery rows as they are, query rows after them.
+        n = len(emb)
+        matcher = LocalMatcher(lambda r: _photo_path(emb, r) if r < n else _photo_path(other, r - n))
+        k_sims, k_rows = index.search(
+            np.ascontiguousarray(other.vectors[maybe], np.float32), defaults.EDITED_COPY_K
+        )
+        q, c = np.nonzero((k_sims >= defaults.EDITED_COPY_MIN_COSINE) & (k_sims < threshold) & (k_rows >= 0))
+        copy, _ = edited_copies(matcher, maybe[q] + n, k_rows[q, c])
+        for qi, ci in zip(q[copy][::-1], c[copy][::-1], strict=True):  # the most similar copy wins
+            hit[maybe[qi]], sims[maybe[qi]], rows[maybe[qi]] = True, k_sims[qi, ci], k_rows[qi, ci]
+    hit = np.flatnonzero(hit)
     order = hit[np.argsort(-sims[hit], kind="stable")]
     return {
         "queries": len(other),

@@ -62,6 +62,12 @@ def _human(r: dict) -> str:
     help="Photos listed per ranked section, and groups shown per section of the page.",
 )
 @click.option("--no-page", is_flag=True, help="Skip index.html and its thumbnails.")
+@click.option(
+    "--no-local-features",
+    is_flag=True,
+    help="Find near-duplicates by cosine alone: skip reading the photos to confirm edited copies "
+    "(re-posted, cropped, recompressed, colour-shifted) below --threshold by their local features.",
+)
 @json_option
 def audit(
     emb_dir: str,
@@ -73,6 +79,7 @@ def audit(
     exact: bool | None,
     top: int,
     no_page: bool,
+    no_local_features: bool,
     as_json: bool,
 ) -> None:
     """Audit EMB_DIR: exact and near-duplicate photos, near-duplicates with different labels, photos whose
@@ -94,6 +101,7 @@ def audit(
         exact=exact,
         top=top,
         page=not no_page,
+        local_features=not no_local_features,
     )
     summary = {
         "out": str(Path(out).resolve()),
