@@ -157,6 +157,11 @@ def train_partial(
             p.requires_grad_(True)
     freeze_batchnorm(split.suffix)
     loss_fn = make_loss(s.loss, len(train_classes), net.dim, s.scale, s.margin, s.label_smoothing)
+    # On the training device before the optimizer and the EMA copy are made; the cached activations stay
+    # in host memory and go over batch by batch.
+    net.to(dev)
+    loss_fn.to(dev)
+    y_train = y_train.to(dev)
     suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [
@@ -225,7 +230,7 @@ def train_partial(
         with Progress(steps * s.batch_size, f"epoch {epoch}/{s.epochs}", "img", progress) as bar:
             for i, b in enumerate(batches):
                 views = torch.randint(n_views, (len(b),), generator=g)
-                x = x_train[b, views].contiguous(memory_format=torch.channels_last)
+                x = x_train[b, views].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     emb = net.project(split.suffix(x))
                 value = loss_fn(emb.float(), y_train[b])
@@ -328,19 +333,20 @@ def embed_cached(
     embedding, plus the view 1 one when two views are given (test-time flip), as `Encoder.encode` does."""
     was = net.training
     net.eval()
+    device = next(net.parameters()).device  # the cache stays on the CPU; each batch goes to the network
     normalize = nn.functional.normalize
     out = []
     for i in range(0, len(x), batch):
         chunk = x[i : i + batch]
         y = None
         for v in range(min(2, chunk.shape[1])):
-            a = chunk[:, v].contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            a = chunk[:, v].to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 f = suffix(a if bf16 else a.float())
                 f = net.project(f) if head else f
                 f = normalize(f.float(), dim=1)
             y = f if y is None else y + f
-        out.append(normalize(y, dim=1).numpy())
+        out.append(normalize(y, dim=1).cpu().numpy())
     net.train(was)
     dim = net.dim if head else net.backbone_dim
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
