@@ -27,7 +27,13 @@ from carsearch.eval.duplicates import (
     search_index,
     search_index_bytes,
 )
-from carsearch.eval.edited_copies import LocalMatcher, candidate_pairs, edited_copies
+from carsearch.eval.edited_copies import (
+    LocalMatcher,
+    candidate_pairs,
+    confirm_leaks,
+    edited_copies,
+    photo_path,
+)
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.memwatch import peak_rss_bytes
 from carsearch.progress import Progress
@@ -230,11 +236,6 @@ def _group(emb: EmbeddingSet, rows: np.ndarray, pair_sim: dict[tuple[int, int], 
     }
 
 
-def _photo_path(emb: EmbeddingSet, row: int) -> Path:
-    path = Path(str(emb.paths[row]))
-    return path if path.is_absolute() else emb.root / path
-
-
 def near_duplicate_pairs(
     emb: EmbeddingSet,
     index: object,
@@ -263,7 +264,7 @@ def _edited_copies(emb: EmbeddingSet, nb, threshold: float, progress: bool) -> d
         note = f"the photos are not in {emb.root} any more"
         log.warning("audit: edited copies not checked: %s.", note)
         return {"i": empty, "j": empty, "s": np.zeros(0, np.float32), "note": note}
-    matcher = LocalMatcher(lambda r: _photo_path(emb, r))
+    matcher = LocalMatcher(lambda r: photo_path(emb, r))
     keep, _ = edited_copies(matcher, ci, cj, progress=progress)
     note = f"{len(matcher.unreadable)} photos could not be read" if matcher.unreadable else ""
     return {"i": ci[keep], "j": cj[keep], "s": cs[keep], "note": note}
@@ -275,20 +276,10 @@ def _leakage(
     """Every photo of the second folder with a near-duplicate in the first: its nearest photo there at
     `threshold` or above, or an edited copy of it (local features) at EDITED_COPY_MIN_COSINE or above."""
     sims, rows = nearest_in(index, other.vectors)
-    hit = sims >= threshold
-    maybe = np.flatnonzero(~hit & (sims >= defaults.EDITED_COPY_MIN_COSINE))
-    if local_features and len(maybe) and emb.root.is_dir() and other.root.is_dir():
-        # Each such query's first EDITED_COPY_K photos there, as in the audit of one folder; one key space
-        # for both folders: gallery rows as they are, query rows after them.
-        n = len(emb)
-        matcher = LocalMatcher(lambda r: _photo_path(emb, r) if r < n else _photo_path(other, r - n))
-        k_sims, k_rows = index.search(
-            np.ascontiguousarray(other.vectors[maybe], np.float32), defaults.EDITED_COPY_K
-        )
-        q, c = np.nonzero((k_sims >= defaults.EDITED_COPY_MIN_COSINE) & (k_sims < threshold) & (k_rows >= 0))
-        copy, _ = edited_copies(matcher, maybe[q] + n, k_rows[q, c])
-        for qi, ci in zip(q[copy][::-1], c[copy][::-1], strict=True):  # the most similar copy wins
-            hit[maybe[qi]], sims[maybe[qi]], rows[maybe[qi]] = True, k_sims[qi, ci], k_rows[qi, ci]
+    if local_features:
+        hit, sims, rows = confirm_leaks(index, emb, other, sims, rows, threshold)
+    else:
+        hit = sims >= threshold
     hit = np.flatnonzero(hit)
     order = hit[np.argsort(-sims[hit], kind="stable")]
     return {

@@ -125,11 +125,3 @@ def nearest_in(index: faiss.Index, queries: np.ndarray, batch: int = 4096) -> tu
         s, r = index.search(q[start : start + batch], 1)
         sims[start : start + len(s)], rows[start : start + len(s)] = s[:, 0], r[:, 0]
     return sims, rows
-
-
-def leaked(
-    gallery: np.ndarray, queries: np.ndarray, threshold: float = defaults.NEAR_DUPLICATE_THRESHOLD
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which queries have a near-duplicate in the gallery: (mask, best similarity, gallery row)."""
-    sims, rows = nearest_in(search_index(gallery), queries)
-    return sims >= threshold, sims, rows

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from carsearch import defaults
+from carsearch.embed.store import EmbeddingSet
 from carsearch.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -124,3 +125,38 @@ def edited_copies(
             counts[n] = matcher.inliers(a, b)
             bar.update(1)
     return counts >= min_inliers, counts
+
+
+def photo_path(emb: EmbeddingSet, row: int) -> Path:
+    """The photo file of row `row` of an embedding set (paths are relative to its dataset root)."""
+    path = Path(str(emb.paths[row]))
+    return path if path.is_absolute() else emb.root / path
+
+
+def confirm_leaks(
+    index: object,
+    gallery: EmbeddingSet,
+    queries: EmbeddingSet,
+    sims: np.ndarray,
+    rows: np.ndarray,
+    threshold: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries with a near-duplicate in the gallery: their nearest gallery photo (`sims`, `rows`: (n,),
+    from `index`, a faiss index over `gallery.vectors`) at `threshold` or above, or an edited copy among
+    their first EDITED_COPY_K at EDITED_COPY_MIN_COSINE or above. Returns (mask, similarity, gallery row),
+    the last two those of the copy for queries it found. Without the photos, the cosine rule alone."""
+    hit, sims, rows = sims >= threshold, sims.copy(), rows.copy()
+    maybe = np.flatnonzero(~hit & (sims >= defaults.EDITED_COPY_MIN_COSINE))
+    if not (len(maybe) and gallery.root.is_dir() and queries.root.is_dir()):
+        return hit, sims, rows
+    # One key space for both sets: gallery rows as they are, query rows after them.
+    n = len(gallery)
+    matcher = LocalMatcher(lambda r: photo_path(gallery, r) if r < n else photo_path(queries, r - n))
+    k_sims, k_rows = index.search(
+        np.ascontiguousarray(queries.vectors[maybe], np.float32), defaults.EDITED_COPY_K
+    )
+    q, c = np.nonzero((k_sims >= defaults.EDITED_COPY_MIN_COSINE) & (k_sims < threshold) & (k_rows >= 0))
+    copy, _ = edited_copies(matcher, maybe[q] + n, k_rows[q, c])
+    for qi, ci in zip(q[copy][::-1], c[copy][::-1], strict=True):  # the most similar copy wins
+        hit[maybe[qi]], sims[maybe[qi]], rows[maybe[qi]] = True, k_sims[qi, ci], k_rows[qi, ci]
+    return hit, sims, rows
