@@ -20,7 +20,7 @@ from carsearch.models.checkpoint import load_checkpoint
 from carsearch.search import Searcher
 from carsearch.train import train_head, train_model
 from carsearch.train.data import split_classes
-from carsearch.train.settings import TrainSettings
+from carsearch.train.settings import TrainSettings, get_preset
 from carsearch.train.validation import recall_at_1
 from tests.conftest import pick, write_csv_dataset
 
@@ -39,6 +39,7 @@ TINY = TrainSettings(
     embed_dim=32,
 )
 RUN = {"progress": False}  # what a run takes besides its settings
+HEAD = get_preset("head").settings
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +136,7 @@ def test_head_only_improves_zero_shot_recall_honestly(dev_embeddings: Path, tmp_
     result = train_head(
         dev_embeddings,
         tmp_path / "head",
-        classes="1-98",
-        val_classes="99-147",
-        epochs=40,
-        seed=0,
+        HEAD.override(classes="1-98", val_classes="99-147", epochs=40, seed=0),
         progress=False,
     )
     emb = load_embeddings(dev_embeddings)
@@ -199,9 +197,8 @@ def test_head_applied_to_shards_equals_reembedding(tiny_data: Path, tiny_emb: Pa
     """The head is trained on stored (normalised) embeddings; the checkpoint must embed images into the
     same space: re-embedding with it equals the head applied to the stored vectors."""
     ckpt_dir = tmp_path / "head"
-    train_head(
-        tiny_emb, ckpt_dir, classes="1-4", epochs=3, embed_dim=16, batch_size=8, per_class=2, progress=False
-    )
+    small = HEAD.override(classes="1-4", epochs=3, embed_dim=16, batch_size=8, per_class=2)
+    train_head(tiny_emb, ckpt_dir, small, progress=False)
     head = load_file(str(ckpt_dir / "best.safetensors"))
     stored = load_embeddings(tiny_emb)
     projected = torch.nn.functional.normalize(
@@ -225,9 +222,8 @@ def test_head_on_a_checkpoints_embeddings_loads_back(tiny_data: Path, tiny_emb: 
     """A head trained on embeddings that a checkpoint made stacks on that checkpoint's network, and its
     checkpoint loads strictly (it used to wrap an EmbeddingNet in another and fail to load)."""
     first = tmp_path / "first"
-    train_head(
-        tiny_emb, first, classes="1-4", epochs=2, embed_dim=24, batch_size=8, per_class=2, progress=False
-    )
+    small = HEAD.override(classes="1-4", epochs=2, batch_size=8, per_class=2)
+    train_head(tiny_emb, first, small.override(embed_dim=24), progress=False)
     embed_dataset(
         tiny_data,
         tmp_path / "emb1",
@@ -238,16 +234,7 @@ def test_head_on_a_checkpoints_embeddings_loads_back(tiny_data: Path, tiny_emb: 
         progress=False,
     )
     second = tmp_path / "second"
-    train_head(
-        tmp_path / "emb1",
-        second,
-        classes="1-4",
-        epochs=2,
-        embed_dim=8,
-        batch_size=8,
-        per_class=2,
-        progress=False,
-    )
+    train_head(tmp_path / "emb1", second, small.override(embed_dim=8), progress=False)
     loaded = load_checkpoint(second)
     assert loaded.dim == 8
     info = json.loads((second / "checkpoint.json").read_text())

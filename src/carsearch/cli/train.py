@@ -189,21 +189,7 @@ def train(
     if s.mode == "head":
         from carsearch.train import train_head
 
-        result = train_head(
-            data_dir,
-            out,
-            classes=s.classes,
-            val_classes=s.val_classes,
-            train_fraction=s.train_fraction,
-            epochs=s.epochs,
-            loss=s.loss,
-            embed_dim=s.embed_dim,
-            batch_size=s.batch_size,
-            per_class=s.per_class,
-            lr=s.lr,
-            seed=s.seed,
-            **run,
-        )
+        result = train_head(data_dir, out, s, **run)
     elif s.mode == "partial":
         import numpy as np
 

@@ -23,6 +23,7 @@ from carsearch.provenance import library_versions
 from carsearch.train.data import BalancedBatches, split_classes
 from carsearch.train.loop import Run, fit, lr_lambda, mean_loss
 from carsearch.train.losses import make_loss
+from carsearch.train.settings import TrainSettings
 from carsearch.train.state import TrainResult, prepare_out
 from carsearch.train.validation import recall_at_1, require_validation
 
@@ -32,34 +33,26 @@ log = logging.getLogger(__name__)
 def train_head(
     emb_dir: str | Path,
     out: str | Path,
+    s: TrainSettings,
     *,
-    classes: str | None = None,
-    val_classes: str | None = None,
-    epochs: int = defaults.HEAD_EPOCHS,
-    loss: str = defaults.LOSS,
-    embed_dim: int | None = defaults.EMBED_DIM,
-    batch_size: int = defaults.HEAD_BATCH,
-    per_class: int = defaults.PER_CLASS,
-    lr: float = defaults.HEAD_LR,
-    weight_decay: float = defaults.WEIGHT_DECAY,
-    train_fraction: float = defaults.TRAIN_FRACTION,
-    seed: int = defaults.SEED,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """--head-only: train a projection head on the embeddings of `emb_dir`; checkpoint into `out`."""
-    if embed_dim is None:
+    """--head-only: train a projection head on the embeddings of `emb_dir` (settings `s`, mode "head": the
+    head preset with the options given); checkpoint into `out`.
+
+    Raises CarsearchError for another mode, no projection (`embed_dim` None), unlabelled embeddings or too
+    small a validation set."""
+    if s.mode != "head":
+        raise CarsearchError(f"train_head runs mode 'head', not {s.mode!r}.")
+    if s.embed_dim is None:
         raise CarsearchError("--head-only trains a projection: give --embed-dim.")
-    if epochs < 1 or batch_size < 2 or per_class < 2:
-        raise CarsearchError(
-            "--epochs must be >= 1, --batch-size and --per-class >= 2 (positives per class)."
-        )
     out = Path(out).expanduser().resolve()
     emb = load_embeddings(emb_dir)
     if (emb.class_ids < 0).all():
         raise CarsearchError(f"{emb.folder} has no class labels; training needs labelled embeddings.")
-    tmask, vmask, how = split_classes(emb.class_ids, classes, val_classes, seed, train_fraction)
+    tmask, vmask, how = split_classes(emb.class_ids, s.classes, s.val_classes, s.seed, s.train_fraction)
     require_validation(int(vmask.sum()), how)
     prov = emb.provenance
     settings = {
@@ -67,57 +60,57 @@ def train_head(
         "backbone": prov["backbone"],
         "weights": prov["weights"],
         "weights_sha256": prov["weights_sha256"],
-        "embed_dim": embed_dim,
-        "loss": loss,
-        "classes": classes,
-        "val_classes": val_classes,
+        "embed_dim": s.embed_dim,
+        "loss": s.loss,
+        "classes": s.classes,
+        "val_classes": s.val_classes,
         "crop": prov["preprocessing"]["crop"],
         "image_size": None,
-        "batch_size": batch_size,
-        "per_class": per_class,
-        "lr": lr,
-        "seed": seed,
+        "batch_size": s.batch_size,
+        "per_class": s.per_class,
+        "lr": s.lr,
+        "seed": s.seed,
         "data": emb.manifest["dataset"]["records_sha256"],
-        "train_fraction": train_fraction,
-        "epochs": epochs,
-        "weight_decay": weight_decay,
+        "train_fraction": s.train_fraction,
+        "epochs": s.epochs,
+        "weight_decay": s.weight_decay,
         "embeddings": str(emb.folder),
         "validation": how,
     }
     state = prepare_out(out, settings, resume, overwrite)
-    torch.manual_seed(seed)
+    torch.manual_seed(s.seed)
     x_train = torch.from_numpy(emb.vectors[tmask])
     train_classes = sorted(set(emb.class_ids[tmask].tolist()))
     lookup = {c: i for i, c in enumerate(train_classes)}
     y_train = torch.tensor([lookup[int(c)] for c in emb.class_ids[tmask]])
     x_val, c_val = emb.vectors[vmask], emb.class_ids[vmask]
-    head = nn.Linear(emb.dim, embed_dim)
+    head = nn.Linear(emb.dim, s.embed_dim)
     nn.init.orthogonal_(head.weight)
     nn.init.zeros_(head.bias)
-    loss_fn = make_loss(loss, len(train_classes), embed_dim)
+    loss_fn = make_loss(s.loss, len(train_classes), s.embed_dim)
     opt = torch.optim.AdamW(
         [
-            {"params": head.parameters(), "lr": lr},
+            {"params": head.parameters(), "lr": s.lr},
             {
                 "params": loss_fn.parameters(),
-                "lr": lr * defaults.HEAD_ONLY_PROXY_LR_MULT,
+                "lr": s.lr * defaults.HEAD_ONLY_PROXY_LR_MULT,
                 "weight_decay": 0.0,
             },
         ],
-        weight_decay=weight_decay,
+        weight_decay=s.weight_decay,
     )
-    sampler = BalancedBatches(y_train.tolist(), per_class, batch_size, seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(epochs * len(sampler), len(sampler)))
+    sampler = BalancedBatches(y_train.tolist(), s.per_class, s.batch_size, s.seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.epochs * len(sampler), len(sampler)))
     baseline = recall_at_1(x_val, c_val)
     # The network the embeddings came from, with the head stacked on its (normalised) output.
     base = load_backbone(prov["backbone"], prov["weights"], prov.get("weights_sha256"))
-    net = EmbeddingNet(base.model, base.dim, embed_dim, head_input="normalized")
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim, head_input="normalized")
     run = Run(
         out,
         {
             **ckpt.architecture(net, prov["backbone"]),
             "base_weights": {"id": prov["weights"], "sha256": prov["weights_sha256"]},
-            "dim": embed_dim,
+            "dim": s.embed_dim,
             "preprocessing": prov["preprocessing"],
             "mode": "head-only",
             "training": settings,
@@ -150,10 +143,10 @@ def train_head(
     def keep_best(_epoch: int) -> None:
         run.extra_state["best_head"] = {k: v.clone() for k, v in head.state_dict().items()}
 
-    with Progress(epochs - run.start + 1, "train head", "epoch", progress, every=10) as bar:
+    with Progress(s.epochs - run.start + 1, "train head", "epoch", progress, every=10) as bar:
         fit(
             run,
-            epochs,
+            s.epochs,
             train_epoch,
             validate,
             on_improved=keep_best,
@@ -163,7 +156,7 @@ def train_head(
     net.head.load_state_dict(head.state_dict())
     model_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.head.load_state_dict(run.extra_state["best_head"])
-    run.deliver(epochs, model_state, net.state_dict())
+    run.deliver(s.epochs, model_state, net.state_dict())
     log.info(
         "head-only: validation Recall@1 %.3f (frozen features %.3f), best epoch %d",
         run.best[1],
@@ -174,8 +167,8 @@ def train_head(
         str(out),
         "head-only",
         prov["backbone"],
-        embed_dim,
-        epochs,
+        s.embed_dim,
+        s.epochs,
         run.best[0],
         run.best[1],
         baseline,

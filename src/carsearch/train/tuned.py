@@ -77,16 +77,8 @@ def build_tuned_index(
     t0 = time.perf_counter()
     projected = out / EMBEDDINGS_DIR
     if s.mode == "head":
-        trained = train_head(
-            emb.folder,
-            out / HEAD_DIR,
-            epochs=epochs,
-            embed_dim=embed_dim,
-            train_fraction=1 - holdout,
-            seed=seed,
-            overwrite=True,
-            progress=progress,
-        )
+        s = s.override(epochs=epochs, embed_dim=embed_dim, train_fraction=1 - holdout, seed=seed)
+        trained = train_head(emb.folder, out / HEAD_DIR, s, overwrite=True, progress=progress)
         project_embeddings(emb.folder, out / HEAD_DIR, projected)
         network_dir = out / HEAD_DIR
     elif s.mode == "partial":
