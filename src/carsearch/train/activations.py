@@ -54,11 +54,6 @@ class Prefix:
     workers: int = 0
     batch_size: int = 64
 
-    def __post_init__(self) -> None:
-        # The frozen part runs where its inputs are sent (a CUDA prefix left on the CPU fails at the first
-        # batch); it shares its parameters with the network being trained, which goes there anyway.
-        self.module.to(self.device)
-
 
 @dataclass(frozen=True)
 class Group:

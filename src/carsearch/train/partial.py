@@ -109,7 +109,9 @@ def train_partial(
     prep = _prep_for(base.preprocessing, s)
     trained = resolve_trained(base.model, s.train_blocks)
     torch.manual_seed(s.seed)
-    net = EmbeddingNet(base.model, base.dim, s.embed_dim)
+    # On the training device from the start: the frozen prefix that fills the cache is part of it. The
+    # cached activations stay in host memory and go over batch by batch.
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(dev)
     split = cut(net.backbone, trained)
     settings = {
         **s.to_dict(),
@@ -157,10 +159,7 @@ def train_partial(
             p.requires_grad_(True)
     freeze_batchnorm(split.suffix)
     loss_fn = make_loss(s.loss, len(train_classes), net.dim, s.scale, s.margin, s.label_smoothing)
-    # On the training device before the optimizer and the EMA copy are made; the cached activations stay
-    # in host memory and go over batch by batch.
-    net.to(dev)
-    loss_fn.to(dev)
+    loss_fn.to(dev)  # before the optimizer and the EMA copy are made
     y_train = y_train.to(dev)
     suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
