@@ -32,7 +32,7 @@ from carsearch.eval.edited_copies import (
     candidate_pairs,
     confirm_leaks,
     edited_copies,
-    photo_path,
+    photo_lookup,
 )
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.memwatch import peak_rss_bytes
@@ -260,11 +260,12 @@ def _edited_copies(emb: EmbeddingSet, nb, threshold: float, progress: bool) -> d
     """Pairs below `threshold` confirmed as edited copies by their photos' local features."""
     ci, cj, cs = candidate_pairs(nb.sims, nb.rows, threshold)
     empty = np.zeros(0, np.int64)
-    if not emb.root.is_dir():
+    path_of = photo_lookup(emb)
+    if path_of is None:
         note = f"the photos are not in {emb.root} any more"
         log.warning("audit: edited copies not checked: %s.", note)
         return {"i": empty, "j": empty, "s": np.zeros(0, np.float32), "note": note}
-    matcher = LocalMatcher(lambda r: photo_path(emb, r))
+    matcher = LocalMatcher(path_of)
     keep, _ = edited_copies(matcher, ci, cj, progress=progress)
     note = f"{len(matcher.unreadable)} photos could not be read" if matcher.unreadable else ""
     return {"i": ci[keep], "j": cj[keep], "s": cs[keep], "note": note}
@@ -277,7 +278,9 @@ def _leakage(
     `threshold` or above, or an edited copy of it (local features) at EDITED_COPY_MIN_COSINE or above."""
     sims, rows = nearest_in(index, other.vectors)
     if local_features:
-        hit, sims, rows = confirm_leaks(index, emb, other, sims, rows, threshold)
+        hit, sims, rows = confirm_leaks(
+            index, other.vectors, sims, rows, threshold, photo_lookup(emb), photo_lookup(other)
+        )
     else:
         hit = sims >= threshold
     hit = np.flatnonzero(hit)

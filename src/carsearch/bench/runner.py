@@ -17,7 +17,7 @@ from carsearch.bench.protocols import open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.duplicates import nearest_in, search_index
-from carsearch.eval.edited_copies import confirm_leaks
+from carsearch.eval.edited_copies import confirm_leaks, photo_lookup
 from carsearch.eval.knn import knn_metrics, vote_details
 from carsearch.eval.neighbors import exact_search
 from carsearch.eval.splits import class_range, stratified_split
@@ -173,7 +173,13 @@ def run_bench(
     leak_index = search_index(g_vec)
     leak_sims, leak_rows = nearest_in(leak_index, q_vec)
     leak, leak_sims, _ = confirm_leaks(
-        leak_index, emb.subset(gal), emb.subset(qry), leak_sims, leak_rows, defaults.NEAR_DUPLICATE_THRESHOLD
+        leak_index,
+        q_vec,
+        leak_sims,
+        leak_rows,
+        defaults.NEAR_DUPLICATE_THRESHOLD,
+        photo_lookup(emb, gal),
+        photo_lookup(emb, qry),
     )
     report["leakage"] = {
         "threshold": defaults.NEAR_DUPLICATE_THRESHOLD,

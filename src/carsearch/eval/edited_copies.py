@@ -127,34 +127,40 @@ def edited_copies(
     return counts >= min_inliers, counts
 
 
-def photo_path(emb: EmbeddingSet, row: int) -> Path:
-    """The photo file of row `row` of an embedding set (paths are relative to its dataset root)."""
-    path = Path(str(emb.paths[row]))
-    return path if path.is_absolute() else emb.root / path
+def photo_lookup(emb: EmbeddingSet, rows: np.ndarray | None = None) -> Callable[[int], Path] | None:
+    """row -> the photo file of that row of `emb` (of row `rows[row]` when `rows` select a part of it, so
+    that no subset of the vectors is copied); None when the photos are not in the dataset root any more."""
+    if not emb.root.is_dir():
+        return None
+
+    def path_of(row: int) -> Path:
+        path = Path(str(emb.paths[row if rows is None else rows[row]]))
+        return path if path.is_absolute() else emb.root / path
+
+    return path_of
 
 
 def confirm_leaks(
     index: object,
-    gallery: EmbeddingSet,
-    queries: EmbeddingSet,
+    queries: np.ndarray,
     sims: np.ndarray,
     rows: np.ndarray,
     threshold: float,
+    gallery_photo: Callable[[int], Path] | None,
+    query_photo: Callable[[int], Path] | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Queries with a near-duplicate in the gallery: their nearest gallery photo (`sims`, `rows`: (n,),
-    from `index`, a faiss index over `gallery.vectors`) at `threshold` or above, or an edited copy among
-    their first EDITED_COPY_K at EDITED_COPY_MIN_COSINE or above. Returns (mask, similarity, gallery row),
-    the last two those of the copy for queries it found. Without the photos, the cosine rule alone."""
+    """Queries (n, d) float32 with a near-duplicate in the gallery that `index` holds: their nearest gallery
+    photo (`sims`, `rows`: (n,)) at `threshold` or above, or an edited copy among their first EDITED_COPY_K
+    at EDITED_COPY_MIN_COSINE or above. `*_photo`: row -> photo file (`photo_lookup`); without them, the
+    cosine rule alone. Returns (mask, similarity, gallery row), the last two those of the copy when found."""
     hit, sims, rows = sims >= threshold, sims.copy(), rows.copy()
     maybe = np.flatnonzero(~hit & (sims >= defaults.EDITED_COPY_MIN_COSINE))
-    if not (len(maybe) and gallery.root.is_dir() and queries.root.is_dir()):
+    if not len(maybe) or gallery_photo is None or query_photo is None:
         return hit, sims, rows
     # One key space for both sets: gallery rows as they are, query rows after them.
-    n = len(gallery)
-    matcher = LocalMatcher(lambda r: photo_path(gallery, r) if r < n else photo_path(queries, r - n))
-    k_sims, k_rows = index.search(
-        np.ascontiguousarray(queries.vectors[maybe], np.float32), defaults.EDITED_COPY_K
-    )
+    n = index.ntotal
+    matcher = LocalMatcher(lambda r: gallery_photo(r) if r < n else query_photo(r - n))
+    k_sims, k_rows = index.search(np.ascontiguousarray(queries[maybe], np.float32), defaults.EDITED_COPY_K)
     q, c = np.nonzero((k_sims >= defaults.EDITED_COPY_MIN_COSINE) & (k_sims < threshold) & (k_rows >= 0))
     copy, _ = edited_copies(matcher, maybe[q] + n, k_rows[q, c])
     for qi, ci in zip(q[copy][::-1], c[copy][::-1], strict=True):  # the most similar copy wins
