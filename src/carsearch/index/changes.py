@@ -15,6 +15,7 @@ from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.fsutil import exclusive_lock
 from carsearch.index.build import _check_unique, _source
 from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
+from carsearch.index.stream import unseen_files
 from carsearch.provenance import check_compatible
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ def add_to_index(index_dir: str | Path, emb_dir: str | Path, allow_duplicates: b
                 emb = emb.subset(~held_rows)
         skipped = 0
         if not allow_duplicates:
-            fresh_rows = unseen_files(emb.sha256, bundle.gallery.sha256)
+            # Against the index only: copies inside one embedding folder are that collection's own
+            # (`carsearch audit` reports them), as in a multi-folder `index build`.
+            fresh_rows = unseen_files(emb.sha256, set(bundle.gallery.sha256.tolist()))
             skipped = int((~fresh_rows).sum())
             if skipped:
                 log.warning(
@@ -113,14 +116,6 @@ def _head_for(info: dict, index_prov: dict, prov: dict) -> tuple | None:
         return head_of(Path(network), prov)
     except CarsearchError:
         return None  # not the head's kind of embeddings: the compatibility check says what differs
-
-
-def unseen_files(digests: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """(n,) bool: rows whose file (sha256) is not in `held`. Copies inside one embedding folder are that
-    collection's own (`carsearch audit` reports them), as in a multi-folder `index build`; rows without a
-    sha256 (vectors added without a file) always count as unseen."""
-    known = set(held[held != ""].tolist())
-    return np.array([not d or d not in known for d in digests.tolist()], bool)
 
 
 def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:

@@ -53,6 +53,12 @@ def open_sources(emb_dirs: list[str | Path]) -> list[Source]:
     return sources
 
 
+def unseen_files(digests: np.ndarray, known: set[str]) -> np.ndarray:
+    """(n,) bool: rows whose file (sha256 hex) is not in `known`; rows without a sha256 (vectors added
+    without a file) always count as unseen."""
+    return np.array([not d or d not in known for d in digests.tolist()], bool)
+
+
 class ShardStream:
     """The shards of several embedding folders in one order: folder by folder, shard by shard."""
 
@@ -95,8 +101,7 @@ class ShardStream:
                 read_shard_ids_and_sha256(source.folder / e["file"]) for j, _, e in self.entries if j == i
             ]
             for ids, digests in mine:
-                known = np.array([d in seen for d in digests], bool) & (digests != "")
-                repeated.append(ids[known])
+                repeated.append(ids[~unseen_files(digests, seen)])
             seen.update(d for _, digests in mine for d in digests if d)
         return np.concatenate(repeated) if repeated else np.zeros(0, np.int64)
 
