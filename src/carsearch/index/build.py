@@ -29,7 +29,7 @@ from carsearch.provenance import check_compatible, library_versions
 log = logging.getLogger(__name__)
 
 
-def _source(folder: Path, m: dict) -> dict:
+def source_entry(folder: Path, m: dict) -> dict:
     """What index.json records of an embedding folder it holds rows from."""
     return {
         "embeddings": str(folder),
@@ -63,7 +63,8 @@ def _refuse_to_drop_uploads(out: Path) -> None:
         )
 
 
-def _check_unique(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
+def check_unique_ids(ids: np.ndarray, taken: np.ndarray | None = None) -> None:
+    """Raises CarsearchError when `ids` repeat one another or an id in `taken` (an index's own)."""
     uniq, counts = np.unique(ids, return_counts=True)
     clash = uniq[counts > 1]
     if taken is not None and len(taken):
@@ -180,7 +181,7 @@ def build_index(
     wanted = np.unique(np.concatenate([r for r in (train_rows, tune_rows, loo_rows) if r is not None]))
     gallery, picked = stream.metadata_and_rows(wanted)
     ids = gallery.ids
-    _check_unique(ids)
+    check_unique_ids(ids)
 
     def rows_of(positions: np.ndarray) -> np.ndarray:
         return picked[np.searchsorted(wanted, positions)]
@@ -221,7 +222,7 @@ def build_index(
         "factory": factory,
         "search_params": tuned.params,
         "provenance": {k: v for k, v in sets[0].provenance.items() if k != "precision"},
-        "sources": [_source(s.folder, s.manifest) for s in sets],
+        "sources": [source_entry(s.folder, s.manifest) for s in sets],
         "auto": auto,
         "build": {
             "train_seconds": round(index.timings["train"], 3),

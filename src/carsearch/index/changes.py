@@ -13,7 +13,7 @@ from carsearch.embed.project import head_of, project
 from carsearch.embed.store import load_embeddings, read_manifest
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.fsutil import exclusive_lock
-from carsearch.index.build import _check_unique, _source
+from carsearch.index.build import check_unique_ids, source_entry
 from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
 from carsearch.index.stream import unseen_files
 from carsearch.provenance import check_compatible
@@ -84,8 +84,8 @@ def add_to_index(index_dir: str | Path, emb_dir: str | Path, allow_duplicates: b
                 emb = emb.subset(fresh_rows)
         if len(emb) == 0:
             return {**bundle.info, "added": 0, "skipped_duplicates": skipped}
-        _check_unique(emb.ids, bundle.gallery.ids)
-        fresh = _source(emb_folder, manifest)
+        check_unique_ids(emb.ids, bundle.gallery.ids)
+        fresh = source_entry(emb_folder, manifest)
         if src is None:
             src = len(sources)
             sources.append({**fresh, "shards": [s for s in fresh["shards"] if s["file"] in new]})
