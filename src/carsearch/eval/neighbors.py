@@ -8,12 +8,14 @@ import numpy as np
 
 
 def exact_search(
-    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, pad: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle: exhaustive inner-product search (similarities, ids), best first."""
+    """The oracle: exhaustive inner-product search of `queries` (m, d) over `vectors` (n, d) named by
+    `ids` (n,): (similarities (m, c) float32, ids (m, c) int64), best first, c = min(k, n); with `pad`,
+    c = k and faiss's padding (-1 ids) past the n-th."""
     flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     flat.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
-    return flat.search(np.ascontiguousarray(queries, np.float32), min(k, len(ids)))
+    return flat.search(np.ascontiguousarray(queries, np.float32), k if pad else min(k, len(ids)))
 
 
 def drop_self(

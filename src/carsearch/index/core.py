@@ -14,8 +14,8 @@ import faiss
 import numpy as np
 
 from carsearch.defaults import MAX_TRAIN_VECTORS, TARGET_RECALL
+from carsearch.eval.neighbors import exact_search
 from carsearch.index.factory import (
-    exact_search,
     exhaustive_params,
     index_bytes,
     make_index,
@@ -146,7 +146,7 @@ class Index:
                 every = every[np.isin(every, allowed)]
             vectors = stored_vectors(self.faiss, every) if every is not None and len(every) else None
             if vectors is not None:
-                sims[short], ids[short] = exact_search(vectors, every, q[short], k)
+                sims[short], ids[short] = exact_search(vectors, every, q[short], k, pad=True)
         return sims, ids
 
     # --- changes ---------------------------------------------------------------------------------------

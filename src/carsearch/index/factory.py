@@ -260,13 +260,3 @@ def stored_ids(index: faiss.Index) -> np.ndarray | None:
     if not isinstance(index, faiss.IndexIDMap2):
         return None
     return faiss.vector_to_array(index.id_map).astype(np.int64)
-
-
-def exact_search(
-    vectors: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids) of the k nearest of `vectors` by inner product, -1 past the end."""
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(np.ascontiguousarray(vectors, np.float32))
-    sims, rows = flat.search(q, k)
-    return sims, np.where(rows >= 0, ids[rows.clip(min=0)], -1)

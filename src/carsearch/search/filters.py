@@ -20,8 +20,9 @@ import numpy as np
 from carsearch import defaults
 from carsearch.datasets.records import nfc
 from carsearch.errors import CarsearchError
+from carsearch.eval.neighbors import exact_search
 from carsearch.index.core import Index
-from carsearch.index.factory import exact_search, ivf_of, stored_vectors
+from carsearch.index.factory import ivf_of, stored_vectors
 
 _YEAR_RANGE = re.compile(r"^\s*(\d{4})?\s*-\s*(\d{4})?\s*$")
 
@@ -112,7 +113,7 @@ def filtered_search(
     if len(allowed) <= exact_limit:
         vectors = stored_vectors(index.faiss, allowed)
         if vectors is not None:
-            return exact_search(vectors, allowed, q, k)
+            return exact_search(vectors, allowed, q, k, pad=True)
     fraction = len(allowed) / max(1, index.ntotal)
     params = _selector_params(index.faiss, faiss.IDSelectorBatch(allowed), k, fraction)
     if params is not None:

@@ -314,7 +314,7 @@ def knn_top1(gallery: np.ndarray, g_classes: np.ndarray, queries: np.ndarray, q_
     """Top-1 of the weighted kNN vote (k=20, T=0.07: the classifier's) of L2-normalised `queries` (m, d)
     against `gallery` (n, d) float32, exact inner product."""
     from carsearch.eval.knn import knn_metrics
-    from carsearch.index.factory import exact_search
+    from carsearch.eval.neighbors import exact_search
 
     k = min(defaults.K_VOTE, len(gallery))
     sims, rows = exact_search(gallery, np.arange(len(gallery)), np.ascontiguousarray(queries, np.float32), k)
