@@ -7,11 +7,13 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("carsearch")  # the name its messages always went out under
 _CHUNK = 1 << 20
 
 
@@ -96,7 +98,7 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
     from carsearch.errors import CarsearchError
 
     if os.environ.get("CARSEARCH_NO_LOCK") == "1":
-        _log().warning("CARSEARCH_NO_LOCK=1: %s is written without a writer lock.", folder)
+        log.warning("CARSEARCH_NO_LOCK=1: %s is written without a writer lock.", folder)
         yield
         return
     with open(Path(folder) / ".lock", "a+") as f:
@@ -117,12 +119,6 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _log():
-    import logging
-
-    return logging.getLogger("carsearch")
 
 
 @contextlib.contextmanager
@@ -152,7 +148,7 @@ def _owner_file(folder: Path) -> Iterator[None]:
         raise CarsearchError(f"could not take the writer lock {owner}; delete it and run again.")
     with os.fdopen(fd, "w") as f:
         f.write(me)
-    _log().info("%s has no file locks (ENOLCK): writer lock held by %s instead.", folder, owner.name)
+    log.info("%s has no file locks (ENOLCK): writer lock held by %s instead.", folder, owner.name)
     try:
         yield
     finally:

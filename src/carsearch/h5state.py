@@ -29,6 +29,7 @@ from carsearch.fsutil import sha256_file
 log = logging.getLogger(__name__)
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HELD = "is open for writing in another program (h5py in 'r+'/'a' mode, HDFView, a notebook)"
 _FLAGS_V01 = slice(20, 24)  # superblock versions 0 and 1: file consistency flags (4 bytes), no checksum
 
 
@@ -72,8 +73,7 @@ def check_recorded(path: Path, expected: str, what: str, remedy: str) -> None:
     if unmarked_sha256(path) == expected:
         if held_for_writing(path):
             raise CarsearchError(
-                f"{what} {path} is open for writing in another program (h5py in 'r+'/'a' mode, HDFView, a "
-                "notebook); its data are intact: close it there, then run again."
+                f"{what} {path} {_HELD}; its data are intact: close it there, then run again."
             )
         log.warning(
             "%s %s is marked as open for writing by a program that ended without closing it; its data match "
@@ -98,8 +98,5 @@ def open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
         if f"errno = {errno.ENOLCK}" in text or "No locks available" in text:
             return h5py.File(path, mode, locking=False)
         if f"errno = {errno.EAGAIN}" in text and "lock" in text:
-            raise CarsearchError(
-                f"{path} is open for writing in another program (h5py in 'r+'/'a' mode, HDFView, a "
-                "notebook); close it there, then run again."
-            ) from None
+            raise CarsearchError(f"{path} {_HELD}; close it there, then run again.") from None
         raise
