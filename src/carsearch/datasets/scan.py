@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from carsearch.formats import is_image_name
@@ -13,18 +14,26 @@ __all__ = ["class_folders", "image_files", "is_image_name", "left_out_files", "t
 _DATASET_FILES = frozenset({"labels.csv", "classes.csv"})
 
 
+def _walk(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder path, file names) of `folder` and every folder below it, sorted, hidden ones skipped.
+    Linked folders are followed (split folders made of links); each real folder is walked once, so a link
+    to a parent cannot loop."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
+        )
+        yield dirpath, filenames
+
+
 def left_out_files(root: Path) -> dict[str, int]:
     """Files under `root` that are not read as images, counted by extension ("(none)" without one);
     hidden files and a dataset's labels.csv / classes.csv / devkit .mat files are not counted."""
     counts: Counter[str] = Counter()
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        seen.add(os.path.realpath(dirpath))
-        dirnames[:] = [
-            d
-            for d in dirnames
-            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
-        ]
+    for _, filenames in _walk(root):
         for f in filenames:
             if f.startswith(".") or is_image_name(f) or f in _DATASET_FILES or f.endswith(".mat"):
                 continue
@@ -38,16 +47,7 @@ def image_files(folder: Path, root: Path) -> list[str]:
     Hidden files and folders are skipped: they are editor and OS droppings, not photos.
     """
     out: list[str] = []
-    seen: set[str] = set()
-    # Linked folders are followed (split folders made of links); each real folder is walked once, so a
-    # link to a parent cannot loop.
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(dirpath))
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen
-        )
+    for dirpath, filenames in _walk(folder):
         rel = Path(dirpath).relative_to(root)
         out.extend((rel / f).as_posix() for f in filenames if is_image_name(f))
     out.sort()
