@@ -177,21 +177,14 @@ def index_build(
         from carsearch.train.settings import get_preset
         from carsearch.train.tuned import build_tuned_index
 
-        settings = get_preset(tune).settings
-        head_epochs = defaults.HEAD_EPOCHS
-        if tune_epochs and settings.mode == "head":
-            head_epochs = tune_epochs
-        elif tune_epochs:
-            settings = settings.override(epochs=tune_epochs)
         info = build_tuned_index(
             emb_dirs[0],
             out,
             preset=tune,
-            settings=None if settings == get_preset(tune).settings else settings,
+            settings=get_preset(tune).settings.override(epochs=tune_epochs),
             factory=factory,
             memory_budget=memory_budget,
             target_recall=target_recall,
-            epochs=head_epochs,
             holdout=tune_holdout,
             calibrate=calibrate,
             openset_k=openset_k,

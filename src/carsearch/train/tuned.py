@@ -49,8 +49,6 @@ def build_tuned_index(
     factory: str = defaults.FACTORY,
     memory_budget: int = defaults.MEMORY_BUDGET,
     target_recall: float = defaults.TARGET_RECALL,
-    embed_dim: int = defaults.EMBED_DIM,
-    epochs: int = defaults.HEAD_EPOCHS,
     holdout: float = defaults.TUNE_HOLDOUT,
     calibrate: bool = True,
     openset_k: int = defaults.OPENSET_K,
@@ -62,7 +60,7 @@ def build_tuned_index(
 ) -> dict:
     """Train the `preset`'s network (or `settings`, which override it whole) on `emb_dir`'s labelled
     collection, index the tuned vectors into `out`, calibrate on held-out images. Returns index.json with a
-    `tuning` section. `epochs` and `embed_dim` apply to the head preset. Raises CarsearchError for an
+    `tuning` section. Raises CarsearchError for an
     unlabelled collection, a holdout outside (0, 1), or a preset this command cannot run (gpu: train it
     with `carsearch train --preset gpu`, then embed with --weights)."""
     out = Path(out).expanduser().resolve()
@@ -77,14 +75,14 @@ def build_tuned_index(
     t0 = time.perf_counter()
     projected = out / EMBEDDINGS_DIR
     if s.mode == "head":
-        s = s.override(epochs=epochs, embed_dim=embed_dim, train_fraction=1 - holdout, seed=seed)
+        s = s.override(train_fraction=1 - holdout, seed=seed)
         trained = train_head(emb.folder, out / HEAD_DIR, s, overwrite=True, progress=progress)
         project_embeddings(emb.folder, out / HEAD_DIR, projected)
         network_dir = out / HEAD_DIR
     elif s.mode == "partial":
         s = s.override(train_fraction=1 - holdout, seed=seed)
         trained = _tune_partial(emb, out / MODEL_DIR, s, projected, progress, on_epoch, cache_dir)
-        embed_dim, epochs, network_dir = s.embed_dim, s.epochs, out / MODEL_DIR
+        network_dir = out / MODEL_DIR
     else:
         raise CarsearchError(
             f"index build --tune runs the head and cpu-hour presets; a {s.mode} fine-tune trains on images: "
@@ -104,8 +102,8 @@ def build_tuned_index(
         "mode": s.mode,
         "network": str(network_dir),
         "source_embeddings": str(emb.folder),
-        "embed_dim": embed_dim,
-        "epochs": epochs,
+        "embed_dim": s.embed_dim,
+        "epochs": s.epochs,
         "best_epoch": trained.best_epoch,
         "holdout": holdout,
         "validation_metric": trained.validation_metric,
