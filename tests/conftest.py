@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 DEV = Path(os.environ.get("CARSEARCH_DEV_DATA", REPO.parent / "shared" / "data" / "stanford-cars-dev"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runtime_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Networks converted for OpenVINO are kept in a folder of this run, never the user's cache. The
+    suite's many networks (each training test makes its own) run in PyTorch unless CARSEARCH_RUNTIME says
+    otherwise: converting each would add seconds apiece. tests/test_runtimes.py runs OpenVINO, and `auto`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CARSEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("CARSEARCH_RUNTIME", os.environ.get("CARSEARCH_RUNTIME") or "torch")
+        yield
+
+
 def dev_rows() -> list[dict[str, str]]:
     """labels.csv of the dev set: image, class_id, class_name."""
     if not (DEV / "labels.csv").is_file():

@@ -64,6 +64,7 @@ def test_search_response_shape(client: TestClient) -> None:
 def test_info_health_page(client: TestClient) -> None:
     info = client.get("/api/info").json()
     assert info["images"] == 1568 and info["backbone"] == "efficientnet_lite0" and info["max_k"] == 200
+    assert info["runtime"] == "torch"  # the suite's runtime (conftest.py); the answer names what runs
     assert client.get("/healthz").json() == {"status": "ok", "images": 1568}
     page = client.get("/")
     assert page.status_code == 200 and "<title>carsearch" in page.text

@@ -17,6 +17,8 @@ BATCH_SIZE = 32
 SHARD_SIZE = 4096
 DEVICE = "auto"
 PRECISION = "auto"
+# auto: OpenVINO on the CPU when installed (the `openvino` extra), PyTorch elsewhere (embed/runtimes.py).
+RUNTIME = "auto"
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): batch embedding skips larger images.
 MAX_PIXELS = 89_478_485
 

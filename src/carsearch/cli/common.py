@@ -80,6 +80,18 @@ def device_options(f: Callable) -> Callable:
     return click.option("--device", default=defaults.DEVICE, show_default=True, help="auto, cpu or cuda.")(f)
 
 
+def runtime_option(f: Callable) -> Callable:
+    """--runtime: what runs the network (embed/runtimes.py)."""
+    return click.option(
+        "--runtime",
+        default=defaults.RUNTIME,
+        show_default=True,
+        type=click.Choice(["auto", "torch", "openvino"]),
+        help="auto: OpenVINO on the CPU when installed (the openvino extra; several times faster there), "
+        "else PyTorch; CARSEARCH_RUNTIME sets what auto means. Embeddings of either runtime agree.",
+    )(f)
+
+
 def dataset_options(f: Callable) -> Callable:
     """--format, --labels and --split: how a dataset folder is read."""
     f = click.option(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import device_options, emit, json_option
+from carsearch.cli.common import device_options, emit, json_option, runtime_option
 
 if TYPE_CHECKING:
     from carsearch.search.filters import Filter
@@ -61,6 +61,7 @@ def _human_search(results: list[dict]) -> str:
 )
 @filter_options
 @device_options
+@runtime_option
 @json_option
 def search(
     index_dir: str,
@@ -71,13 +72,14 @@ def search(
     year: str | None,
     device: str,
     precision: str,
+    runtime: str,
     as_json: bool,
 ) -> None:
     """Find the cars most similar to each query image (files or folders of images)."""
     from carsearch.search import Searcher, expand_queries
 
     where = _where(make, model_, year)
-    searcher = Searcher.open(index_dir, device, precision)
+    searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
     results = searcher.search(expand_queries(queries), k, where)
     emit([r.to_json() for r in results], as_json, _human_search)
     _exit_if_any_failed(results)
@@ -135,6 +137,7 @@ def _human_classify(results: list[dict]) -> str:
 @click.option("--no-reject", is_flag=True, help="Never answer unknown, even below the threshold.")
 @filter_options
 @device_options
+@runtime_option
 @json_option
 def classify(
     index_dir: str,
@@ -148,13 +151,14 @@ def classify(
     year: str | None,
     device: str,
     precision: str,
+    runtime: str,
     as_json: bool,
 ) -> None:
     """Label each query image by the weighted vote of its nearest indexed cars, or say "unknown model"."""
     from carsearch.search import Searcher, expand_queries
 
     where = _where(make, model_, year)
-    searcher = Searcher.open(index_dir, device, precision)
+    searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
     results = searcher.classify(
         expand_queries(queries), k, level, temperature, reject=not no_reject, where=where
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import device_options
+from carsearch.cli.common import device_options, runtime_option
 from carsearch.errors import CarsearchError
 
 log = logging.getLogger("carsearch")
@@ -96,6 +96,7 @@ log = logging.getLogger("carsearch")
     help="json: one JSON object per log line (with the request id), for log collectors.",
 )
 @device_options
+@runtime_option
 def serve(
     index_dir: str,
     host: str,
@@ -112,6 +113,7 @@ def serve(
     log_format: str,
     device: str,
     precision: str,
+    runtime: str,
 ) -> None:
     """Serve the HTTP API and the web page over INDEX_DIR (read-only unless --token is given).
 
@@ -143,6 +145,7 @@ def serve(
             "max_pixels": max_pixels,
             "device": device,
             "precision": precision,
+            "runtime": runtime,
             "max_decodes": max_decodes,
             "body_timeout": body_timeout,
             "batch_size": batch_size,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from carsearch import defaults
+from carsearch.embed import runtimes
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.models import CROP_MODES, Loaded, Preprocessing, load_backbone
 
@@ -56,7 +57,9 @@ class Encoder:
     """A headless network ready for inference: eval mode, channels-last, inference mode, autocast.
 
     `Encoder.load(backbone, weights, ...)` builds one from the registry; `Encoder(loaded, ...)` wraps a
-    network in hand (training's validation wraps the network it trains, with `freeze=False`)."""
+    network in hand (training's validation wraps the network it trains, with `freeze=False`). `runtime`
+    (embed/runtimes.py) runs it in PyTorch or converted to OpenVINO; `Encoder(...)` keeps PyTorch unless
+    told, `Encoder.load` picks (`auto`)."""
 
     def __init__(
         self,
@@ -66,6 +69,7 @@ class Encoder:
         device: str | torch.device = defaults.DEVICE,
         precision: str = defaults.PRECISION,
         freeze: bool = True,
+        runtime: str = "torch",
     ) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -79,6 +83,18 @@ class Encoder:
         if freeze:
             for p in self.model.parameters():
                 p.requires_grad_(False)
+        self.runtime = runtimes.resolve_runtime(runtime, self.device)
+        self._ov = None
+        if self.runtime == "openvino":
+            try:
+                self._ov = runtimes.load_openvino(
+                    self.model, backbone, self.weights.sha256, self.dim, self.preprocessing, self.precision
+                )
+            except runtimes.ConversionFailed as e:
+                if runtime != "auto":
+                    raise CarsearchError(f"{e}; use --runtime torch.") from None
+                log.warning("%s; embedding with PyTorch instead.", e)
+                self.runtime = "torch"
 
     @classmethod
     def load(
@@ -90,22 +106,39 @@ class Encoder:
         precision: str = defaults.PRECISION,
         weights_sha256: str | None = None,
         flip: bool = False,
+        runtime: str = defaults.RUNTIME,
     ) -> Encoder:
-        """The registry's network `backbone` with `weights`, framed by `crop` (with test-time `flip`)."""
+        """The registry's network `backbone` with `weights`, framed by `crop` (with test-time `flip`), run
+        by `runtime`."""
         if crop not in CROP_MODES:
             raise CarsearchError(f"unknown crop mode {crop!r}; choose one of {', '.join(CROP_MODES)}.")
         # Cheap checks first: a typo in --device must not wait for (or trigger) a weights download.
         dev = resolve_device(device)
         resolve_precision(precision, dev)
-        enc = cls(load_backbone(backbone, weights, weights_sha256), backbone, crop, dev, precision)
+        runtimes.resolve_runtime(runtime, dev)
+        loaded = load_backbone(backbone, weights, weights_sha256)
+        enc = cls(loaded, backbone, crop, dev, precision, runtime=runtime)
         enc.preprocessing = enc.preprocessing.with_flip(flip)
+        log.info(
+            "%s runs in %s %s (%s, %s)",
+            backbone,
+            enc.runtime,
+            runtimes.runtime_version(enc.runtime),
+            enc.precision,
+            enc.device,
+        )
         return enc
 
     @classmethod
     def from_provenance(
-        cls, prov: dict, device: str = defaults.DEVICE, precision: str = defaults.PRECISION
+        cls,
+        prov: dict,
+        device: str = defaults.DEVICE,
+        precision: str = defaults.PRECISION,
+        runtime: str = defaults.RUNTIME,
     ) -> Encoder:
-        """The encoder an artifact was made with, so that queries land in the same embedding space."""
+        """The encoder an artifact was made with, so that queries land in the same embedding space (in any
+        runtime: their embeddings agree, tests/test_runtimes.py)."""
         prep = Preprocessing.from_dict(prov["preprocessing"])
         enc = cls.load(
             prov["backbone"],
@@ -115,6 +148,7 @@ class Encoder:
             precision,
             prov.get("weights_sha256"),
             prep.flip,
+            runtime,
         )
         if enc.preprocessing != prep:
             raise ProvenanceMismatch(
@@ -135,6 +169,8 @@ class Encoder:
             "preprocessing": self.preprocessing.to_dict(),
             "dim": self.dim,
             "precision": self.precision,
+            "runtime": self.runtime,
+            "runtime_version": runtimes.runtime_version(self.runtime),
         }
 
     @torch.inference_mode()
@@ -142,6 +178,8 @@ class Encoder:
         """uint8 NHWC batch -> float32 (n, dim), each row L2-normalised."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
+        if self._ov is not None:
+            return self._ov.embed(pixels.numpy(), self.preprocessing.flip)
         x = pixels.to(self.device, non_blocking=True)
         x = self.preprocessing.normalize(x)
         normalize = torch.nn.functional.normalize

@@ -115,9 +115,11 @@ class Searcher:
         precision: str = defaults.PRECISION,
         max_pixels: int = defaults.MAX_PIXELS,
         batch_size: int = defaults.BATCH_SIZE,
+        runtime: str = defaults.RUNTIME,
     ) -> None:
         self.bundle = bundle
         self._device, self._precision, self.max_pixels = device, precision, max_pixels
+        self._runtime = runtime  # queries may run in another runtime than the collection: they agree
         self.batch_size = batch_size
         self._encoder = None
         self._lock = threading.Lock()  # one forward pass at a time; faiss search itself is read-only
@@ -131,8 +133,9 @@ class Searcher:
         precision: str = defaults.PRECISION,
         verify: bool = True,
         max_pixels: int = defaults.MAX_PIXELS,
+        runtime: str = defaults.RUNTIME,
     ) -> Searcher:
-        return cls(open_bundle(index_dir, verify=verify), device, precision, max_pixels)
+        return cls(open_bundle(index_dir, verify=verify), device, precision, max_pixels, runtime=runtime)
 
     @property
     def info(self) -> dict:
@@ -143,7 +146,9 @@ class Searcher:
         if self._encoder is None:
             from carsearch.embed.encoder import Encoder
 
-            self._encoder = Encoder.from_provenance(self.bundle.provenance, self._device, self._precision)
+            self._encoder = Encoder.from_provenance(
+                self.bundle.provenance, self._device, self._precision, self._runtime
+            )
         return self._encoder
 
     # --- embedding queries ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def create_app(
     max_pixels: int = defaults.UPLOAD_MAX_PIXELS,
     device: str = defaults.DEVICE,
     precision: str = defaults.PRECISION,
+    runtime: str = defaults.RUNTIME,
     max_decodes: int = defaults.MAX_DECODES,
     body_timeout: float = defaults.BODY_TIMEOUT,
     batch_size: int = defaults.SERVE_BATCH,
@@ -71,7 +72,9 @@ def create_app(
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
-        searcher = Searcher.open(index_dir, device=device, precision=precision, max_pixels=max_pixels)
+        searcher = Searcher.open(
+            index_dir, device=device, precision=precision, max_pixels=max_pixels, runtime=runtime
+        )
     searcher.max_pixels = max_pixels
     s = searcher
     _ = s.encoder  # the network loads now, once: lazily, concurrent first requests would each load it
@@ -120,6 +123,7 @@ def create_app(
             "backbone": i["provenance"]["backbone"],
             "weights": i["provenance"]["weights"],
             "crop": i["provenance"]["preprocessing"]["crop"],
+            "runtime": s.encoder.runtime,
             "recall@10": (i.get("recall") or {}).get("measured"),
             "openset": i.get("openset"),
             "labelled": bool(any(s.bundle.gallery.labels)),

@@ -1,0 +1,120 @@
+"""Inference runtimes (embed/runtimes.py): OpenVINO's embeddings agree with PyTorch's per backbone and
+precision on real photos; the conversion cache is reused, rebuilt for new weights, refused when damaged;
+`auto` picks OpenVINO on the CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import DEV, pick
+
+from carsearch.embed.encoder import Encoder
+from carsearch.embed.images import load_image
+from carsearch.embed.runtimes import openvino_version, resolve_runtime
+from carsearch.errors import CarsearchError
+from carsearch.models import backbone_names, load_backbone
+
+# One backbone per family runs by default (timm convolutions with real weights, torchvision, ViT);
+# CARSEARCH_TEST_ALL_BACKBONES=1 runs every registered one (ViT-L converts for minutes).
+FAMILIES = ("efficientnet_lite0", "resnet50", "dinov2_vits14_reg")
+ALL = os.environ.get("CARSEARCH_TEST_ALL_BACKBONES") == "1"
+
+
+@pytest.fixture(scope="module")
+def photos() -> list:
+    return [load_image(DEV / r["image"]) for r in pick([1, 30, 80, 120, 151, 190], 1) + pick([14], 2)]
+
+
+def _centred_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosines of each row's offset from the batch mean: what tells images apart. Random-weight networks
+    give nearly the same vector for every photo (cosine ~0.999 between different cars), which would let
+    a wrong conversion pass a plain cosine test."""
+    a, b = ref - ref.mean(0), got - ref.mean(0)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.parametrize("name", backbone_names())
+def test_openvino_agrees_with_torch(name: str, photos: list) -> None:
+    if name not in FAMILIES and not ALL:
+        pytest.skip("CARSEARCH_TEST_ALL_BACKBONES=1 runs every backbone")
+    weights = "imagenet" if name.startswith("efficientnet") else "none"  # the weights that exist offline
+    flip = name == "efficientnet_lite0"  # the mirror-image pass has its own code path in each runtime
+
+    loaded = load_backbone(name, weights)  # built once, run by each runtime and precision
+
+    def embed(precision: str, runtime: str) -> np.ndarray:
+        enc = Encoder(loaded, name, "squash", "cpu", precision, runtime=runtime)
+        enc.preprocessing = enc.preprocessing.with_flip(flip)
+        assert enc.runtime == runtime and enc.provenance()["runtime"] == runtime
+        return enc.encode_images(photos)
+
+    ref = embed("fp32", "torch")
+    for precision, plain, centred in (("fp32", 0.999, 0.999), ("bf16", 0.99, 0.95)):
+        got = embed(precision, "openvino")
+        assert got.shape == ref.shape and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-4)
+        cos = (ref * got).sum(1)
+        assert cos.min() >= plain, (precision, cos)
+        assert _centred_cosines(ref, got).min() >= centred, (precision, _centred_cosines(ref, got))
+
+
+def test_conversion_cache_reused_rebuilt_and_refused(tmp_path: Path, photos: list) -> None:
+    """In this run's cache (conftest.py), where the lite0 test above left its conversion."""
+    import timm
+
+    def load(weights: str) -> Encoder:
+        return Encoder.load("efficientnet_lite0", weights, device="cpu", precision="fp32", runtime="openvino")
+
+    def folders() -> set[Path]:
+        return set((Path(os.environ["CARSEARCH_CACHE"]) / "openvino").iterdir())
+
+    enc = load("imagenet")
+    first, conv, before = enc.encode_images(photos[:2]), _conversion_folder(enc), folders()
+    assert conv in before
+    assert sorted(p.name for p in conv.iterdir()) == ["conversion.json", "model.bin", "model.xml"]
+    stamp = (conv / "model.bin").stat().st_mtime_ns
+    again = load("imagenet").encode_images(photos[:2])  # reused: not converted again, same embeddings
+    assert folders() == before and (conv / "model.bin").stat().st_mtime_ns == stamp
+    assert np.array_equal(first, again)
+    torch.manual_seed(1)
+    torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), tmp_path / "other.pth")
+    other = load(str(tmp_path / "other.pth")).encode_images(photos[:2])  # new weights: a new conversion
+    assert len(folders() - before) == 1 and (first * other).sum(1).max() < 0.9
+    good = (conv / "model.bin").read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    (conv / "model.bin").write_bytes(bytes(damaged))
+    try:
+        with pytest.raises(CarsearchError) as e:
+            load("imagenet")
+    finally:
+        (conv / "model.bin").write_bytes(good)
+    msg = str(e.value)
+    assert f"{conv} is damaged" in msg and "delete that folder" in msg and "\n" not in msg
+
+
+def _conversion_folder(enc: Encoder) -> Path:
+    from carsearch.embed import runtimes
+
+    key = runtimes.conversion_key(enc.model, enc.backbone, enc.weights.sha256, enc.dim, enc.preprocessing)
+    return runtimes.cache_folder(key)
+
+
+def test_auto_picks_openvino_on_the_cpu(monkeypatch) -> None:
+    monkeypatch.delenv("CARSEARCH_RUNTIME", raising=False)
+    assert openvino_version(), "the default install (make venv) includes OpenVINO, which auto picks here"
+    assert resolve_runtime("auto", torch.device("cpu")) == "openvino"
+    assert resolve_runtime("auto", torch.device("cuda")) == "torch"
+    assert resolve_runtime("torch", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("CARSEARCH_RUNTIME", "torch")
+    assert resolve_runtime("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("CARSEARCH_RUNTIME", "tensorrt")
+    with pytest.raises(CarsearchError, match="CARSEARCH_RUNTIME='tensorrt' is not a runtime"):
+        resolve_runtime("auto", torch.device("cpu"))
+    with pytest.raises(CarsearchError, match="runs on the CPU, not cuda"):
+        resolve_runtime("openvino", torch.device("cuda"))
+    with pytest.raises(CarsearchError, match="unknown runtime 'onnx'"):
+        resolve_runtime("onnx", torch.device("cpu"))
