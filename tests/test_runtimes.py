@@ -1,22 +1,25 @@
 """Inference runtimes (embed/runtimes.py): OpenVINO's embeddings agree with PyTorch's per backbone and
 precision on real photos; the conversion cache is reused, rebuilt for new weights, refused when damaged;
-`auto` picks OpenVINO on the CPU."""
+`auto` picks OpenVINO on the CPU; a missing OpenVINO is one sentence naming the extra."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tests.conftest import DEV, pick
 
 from carsearch.embed.encoder import Encoder
 from carsearch.embed.images import load_image
 from carsearch.embed.runtimes import openvino_version, resolve_runtime
 from carsearch.errors import CarsearchError
 from carsearch.models import backbone_names, load_backbone
+from tests.conftest import DEV, REPO, pick
 
 # One backbone per family runs by default (timm convolutions with real weights, torchvision, ViT);
 # CARSEARCH_TEST_ALL_BACKBONES=1 runs every registered one (ViT-L converts for minutes).
@@ -118,3 +121,61 @@ def test_auto_picks_openvino_on_the_cpu(monkeypatch) -> None:
         resolve_runtime("openvino", torch.device("cuda"))
     with pytest.raises(CarsearchError, match="unknown runtime 'onnx'"):
         resolve_runtime("onnx", torch.device("cpu"))
+
+
+def test_missing_openvino_is_one_sentence(tmp_path: Path, small_dataset: Path) -> None:
+    """A real environment without OpenVINO: this venv's packages, less openvino's, seen through links."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    bare = tmp_path / "site"
+    bare.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lower().startswith("openvino"):
+            (bare / entry.name).symlink_to(entry)
+    script = (
+        "import torch\n"
+        "from carsearch.embed.runtimes import resolve_runtime\n"
+        "print('auto:', resolve_runtime('auto', torch.device('cpu')), flush=True)\n"
+        "from carsearch.cli import main\n"
+        "main()\n"
+    )
+    args = ["embed", str(small_dataset), "--out", str(tmp_path / "emb"), "--backbone", "efficientnet_lite0"]
+    env = {**os.environ, "PYTHONPATH": f"{bare}{os.pathsep}{REPO / 'src'}"}
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", script, *args, "--runtime", "openvino"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "auto: torch" in r.stdout  # without OpenVINO, auto stays with PyTorch
+    [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert line == (
+        "Error: --runtime openvino needs OpenVINO, which is not installed: pip install "
+        "'carsearch[openvino]' (or use --runtime torch)."
+    )
+
+
+def test_resume_and_queries_across_runtimes(tmp_path: Path, small_dataset: Path) -> None:
+    """A collection started in PyTorch and finished in OpenVINO: each shard names its runtime, the run says
+    which it used, and an index over it answers OpenVINO-embedded queries with the photo itself."""
+    from carsearch.embed import embed_dataset, load_embeddings, read_manifest
+    from carsearch.index.build import build_index
+    from carsearch.search import Searcher
+
+    emb = tmp_path / "emb"
+    kw = {"backbone": "efficientnet_lite0", "precision": "fp32", "shard_size": 12, "progress": False}
+    first = embed_dataset(small_dataset, emb, runtime="torch", limit=12, **kw)
+    rest = embed_dataset(small_dataset, emb, runtime="openvino", **kw)
+    assert (first.runtime, rest.runtime, rest.resumed_shards, rest.complete) == ("torch", "openvino", 1, True)
+    manifest = read_manifest(emb)
+    assert [s["runtime"] for s in manifest["shards"]] == ["torch", "openvino"]
+    assert manifest["provenance"]["runtime"] == "openvino"
+    build_index([emb], tmp_path / "idx", factory="Flat", calibrate=False)
+    searcher = Searcher.open(tmp_path / "idx", device="cpu", precision="fp32", runtime="openvino")
+    rows = load_embeddings(emb)
+    picked = (0, 11, 12, 23)  # from both shards, so from both runtimes
+    results = searcher.search([small_dataset / str(rows.paths[i]) for i in picked], k=1)
+    for i, result in zip(picked, results, strict=True):
+        assert result.neighbors[0].id == rows.ids[i] and result.neighbors[0].score >= 0.999
+    assert searcher.encoder.runtime == "openvino"

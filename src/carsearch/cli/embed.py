@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option
+from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option, runtime_option
 from carsearch.errors import CarsearchError
 
 
@@ -40,7 +40,8 @@ def left_out_text(counts: dict[str, int]) -> str:
 
 
 def _on(r: dict) -> str:
-    return f", {r['workers']} Ray workers" if r["engine"] == "ray" else ""
+    """The runtime (embed/runtimes.py), and the Ray workers when there were some."""
+    return f", {r['runtime']}" + (f", {r['workers']} Ray workers" if r["engine"] == "ray" else "")
 
 
 @click.command()
@@ -115,6 +116,7 @@ def _on(r: dict) -> str:
     help="Records per shard.",
 )
 @device_options
+@runtime_option
 @click.option(
     "--limit", type=click.IntRange(1), help="Embed only the first N images (a later run continues)."
 )
@@ -165,6 +167,7 @@ def embed(
     shard_size: int,
     device: str,
     precision: str,
+    runtime: str,
     limit: int | None,
     id_start: int,
     max_pixels: int,
@@ -197,6 +200,7 @@ def embed(
         shard_size=shard_size,
         device=device,
         precision=precision,
+        runtime=runtime,
         limit=limit,
         overwrite=overwrite,
         id_start=id_start,

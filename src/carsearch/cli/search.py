@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import device_options, emit, json_option, runtime_option
+from carsearch.cli.common import device_options, emit, json_option, log, runtime_option
 
 if TYPE_CHECKING:
     from carsearch.search.filters import Filter
@@ -82,7 +82,16 @@ def search(
     searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
     results = searcher.search(expand_queries(queries), k, where)
     emit([r.to_json() for r in results], as_json, _human_search)
+    _say_runtime(searcher, as_json)
     _exit_if_any_failed(results)
+
+
+def _say_runtime(searcher, as_json: bool) -> None:
+    """Which runtime embedded the queries (on stderr, after the answers; -q or --json leave it out)."""
+    if not as_json:
+        enc = searcher.encoder
+        version = enc.provenance()["runtime_version"]
+        log.info("queries embedded by %s %s (%s, %s)", enc.runtime, version, enc.precision, enc.device)
 
 
 def _human_classify(results: list[dict]) -> str:
@@ -163,4 +172,5 @@ def classify(
         expand_queries(queries), k, level, temperature, reject=not no_reject, where=where
     )
     emit([r.to_json() for r in results], as_json, _human_classify)
+    _say_runtime(searcher, as_json)
     _exit_if_any_failed(results)

@@ -119,7 +119,7 @@ class Encoder:
         loaded = load_backbone(backbone, weights, weights_sha256)
         enc = cls(loaded, backbone, crop, dev, precision, runtime=runtime)
         enc.preprocessing = enc.preprocessing.with_flip(flip)
-        log.info(
+        log.debug(
             "%s runs in %s %s (%s, %s)",
             backbone,
             enc.runtime,

@@ -52,6 +52,7 @@ class EmbedResult:
     backbone: str
     precision: str
     device: str
+    runtime: str = "torch"  # this run's (embed/runtimes.py); each shard's is in the manifest
     failed_this_run: dict[str, int] = field(default_factory=dict)
     retried_shards: int = 0  # finished shards embedded again by --retry-failed
     changed_images: int = 0  # images found changed by --verify (their shards embedded again)
@@ -87,6 +88,7 @@ def embed_dataset(
     shard_size: int = defaults.SHARD_SIZE,
     device: str = defaults.DEVICE,
     precision: str = defaults.PRECISION,
+    runtime: str = defaults.RUNTIME,
     limit: int | None = None,
     overwrite: bool = False,
     id_start: int = 0,
@@ -104,6 +106,8 @@ def embed_dataset(
     `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
     `verify` re-hashes the images of finished shards and embeds again those whose files changed.
     `flip` averages each image's embedding with its mirror image's (test-time augmentation, 2x the time).
+    `runtime` runs the network in PyTorch or OpenVINO (embed/runtimes.py); their embeddings agree, so it
+    is no part of the fingerprint: a run may go on from another runtime's shards (each names its own).
     `engine` chooses where the shards are computed (`Engine()`, the default: here; `Engine("ray", ...)`: a
     Ray cluster, whose `workers` actors embed on `device`). `on_batch(images_done, images_total)` is called
     after each batch (the Ray engine: each shard).
@@ -125,8 +129,10 @@ def embed_dataset(
         # they use is decided here, so that the fingerprint holds what the shards will.
         if precision == "auto" and (engine.gpus_per_worker or device.startswith("cuda")):
             precision = "bf16"
+        if runtime == "auto" and (engine.gpus_per_worker or device.startswith("cuda")):
+            runtime = "torch"  # OpenVINO runs on CPUs
         device = "cpu"
-    encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256, flip)
+    encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256, flip, runtime)
     fingerprint = resume.fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
@@ -200,6 +206,14 @@ def _run(
         "created": (manifest or {}).get("created", now),
     }
     writer = ManifestWriter(out, state, plans, done, resume.read_failures(out, set(done)))
+    earlier = sorted({e.get("runtime", "torch") for e in done.values()} - {encoder.runtime})
+    if earlier:
+        log.info(
+            "the finished shards were embedded with %s, this run embeds with %s (their embeddings agree; "
+            "manifest.json names each shard's runtime).",
+            " and ".join(earlier),
+            encoder.runtime,
+        )
     if done:
         log.info(
             "resuming %s: %d of %d shards already finished (their images are not read again; --verify "
@@ -249,6 +263,7 @@ def _run(
         backbone=encoder.backbone,
         precision=encoder.precision,
         device=ran.device,
+        runtime=encoder.runtime,
         failed_this_run=dict(sorted(tally.failed.items())),
         records=n,
         engine=engine.name,

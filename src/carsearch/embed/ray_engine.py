@@ -68,13 +68,14 @@ def _load(dataset: Dataset, provenance: dict, device: str, out: str) -> Encoder:
                 f"the {what} {path} is not visible on Ray node {_node()}; put it on storage every node "
                 "mounts at the same path."
             )
-    encoder = Encoder.from_provenance(provenance, device, provenance["precision"])
+    runtime = provenance.get("runtime", "torch")
+    encoder = Encoder.from_provenance(provenance, device, provenance["precision"], runtime)
     got = encoder.provenance()
-    for key in ("weights_sha256", "dim", "precision"):
-        if got[key] != provenance[key]:
+    for key in ("weights_sha256", "dim", "precision", "runtime", "runtime_version"):
+        if got.get(key) != provenance.get(key):
             raise CarsearchError(
-                f"Ray node {_node()} made a different network ({key} {got[key]!r}, the driver's "
-                f"{provenance[key]!r}); install the same weights and versions on every node."
+                f"Ray node {_node()} made a different network ({key} {got.get(key)!r}, the driver's "
+                f"{provenance.get(key)!r}); install the same weights and versions on every node."
             )
     return encoder
 

@@ -134,5 +134,6 @@ def finish_shard(
         "rows": len(rows),
         "sha256": digest,
         "failures": dict(sorted(Counter(r for _, r, _ in shard_failures).items())),
+        "runtime": encoder.runtime,
     }
     return ShardDone(entry, failures)
