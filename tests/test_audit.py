@@ -1,9 +1,12 @@
 """`carsearch audit` against oracles on small real sets: planted duplicates, brute-force range search,
-flipped labels, leakage between two folders, the page in Chromium, refusals, and the id lists it writes."""
+flipped labels, leakage between two folders, the page in Chromium, refusals, and the id lists it writes
+(and `index build --exclude` / `index remove --ids-file` reading them back)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -20,12 +23,18 @@ from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.embed.store import write_embedding_set
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.eval.duplicates import components, range_pairs, search_index
+from carsearch.index.idlist import read_id_files, read_id_list
 from carsearch.index.store import open_bundle
 from tests.conftest import DEV, pick, write_csv_dataset
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 CLASSES = [1, 100, 106, 146, 196]  # a Hummer, a FIAT 500, a Ford pick-up, a Jeep, a smart: 20 photos each
 T = 0.9
+
+
+def _listed(path: Path) -> set[int]:
+    """The ids an audit's id list names, read as `index build --exclude` reads them."""
+    return set(read_id_files([path]).tolist())
 
 
 def _plant(root: Path, rows: list[dict], n: int) -> list[tuple[str, str]]:
@@ -90,18 +99,25 @@ def test_planted_duplicates_found_grouped_and_listed(planted: tuple[Path, list],
     emb = load_embeddings(emb_dir)
     id_of = {str(p): int(i) for p, i in zip(emb.paths, emb.ids, strict=True)}
     group_of = {m["id"]: gi for gi, g in enumerate(r["near_duplicates"]) for m in g["members"]}
-    for orig, copy in pairs:
+    for orig, copy in pairs[:-1]:
         assert group_of.get(id_of[orig]) is not None and group_of.get(id_of[orig]) == group_of.get(
             id_of[copy]
         )
-    # The byte-for-byte copy is the one exact group (the shards' sha256 digests).
+    # The byte-for-byte copy is the one exact group (the shards' sha256 digests), and only there: the
+    # near-duplicate groups hold its first file, never the pair again.
     assert [sorted(m["path"] for m in g["members"]) for g in r["exact_duplicates"]] == [sorted(pairs[-1])]
+    first, second = sorted(id_of[p] for p in pairs[-1])
+    assert second not in group_of
+    assert all(
+        m.get("exact_copies", 0) == (m["id"] == first) for g in r["near_duplicates"] for m in g["members"]
+    )
     # Every near-duplicate pair is above the threshold, by the vectors themselves.
     for g in r["near_duplicates"]:
         assert g["max_similarity"] >= g["min_similarity"] >= T
     # The exclusion list keeps one photo per group: the rest of each group, and only those.
-    excluded = {int(x) for x in (tmp_path / "r" / "exclude-duplicates.txt").read_text().split()}
-    want = {m["id"] for g in r["near_duplicates"] for m in g["members"][1:]}
+    excluded = _listed(tmp_path / "r" / "exclude-duplicates.txt")
+    groups = [*r["exact_duplicates"], *r["near_duplicates"]]
+    want = {m["id"] for g in groups for m in g["members"][1:]}
     assert excluded == want and len(excluded) >= len(pairs)
 
 
@@ -127,7 +143,7 @@ def test_mislabel_score_ranks_flipped_labels_first(planted: tuple[Path, list], t
     flagged = {m["id"] for m in r["mislabelled"] if m["flagged"]} | {
         m["id"] for m in r["outliers"] if m["flagged"]
     }
-    assert {int(x) for x in (tmp_path / "r" / "suspects.txt").read_text().split()} == flagged
+    assert _listed(tmp_path / "r" / "suspects.txt") == flagged
 
 
 def test_leakage_between_two_folders(planted: tuple[Path, list], tmp_path: Path) -> None:
@@ -150,32 +166,201 @@ def test_leakage_between_two_folders(planted: tuple[Path, list], tmp_path: Path)
     assert set(r["leakage"]["leaked_ids"]) == want
     assert r["summary"]["leaked_queries"] == len(want)
     assert r["summary"]["leakage_rate"] == pytest.approx(len(want) / len(queries), abs=1e-4)
-    listed = {int(x) for x in (tmp_path / "r" / "leaked.txt").read_text().split()}
-    assert listed == want
+    assert _listed(tmp_path / "r" / "leaked.txt") == want
+
+
+@pytest.fixture(scope="module")
+def audited(planted: tuple[Path, list], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The planted set (its planted copies labelled unlike their originals: label conflicts) with 3 labels
+    flipped and one photo the only one of its class, audited with a second folder of 4 of its photos whose
+    ids start at 0 again (ids the first folder also uses, for other photos)."""
+    # A long folder name, as real ones are: the page must wrap it, not scroll sideways.
+    tmp = tmp_path_factory.mktemp("audited") / "dealer_photos_collected_from_listings_2024_with_a_long_name"
+    emb = load_embeddings(planted[0])
+    labels = emb.labels.copy()
+    names = sorted(set(labels.tolist()))
+    flips = np.random.default_rng(3).choice(100, 3, replace=False).tolist()
+    for f in flips:
+        labels[f] = next(n for n in names if n != emb.labels[f])
+    lonely = int(np.flatnonzero([p.startswith("images/0") for p in emb.paths])[-1])
+    labels[lonely] = "Singleton Model 2031"
+    # Two photos like no other (cosine < 0.8) only in the second folder: they do not leak.
+    sims = emb.vectors @ emb.vectors.T
+    np.fill_diagonal(sims, -1)
+    alone = [int(r) for r in np.argsort(sims.max(axis=1))[:2]]
+    rest = np.setdiff1d(np.arange(len(emb)), alone)
+    assert sims[alone].max() < 0.8 and lonely not in alone
+    first = write_embedding_set(replace(emb, labels=labels).subset(rest), tmp / "first", "labels flipped")
+    second = emb.subset(np.array([60, 70, 80, 90, *alone]))
+    second = replace(second, ids=np.arange(6, dtype=np.int64))
+    second = write_embedding_set(second, tmp / "second", "4 photos of the first, 2 others")
+    report = audit(first, tmp / "r", second, k=10, top=6, progress=False, local_features=False)
+    return {"report": report, "first": first, "second": second, "out": tmp / "r", "flips": flips}
+
+
+def _artifacts(tmp_path: Path) -> Path:
+    """Where screenshots go: $CARSEARCH_ARTIFACTS, else the test's tmp folder (never the repository)."""
+    folder = Path(os.environ.get("CARSEARCH_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
-def test_page_renders_in_chromium(planted: tuple[Path, list], tmp_path: Path) -> None:
+def test_page_in_chromium_has_contents_with_counts_and_fits_phone_and_desktop(
+    audited: dict, tmp_path: Path
+) -> None:
     from playwright.sync_api import sync_playwright
 
-    r = audit(planted[0], tmp_path / "r", progress=False, top=4)
-    page_file = tmp_path / "r" / "index.html"
-    assert "http://" not in page_file.read_text() and "https://" not in page_file.read_text()
+    r, s = audited["report"], audited["report"]["summary"]
+    first = load_embeddings(audited["first"])
+    label_of = {int(i): str(lab) for i, lab in zip(first.ids, first.labels, strict=True)}
+    page_file = audited["out"] / "index.html"
+    text = page_file.read_text()
+    assert "http://" not in text and "https://" not in text
+    # Something in every section, so that each count below is tested against a real one.
+    want = {
+        "exact": s["exact_duplicate_groups"],
+        "near": s["near_duplicate_groups"],
+        "conflicts": s["label_conflicts"],
+        "mislabelled": s["likely_mislabelled"],
+        "too-few": s["too_few_examples_to_judge"],
+        "outliers": s["outliers"],
+        "leakage": s["leaked_queries"],
+    }
+    assert all(want[k] >= 1 for k in want if k != "outliers"), want
+    assert s["leaked_queries"] == 4 and s["too_few_examples_to_judge"] >= 1
+    exact_sets = [{m["id"] for m in g["members"]} for g in r["exact_duplicates"]]
+    shots = _artifacts(tmp_path)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            # Tall enough that every lazily loaded thumbnail is in view.
-            page = browser.new_page(viewport={"width": 1280, "height": 20000})
-            page.goto(page_file.as_uri())
-            page.wait_for_function("[...document.images].every(i => i.complete)")
-            assert page.locator("#exact .group").count() == len(r["exact_duplicates"]) == 1
-            assert page.locator("#near .group").count() == min(4, len(r["near_duplicates"]))
-            assert page.locator("#mislabelled .group").count() == 4
-            # Every thumbnail loaded (a broken one has naturalWidth 0).
-            widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
-            assert widths and all(w > 0 for w in widths)
+            for width in (1280, 390):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto(page_file.as_uri())
+                page.eval_on_selector_all("img", "els => els.forEach(e => { e.loading = 'eager'; })")
+                page.wait_for_function("[...document.images].every(i => i.complete)")
+                widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+                assert widths and all(w > 0 for w in widths)  # every thumbnail loaded
+                # No horizontal scroll, and nothing sticks out of the window.
+                scroll = page.evaluate(
+                    "[document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+                    " Math.max(...[...document.body.querySelectorAll('*')]"
+                    ".map(e => e.getBoundingClientRect().right))]"
+                )
+                assert scroll[0] <= scroll[1] and scroll[2] <= scroll[1] + 0.5, (width, scroll)
+                # The contents: one link per section, its count the report's.
+                toc = page.eval_on_selector_all(
+                    "#toc a[data-count]",
+                    "els => els.map(e => [e.getAttribute('href'), +e.dataset.count,"
+                    " e.parentElement.querySelector('.count').innerText])",
+                )
+                assert {href[1:]: count for href, count, _ in toc} == want
+                for href, count, words in toc:
+                    assert re.match(rf"{count:,} ", words) and page.locator(href).count() == 1
+                # The summary in words, not keys.
+                heads = page.locator("#summary th").all_inner_texts()
+                assert len(heads) == len(s) and not any("_" in h for h in heads)
+                assert "photos audited" in heads
+                # Each section shows what its count says (all of it here: top = 6).
+                shown = {
+                    k: page.locator(f"#{k} > .{cls} > .item").count()
+                    for k, cls in [
+                        ("exact", "groups"),
+                        ("conflicts", "groups"),
+                        ("mislabelled", "grid"),
+                        ("too-few", "groups"),
+                        ("outliers", "groups"),
+                        ("leakage", "groups"),
+                    ]
+                }
+                assert shown == {k: min(6, want[k]) for k in shown}
+                near_items = page.locator("#near > .groups > .item").count()
+                assert near_items + shown["conflicts"] == want["near"]  # no group shown twice
+                assert page.locator("#exact .item.conflict").count() == s["exact_duplicate_conflicts"] == 1
+                # No exact-duplicate pair again among the near-duplicates (nor twice in one group).
+                for sel in ("#near .item", "#conflicts .item"):
+                    for ids in page.eval_on_selector_all(
+                        sel, "els => els.map(e => [...e.querySelectorAll('.card')].map(c => +c.dataset.id))"
+                    ):
+                        assert all(len(e & set(ids)) <= 1 for e in exact_sets), ids
+                        assert len(ids) == len(set(ids))
+                # Each suspect beside photos of the class its neighbours vote for.
+                for item in page.locator("#mislabelled > .grid > .item").all():
+                    voted = item.get_attribute("data-voted")
+                    examples = item.locator(".examples [data-id]").evaluate_all(
+                        "els => els.map(e => +e.dataset.id)"
+                    )
+                    assert 1 <= len(examples) <= 3 and voted
+                    assert all(label_of[e] == voted for e in examples), (voted, examples)
+                page.screenshot(path=str(shots / f"audit-{width}.png"), full_page=True)
+                page.close()
         finally:
             browser.close()
+    assert (shots / "audit-1280.png").stat().st_size > 20_000 and (
+        shots / "audit-390.png"
+    ).stat().st_size > 20_000
+
+
+def test_id_lists_name_paths_and_refuse_the_wrong_folder(audited: dict, tmp_path: Path) -> None:
+    """suspects.txt / leaked.txt / exclude-duplicates.txt hold id<TAB>path lines under a header naming
+    their folder; index build --exclude reads them, and refuses a list written for another folder whose
+    ids (both folders count from 0) stand for other photos there."""
+    r, out = audited["report"], audited["out"]
+    first, second = load_embeddings(audited["first"]), load_embeddings(audited["second"])
+    path_of = {int(i): str(p) for i, p in zip(first.ids, first.paths, strict=True)}
+    suspects = read_id_list(out / "suspects.txt")
+    assert suspects.folder == str(first.folder) and suspects.ids
+    assert suspects.paths == {i: path_of[i] for i in suspects.ids}
+    flagged = {m["id"] for m in r["mislabelled"] if m["flagged"]} | {
+        m["id"] for m in r["outliers"] if m["flagged"]
+    }
+    assert set(suspects.ids) == flagged and flagged & set(audited["flips"])
+    leaked = read_id_list(out / "leaked.txt")
+    assert leaked.folder == str(second.folder) and sorted(leaked.ids) == [0, 1, 2, 3]
+    assert leaked.paths == {int(i): str(p) for i, p in zip(second.ids, second.paths, strict=True) if i < 4}
+    assert any(path_of[i] != leaked.paths[i] for i in leaked.ids)  # the same ids, other photos
+    runner = CliRunner()
+
+    def build(folder: Path, exclude: Path, name: str) -> object:
+        return runner.invoke(
+            cli,
+            [
+                *["index", "build", str(folder), "--out", str(tmp_path / name), "--factory", "Flat"],
+                *["--exclude", str(exclude), "--no-calibrate", "--json"],
+            ],
+        )
+
+    res = build(audited["first"], out / "suspects.txt", "clean")
+    assert res.exit_code == 0, res.output
+    kept = set(open_bundle(tmp_path / "clean").gallery.ids.tolist())
+    assert kept == set(path_of) - set(suspects.ids)
+    # leaked.txt names the second folder's photos: refused for the first, in one sentence.
+    res = build(audited["first"], out / "leaked.txt", "wrong")
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    assert "another embedding folder" in res.output and str(second.folder) in res.output
+    assert not (tmp_path / "wrong").exists()
+    res = build(audited["second"], out / "leaked.txt", "right")
+    assert res.exit_code == 0 and json.loads(res.output)["excluded"]["rows_left_out"] == 4, res.output
+    assert sorted(open_bundle(tmp_path / "right").gallery.ids.tolist()) == [4, 5]
+    # index remove --ids-file checks the same way.
+    res = runner.invoke(
+        cli, ["index", "remove", str(tmp_path / "clean"), "--ids-file", str(out / "leaked.txt")]
+    )
+    assert res.exit_code != 0 and "another embedding folder" in res.output and "Traceback" not in res.output
+    assert set(open_bundle(tmp_path / "clean").gallery.ids.tolist()) == kept
+
+
+def test_id_list_paths_round_trip_any_character(tmp_path: Path) -> None:
+    from carsearch.index.idlist import write_id_list
+
+    odd = ["a\\tb/c d.jpg", "tab\there.jpg", "new\nline.jpg", "cr\r.jpg", "#hash.jpg", "ü\u2028x\x0c.jpg"]
+    write_id_list(tmp_path / "l.txt", list(enumerate(odd, 7)), tmp_path / "emb", "test")
+    got = read_id_list(tmp_path / "l.txt")
+    assert got.ids == list(range(7, 7 + len(odd))) and got.paths == dict(enumerate(odd, 7))
+    assert got.folder == str(tmp_path / "emb")
+    # Bare ids (the earlier format, or a list written by hand) still read.
+    (tmp_path / "b.txt").write_text("# mine\n3\n 4  # a note\n\n5\timages/x.jpg\n")
+    assert read_id_files([tmp_path / "b.txt"]).tolist() == [3, 4, 5]
 
 
 def test_bad_input_refused_in_one_sentence(planted: tuple[Path, list], tmp_path: Path) -> None:
@@ -208,7 +393,7 @@ def test_index_build_exclude_and_remove_ids_file(planted: tuple[Path, list], tmp
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     drop = tmp_path / "r" / "exclude-duplicates.txt"
-    dropped = {int(x) for x in drop.read_text().split()}
+    dropped = _listed(drop)
     res = runner.invoke(
         cli,
         [
@@ -233,7 +418,7 @@ def test_index_build_exclude_and_remove_ids_file(planted: tuple[Path, list], tmp
     assert not dropped & set(bundle.gallery.ids.tolist())
     # Suspects (and two more ids, so that the list is never empty) removed from the built index by file.
     held = sorted(set(bundle.gallery.ids.tolist()))
-    gone = ({int(x) for x in (tmp_path / "r" / "suspects.txt").read_text().split()} - dropped) | set(held[:2])
+    gone = (_listed(tmp_path / "r" / "suspects.txt") - dropped) | set(held[:2])
     ids_file = tmp_path / "remove.txt"
     ids_file.write_text("# suspects\n" + "".join(f"{i}\n" for i in sorted(gone)))
     res = runner.invoke(cli, ["index", "remove", str(tmp_path / "idx"), "--ids-file", str(ids_file)])

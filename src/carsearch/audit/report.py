@@ -6,6 +6,41 @@ from carsearch.index.auto import human_bytes
 
 SHOWN = 10
 
+# The summary's keys in words, in the order the report gives them (report.json keeps the keys).
+SUMMARY_WORDS = {
+    "images": "photos audited",
+    "labelled": "of them labelled",
+    "exact_duplicate_groups": "groups of exact duplicates (same file bytes)",
+    "exact_duplicate_images": "photos in those groups",
+    "exact_duplicate_conflicts": "of those groups, with different labels",
+    "near_duplicate_pairs": "near-duplicate pairs (byte-identical files counted once)",
+    "edited_copy_pairs": "of them edited copies, found by local features",
+    "edited_copies_not_checked": "edited copies not checked",
+    "near_duplicate_groups": "near-duplicate groups",
+    "near_duplicate_images": "photos in those groups",
+    "label_conflicts": "near-duplicate groups with different labels",
+    "likely_mislabelled": "likely mislabelled photos",
+    "too_few_examples_to_judge": "labelled photos with too few examples to judge",
+    "outliers": "outliers",
+    "leaked_queries": "photos of the second folder with a near-duplicate in the first",
+    "leakage_rate": "share of the second folder that leaks",
+}
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """(words, value) for each entry of an audit's summary."""
+    return [
+        (
+            SUMMARY_WORDS.get(key, key.replace("_", " ")),
+            f"{value:.1%}"
+            if key == "leakage_rate"
+            else f"{value:,}"
+            if isinstance(value, int)
+            else str(value),
+        )
+        for key, value in summary.items()
+    ]
+
 
 def _who(m: dict) -> str:
     return f"`{m['path']}` (id {m['id']}, {m['label'] or 'no label'})"
@@ -24,15 +59,19 @@ def markdown(r: dict) -> str:
         "",
         "| finding | count |",
         "|---|---:|",
-        *(f"| {k.replace('_', ' ')} | {v} |" for k, v in s.items()),
+        *(f"| {words} | {value} |" for words, value in summary_rows(s)),
         "",
-        "Id lists (for `carsearch index build --exclude FILE` or `index remove --ids-file FILE`): "
+        "Id lists, one photo a line as `id<TAB>path` (for `carsearch index build --exclude FILE` or "
+        "`index remove --ids-file FILE`): "
         + ", ".join(f"`{f}`" for f in r["id_lists"].values())
         + ". The page `index.html` shows the photos.",
     ]
     lines += ["", "## Exact duplicates", ""]
     lines += [
-        f"- {len(g['members'])} files: " + ", ".join(_who(m) for m in g["members"])
+        f"- {len(g['members'])} files"
+        + (" **label conflict**" if g.get("conflict") else "")
+        + ": "
+        + ", ".join(_who(m) for m in g["members"])
         for g in r["exact_duplicates"][:SHOWN]
     ] or ["None."]
     lines += ["", "## Near-duplicate groups", ""]
@@ -51,7 +90,9 @@ def markdown(r: dict) -> str:
         "|---|---:|---|",
     ]
     lines += [
-        f"| {_who(m)} | {m['score']} | {m['voted']} ({m['voted_share']:.0%}) |"
+        f"| {_who(m)} | {m['score']} | {m['voted']} ({m['voted_share']:.0%}), like "
+        + (", ".join(f"`{e['path']}`" for e in m.get("voted_examples", [])) or "-")
+        + " |"
         for m in r["mislabelled"][:SHOWN]
         if not m.get("too_few_examples")
     ]
@@ -72,7 +113,7 @@ def markdown(r: dict) -> str:
             "## Leakage",
             "",
             f"{lk['leaked']} of {lk['queries']} photos of `{r['queries_folder']}` ({lk['rate']:.1%}) have a "
-            "near-duplicate in the collection; their ids are in `leaked.txt`.",
+            "near-duplicate in the collection; `leaked.txt` lists them (id and path).",
             "",
         ]
         lines += [

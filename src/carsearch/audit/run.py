@@ -2,8 +2,13 @@
 embedding folder, from the embeddings and sha256 digests its shards already hold.
 
 Writes REPORT_DIR/report.json, report.md, index.html (+ thumbs/), and id lists that `index build
---exclude` and `index remove --ids-file` take: exclude-duplicates.txt (every member of a duplicate group
-but its first), suspects.txt (likely mislabelled + outliers), leaked.txt (the second folder's leaked ids).
+--exclude` and `index remove --ids-file` take (`id<TAB>path` lines under a header naming the embedding
+folder: index/idlist.py): exclude-duplicates.txt (every member of a duplicate group but its first),
+suspects.txt (likely mislabelled + outliers), leaked.txt (the second folder's leaked photos).
+
+Byte-identical files are reported once, as exact duplicates: the near-duplicate groups hold each such
+file once (its first copy, with `exact_copies` saying how many more there are, and their labels among
+the group's).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from carsearch.eval.edited_copies import (
     photo_lookup,
 )
 from carsearch.fsutil import write_json_atomic, write_text_atomic
+from carsearch.index.idlist import write_id_list
 from carsearch.memwatch import peak_rss_bytes
 from carsearch.progress import Progress
 from carsearch.provenance import check_compatible
@@ -47,6 +53,12 @@ ID_LISTS = {
     "suspects": "suspects.txt",
     "leaked": "leaked.txt",
 }
+ID_LIST_ABOUT = {
+    "duplicates": "carsearch audit: exact and near-duplicates to leave out (a group keeps its first photo)",
+    "suspects": "carsearch audit: likely mislabelled photos and outliers",
+    "leaked": "carsearch audit: photos of the second folder with a near-duplicate in the first (leakage)",
+}
+VOTED_EXAMPLES = 3  # photos of the class the neighbours vote for, shown beside each suspect
 
 
 def _load(folder: str | Path, what: str) -> EmbeddingSet:
@@ -114,6 +126,7 @@ def audit(
         step("neighbours")
         exact_groups = _exact_groups(emb)
         i, j, s, copies = near_duplicate_pairs(emb, index, nb, threshold, local_features, progress)
+        i, j, s = fold_exact_copies(n, exact_groups, i, j, s)
         near = components(n, i, j)
         pair_sim = {(int(a), int(b)): float(c) for a, b, c in zip(i, j, s, strict=True)}
         step("duplicates")
@@ -126,7 +139,12 @@ def audit(
         if other is not None:
             step("leakage")
     labelled = emb.labels != ""
-    near_groups = [_group(emb, g, pair_sim) for g in near]
+    copies_of = {int(g[0]): g for g in exact_groups}
+    near_groups = [_group(emb, g, pair_sim, copies_of) for g in near]
+    exact_dups = [
+        {"sha256": str(emb.sha256[g[0]]), "members": [member(emb, r) for r in g], **_labels(emb, g)}
+        for g in exact_groups
+    ]
     conflicts = [gi for gi, g in enumerate(near_groups) if g["conflict"]]
     # Ranked by score among the photos that can be judged; "too few examples" ones after them.
     ranked = np.where(quality.too_few_examples, -1.0, quality.mislabel_score)
@@ -136,10 +154,11 @@ def audit(
     too_few = quality.too_few_examples & labelled
     outlier_rows = np.argsort(outlier, kind="stable")
     is_outlier = outlier < fence
-    lists = {
-        "duplicates": sorted({int(emb.ids[r]) for g in [*exact_groups, *near] for r in g[1:]}),
-        "suspects": sorted({int(x) for x in emb.ids[flagged | is_outlier]}),
-        "leaked": leakage["leaked_ids"] if leakage else [],
+    duplicate_rows = {int(r) for g in [*exact_groups, *near] for r in g[1:]}
+    lists = {  # the photos each id list names: (embedding set, rows)
+        "duplicates": (emb, np.array(sorted(duplicate_rows), np.int64)),
+        "suspects": (emb, np.flatnonzero(flagged | is_outlier)),
+        "leaked": (other, np.flatnonzero(np.isin(other.ids, leakage["leaked_ids"])) if leakage else None),
     }
     report = {
         "kind": REPORT_KIND,
@@ -159,6 +178,7 @@ def audit(
             "labelled": int(labelled.sum()),
             "exact_duplicate_groups": len(exact_groups),
             "exact_duplicate_images": sum(len(g) for g in exact_groups),
+            "exact_duplicate_conflicts": sum(g["conflict"] for g in exact_dups),
             "near_duplicate_pairs": len(i),
             "edited_copy_pairs": len(copies["i"]) if copies else 0,
             **({"edited_copies_not_checked": copies["note"]} if copies and copies["note"] else {}),
@@ -170,9 +190,7 @@ def audit(
             "outliers": int(is_outlier.sum()),
             **({"leaked_queries": leakage["leaked"], "leakage_rate": leakage["rate"]} if leakage else {}),
         },
-        "exact_duplicates": [
-            {"sha256": str(emb.sha256[g[0]]), "members": [member(emb, r) for r in g]} for g in exact_groups
-        ],
+        "exact_duplicates": exact_dups,
         "near_duplicates": near_groups,
         "label_conflicts": conflicts,
         "mislabelled": [
@@ -183,6 +201,7 @@ def audit(
                 "voted_share": round(float(quality.voted_share[r]), 4),
                 "flagged": bool(flagged[r]),
                 "too_few_examples": bool(too_few[r]),
+                "voted_examples": [member(emb, e) for e in _voted_examples(emb, quality.voted, nb, k, r)],
             }
             for r in mislabel_rows[:top]
         ],
@@ -199,8 +218,13 @@ def audit(
         "peak_rss_bytes": 0,
     }
     out.mkdir(parents=True, exist_ok=True)
-    for name, ids in lists.items():
-        write_text_atomic(out / ID_LISTS[name], "".join(f"{x}\n" for x in ids))
+    for name, (where, rows) in lists.items():
+        if where is None:  # leaked.txt without a second folder: no photo, no folder
+            write_id_list(out / ID_LISTS[name], [], None, ID_LIST_ABOUT[name])
+            continue
+        rows = rows[np.argsort(where.ids[rows], kind="stable")]
+        named = [(int(where.ids[r]), str(where.paths[r])) for r in rows]
+        write_id_list(out / ID_LISTS[name], named, where.folder, ID_LIST_ABOUT[name])
     if page:
         from carsearch.audit.page import write_page
 
@@ -224,16 +248,61 @@ def _exact_groups(emb: EmbeddingSet) -> list[np.ndarray]:
     return sorted(groups, key=lambda g: (-len(g), int(g[0])))
 
 
-def _group(emb: EmbeddingSet, rows: np.ndarray, pair_sim: dict[tuple[int, int], float]) -> dict:
-    labels = sorted({str(emb.labels[r]) for r in rows if emb.labels[r]})
+def fold_exact_copies(
+    n: int, exact_groups: list[np.ndarray], i: np.ndarray, j: np.ndarray, s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs (i < j, similarity) with every byte-identical file replaced by its group's first row:
+    a pair within one exact group goes, and pairs that become the same keep their highest similarity."""
+    first = np.arange(n)
+    for g in exact_groups:
+        first[g] = g[0]
+    a, b = first[i], first[j]
+    lo, hi, keep = np.minimum(a, b), np.maximum(a, b), a != b
+    lo, hi, s = lo[keep], hi[keep], np.asarray(s)[keep]
+    order = np.lexsort((-s, hi, lo))  # by pair, best similarity first
+    lo, hi, s = lo[order], hi[order], s[order]
+    new = np.ones(len(lo), bool)
+    new[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[new], hi[new], s[new]
+
+
+def _voted_examples(emb: EmbeddingSet, voted: np.ndarray, nb, k: int, row: int) -> list[int]:
+    """Up to VOTED_EXAMPLES rows of the class row's neighbours vote for: its nearest neighbours of that
+    class first, then the class's first other photos."""
+    label = str(voted[row])
+    if not label or label == str(emb.labels[row]):
+        return []
+    picked = [int(r) for r in nb.rows[row, :k] if r >= 0 and str(emb.labels[r]) == label]
+    picked = picked[:VOTED_EXAMPLES]
+    if len(picked) < VOTED_EXAMPLES:
+        more = [int(r) for r in np.flatnonzero(emb.labels == label) if r != row and r not in picked]
+        picked += more[: VOTED_EXAMPLES - len(picked)]
+    return picked
+
+
+def _group(
+    emb: EmbeddingSet,
+    rows: np.ndarray,
+    pair_sim: dict[tuple[int, int], float],
+    copies_of: dict[int, np.ndarray],
+) -> dict:
+    """A near-duplicate group; a member that stands for byte-identical files brings their labels."""
     sims = [pair_sim[(a, b)] for a in rows for b in rows if (a, b) in pair_sim]
+    every = np.concatenate([copies_of.get(int(r), np.array([r])) for r in rows])
     return {
-        "members": [member(emb, r) for r in rows],
+        "members": [
+            {**member(emb, r), **({"exact_copies": len(copies_of[r]) - 1} if r in copies_of else {})}
+            for r in rows
+        ],
         "min_similarity": round(min(sims), 4),
         "max_similarity": round(max(sims), 4),
-        "labels": labels,
-        "conflict": len(labels) > 1,
+        **_labels(emb, every),
     }
+
+
+def _labels(emb: EmbeddingSet, rows: np.ndarray) -> dict:
+    labels = sorted({str(emb.labels[r]) for r in rows if emb.labels[r]})
+    return {"labels": labels, "conflict": len(labels) > 1}
 
 
 def near_duplicate_pairs(

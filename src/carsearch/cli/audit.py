@@ -13,14 +13,20 @@ def _human(r: dict) -> str:
     text = (
         f"{s['images']} photos audited in {r['seconds']} s (threshold {r['settings']['threshold']}, "
         f"{r['settings']['search']}):\n"
-        f"  exact duplicates: {s['exact_duplicate_groups']} groups ({s['exact_duplicate_images']} photos)\n"
+        f"  exact duplicates: {s['exact_duplicate_groups']} groups ({s['exact_duplicate_images']} photos), "
+        f"{s.get('exact_duplicate_conflicts', 0)} with different labels\n"
         f"  near-duplicates:  {s['near_duplicate_groups']} groups ({s['near_duplicate_images']} photos), "
-        f"{s['label_conflicts']} with conflicting labels\n"
-        f"  likely mislabelled: {s['likely_mislabelled']}; outliers: {s['outliers']}\n"
+        f"{s['label_conflicts']} with different labels\n"
+        f"  likely mislabelled: {s['likely_mislabelled']}; outliers: {s['outliers']}; too few examples to "
+        f"judge: {s.get('too_few_examples_to_judge', 0)}\n"
     )
     if "leaked_queries" in s:
         text += f"  leakage: {s['leaked_queries']} photos of the second folder ({s['leakage_rate']:.1%})\n"
-    return text + f"report: {r['out']}/report.md, page: {r['out']}/index.html"
+    lists = ", ".join(r["id_lists"].values())
+    return text + (
+        f"report: {r['out']}/report.md, page: {r['out']}/index.html\n"
+        f"id lists (id<TAB>path, for index build --exclude): {lists}"
+    )
 
 
 @click.command()

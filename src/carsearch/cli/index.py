@@ -128,7 +128,8 @@ def index() -> None:
     "--exclude",
     multiple=True,
     type=click.Path(dir_okay=False),
-    help="File of image ids to leave out, one per line (e.g. an audit's exclude-duplicates.txt); repeatable.",
+    help="File of image ids to leave out, one photo a line (e.g. an audit's exclude-duplicates.txt: "
+    "id<TAB>path); repeatable.",
 )
 @ALLOW_DUPLICATES
 @click.option(
@@ -268,7 +269,7 @@ def index_add(index_dir: str, emb_dir: str, allow_duplicates: bool, as_json: boo
     "--ids-file",
     multiple=True,
     type=click.Path(dir_okay=False),
-    help="File of image ids, one per line (e.g. an audit's suspects.txt); repeatable.",
+    help="File of image ids, one photo a line (e.g. an audit's suspects.txt: id<TAB>path); repeatable.",
 )
 @json_option
 def index_remove(index_dir: str, ids: tuple[int, ...], ids_file: tuple[str, ...], as_json: bool) -> None:
@@ -279,7 +280,7 @@ def index_remove(index_dir: str, ids: tuple[int, ...], ids_file: tuple[str, ...]
     wanted = sorted({*ids, *read_id_files(list(ids_file)).tolist()})
     if not wanted:
         raise click.UsageError("give image ids, or --ids-file FILE.")
-    emit(remove_from_index(index_dir, wanted), as_json, _human_index)
+    emit(remove_from_index(index_dir, wanted, list(ids_file)), as_json, _human_index)
 
 
 @index.command("calibrate")

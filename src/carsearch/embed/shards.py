@@ -117,13 +117,19 @@ def read_shard_ids(path: Path) -> np.ndarray:
         raise _damaged(path, e) from None
 
 
-def read_shard_ids_and_sha256(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The /ids (int64) and /sha256 (str) of a shard: a few dozen bytes a row."""
+def read_shard_ids_and(path: Path, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """The /ids (int64) and one string field (str: /sha256, /paths, ...) of a shard: a few dozen bytes a
+    row."""
     try:
         with open_h5(path, "r") as f:
-            return f["ids"][:], f["sha256"].asstr()[:].astype(str)
+            return f["ids"][:], f[field].asstr()[:].astype(str)
     except (OSError, KeyError) as e:
         raise _damaged(path, e) from None
+
+
+def read_shard_ids_and_sha256(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The /ids (int64) and /sha256 (str) of a shard."""
+    return read_shard_ids_and(path, "sha256")
 
 
 def _damaged(path: Path, error: Exception) -> CarsearchError:

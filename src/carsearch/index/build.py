@@ -18,7 +18,7 @@ from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
 from carsearch.index.factory import make_index, min_training_points, train, training_rows
-from carsearch.index.idlist import read_id_files
+from carsearch.index.idlist import read_id_files, shard_paths
 from carsearch.index.store import open_bundle, save_bundle
 from carsearch.index.stream import ShardStream, Source, open_sources
 from carsearch.index.tune import tune_with_truth
@@ -124,11 +124,12 @@ def build_index(
 ) -> dict:
     """Build an index over one or more embedding folders, streaming their shards; returns index.json.
 
-    `exclude`: files of image ids (one per line, `#` comments) left out, e.g. an audit's
-    exclude-duplicates.txt or suspects.txt. A file (sha256) that several folders hold is indexed once
-    (the first folder's row) unless `allow_duplicates`; index.json counts the rows left out. Rebuilding a
-    folder that holds photos added over POST /api/images is refused unless `drop_uploads`: they are in
-    no embedding folder, and the rebuilt index would silently lose them.
+    `exclude`: files of image ids (index/idlist.py: `id<TAB>path` or an id a line) left out, e.g. an
+    audit's exclude-duplicates.txt or suspects.txt; a listed path that is not the photo its id stands for
+    here is refused (a list written for another folder). A file (sha256) that several folders hold is
+    indexed once (the first folder's row) unless `allow_duplicates`; index.json counts the rows left out.
+    Rebuilding a folder that holds photos added over POST /api/images is refused unless `drop_uploads`:
+    they are in no embedding folder, and the rebuilt index would silently lose them.
 
     Memory follows the index, not the collection: training uses a seeded sample of at most `max_train`
     vectors (by default as many as a quarter of --memory-budget holds, within fixed bounds), and vectors
@@ -141,7 +142,7 @@ def build_index(
     if not drop_uploads:
         _refuse_to_drop_uploads(out)
     sets = open_sources(emb_dirs)
-    excluded = read_id_files(exclude or [])
+    excluded = read_id_files(exclude or [], shard_paths(sets))
     stream = ShardStream(sets, excluded, allow_duplicates)
     if stream.duplicates:
         log.warning(

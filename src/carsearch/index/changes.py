@@ -14,6 +14,7 @@ from carsearch.embed.store import load_embeddings, read_manifest
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.fsutil import exclusive_lock
 from carsearch.index.build import check_unique_ids, source_entry
+from carsearch.index.idlist import check_paths, read_id_list
 from carsearch.index.store import Gallery, is_image_id, open_bundle, save_bundle
 from carsearch.index.stream import unseen_files
 from carsearch.provenance import check_compatible
@@ -118,11 +119,16 @@ def _head_for(info: dict, index_prov: dict, prov: dict) -> tuple | None:
         return None  # not the head's kind of embeddings: the compatibility check says what differs
 
 
-def remove_from_index(index_dir: str | Path, ids: list[int]) -> dict:
-    """Remove images by id (where the index type supports removal)."""
+def remove_from_index(index_dir: str | Path, ids: list[int], id_files: list[str | Path] = ()) -> dict:
+    """Remove images by id (where the index type supports removal). `id_files`: the id lists `ids` came
+    from, whose paths must be those of the photos the ids stand for in this index (index/idlist.py)."""
     folder = Path(index_dir).expanduser().resolve()
     with exclusive_lock(folder):
         bundle = open_bundle(folder)
+        if id_files:
+            check_paths(
+                [read_id_list(f) for f in id_files], [(str(folder), bundle.gallery.ids, bundle.gallery.paths)]
+            )
         out_of_range = [i for i in ids if not is_image_id(i)]
         if out_of_range:
             raise CarsearchError(
