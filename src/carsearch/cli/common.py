@@ -87,8 +87,8 @@ def runtime_option(f: Callable) -> Callable:
         default=defaults.RUNTIME,
         show_default=True,
         type=click.Choice(["auto", "torch", "openvino"]),
-        help="auto: OpenVINO on the CPU when installed (the openvino extra; several times faster there), "
-        "else PyTorch; CARSEARCH_RUNTIME sets what auto means. Embeddings of either runtime agree.",
+        help="auto: OpenVINO on the CPU when installed (the openvino extra; faster there), else PyTorch; "
+        "CARSEARCH_RUNTIME sets what auto means. Embeddings of either runtime agree.",
     )(f)
 
 

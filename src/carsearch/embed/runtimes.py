@@ -4,8 +4,8 @@ A conversion is an artifact like the others: converted once from the torch modul
 in, normalisation folded into the graph), cached on disk under `cache_root()/openvino/<key>/` keyed by
 the weights' sha256, the network input's preprocessing (size, mean, std) and the runtime and torch
 versions, written durably (temporary folder, fsync, rename) and checked by sha256 each time it is read.
-`auto` picks OpenVINO on the CPU when it is installed (several times faster than eager PyTorch there,
-docs/benchmarks.md), PyTorch elsewhere; CARSEARCH_RUNTIME decides what `auto` means for every command.
+`auto` picks OpenVINO on the CPU when it is installed (faster than eager PyTorch there: docs/benchmarks.md),
+PyTorch elsewhere; CARSEARCH_RUNTIME decides what `auto` means for every command.
 """
 
 from __future__ import annotations
