@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--loss", help="override the preset's loss")
     ap.add_argument("--lr", type=float, help="override the preset's learning rate")
     ap.add_argument("--ema", type=float, help="override the preset's EMA decay (0: off)")
+    ap.add_argument("--test-image-size", type=int, help="override the preset's test resolution")
+    ap.add_argument("--no-refit", action="store_true", help="deliver the network the held-out 20%% picked")
     ap.add_argument("--known", help="open-set protocol: the collection holds these classes only (1-98)")
     ap.add_argument("--curve-every", type=int, default=10)
     ap.add_argument(
@@ -181,6 +183,8 @@ def main() -> None:
         loss=a.loss,
         lr=a.lr,
         ema_decay=a.ema,
+        test_image_size=a.test_image_size,
+        refit=False if a.no_refit else None,
     )
     if a.known:
         gal = np.intersect1d(gal, np.flatnonzero(np.isin(emb.class_ids, sorted(class_range(a.known)))))
@@ -219,6 +223,8 @@ def main() -> None:
         "wall_minutes": round(wall / 60, 1),
         "cache_reused": a.cache is not None,
         "best_epoch": tuning["best_epoch"],
+        "refit": tuning.get("refit"),
+        "openset_threshold": info.get("openset"),
         "validation_recall_at_1": tuning["validation_recall_at_1"],
         "curve": curve.points,
     }

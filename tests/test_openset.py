@@ -39,3 +39,34 @@ def test_kth_similarity() -> None:
     assert kth_similarity(sims, 1).tolist() == [0.9, 0.5]
     assert kth_similarity(sims, 3).tolist() == [0.7, -np.inf]
     assert kth_similarity(sims, 4).tolist() == [-np.inf, -np.inf]
+
+
+def test_low_vote_shares_are_uncertain_with_a_reason(dev_embeddings, dev_heldout, tmp_path) -> None:
+    """The vote-share threshold is calibrated at build time (leave-one-out, like the similarity one); on
+    other photos of the same classes, answers under it are marked uncertain, with the reason, and are
+    right less often than the answers above it; the CLI prints the reason for every unknown/uncertain."""
+    from click.testing import CliRunner
+
+    from carsearch.cli import cli
+    from carsearch.embed import load_embeddings
+    from carsearch.index.build import build_index
+    from carsearch.search.searcher import Searcher
+
+    info = build_index([dev_embeddings], tmp_path / "idx", "Flat")
+    cut = info["openset"]["uncertain"]
+    assert 0 < cut["share_threshold"] < 1 and cut["right_flagged"] <= 0.06
+    assert cut["wrong_flagged"] > cut["right_flagged"]
+    held = load_embeddings(dev_heldout)
+    results = Searcher.open(tmp_path / "idx").classify(held.vectors)
+    answered = [(r, r.label == lab) for r, lab in zip(results, held.labels, strict=True) if not r.unknown]
+    flagged = [ok for r, ok in answered if r.uncertain]
+    sure = [ok for r, ok in answered if not r.uncertain]
+    assert flagged and sure and np.mean(flagged) < np.mean(sure)
+    for r in results:
+        assert r.uncertain == (not r.unknown and r.confidence < cut["share_threshold"])
+        assert (r.reason is not None) == (r.unknown or r.uncertain)
+    first = next(i for i, r in enumerate(results) if r.uncertain)
+    photo = held.root / held.paths[first]
+    out = CliRunner().invoke(cli, ["-q", "classify", "--index", str(tmp_path / "idx"), str(photo)])
+    assert out.exit_code == 0, out.output
+    assert "uncertain:" in out.output and "vote share" in out.output

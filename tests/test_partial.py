@@ -104,22 +104,31 @@ def test_partial_beats_frozen_on_photos_it_never_saw(gallery: Path, tmp_path: Pa
     assert top1["tuned"] > top1["frozen"], top1
 
 
-def test_cached_embeddings_equal_the_uncached_forward_pass(gallery: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("test_size", "refit"), [(224, False), (256, True)])
+def test_cached_embeddings_equal_the_uncached_forward_pass(
+    gallery: Path, tmp_path: Path, test_size: int, refit: bool
+) -> None:
     """index build --tune with the partial mode: the collection's vectors come from cached activations;
-    embedding the same photos through the checkpoint (what queries get) lands on the same vectors."""
+    embedding the same photos through the checkpoint (what queries get) lands on the same vectors. With a
+    test size of its own (trained at 224 px, embedded at 256), both are at the test size. With a refit (the
+    held-out images trained on too), the open-set threshold still comes from the network before it."""
     emb = tmp_path / "emb"
     embed_dataset(gallery, emb, backbone="efficientnet_lite0", workers=0, progress=False)
     info = build_tuned_index(
         emb,
         tmp_path / "index",
         preset="cpu-hour",
-        settings=SMALL.override(epochs=2),
+        settings=SMALL.override(epochs=2, test_image_size=test_size, refit=refit),
         factory="Flat",
         progress=False,
     )
     assert info["tuning"]["mode"] == "partial" and info["openset"] is not None
+    assert (info["tuning"]["refit"] is not None) == refit
     derived = load_embeddings(tmp_path / "index" / "embeddings")
     prov = derived.provenance
+    assert prov["preprocessing"]["size"] == test_size
+    model = tmp_path / "index" / "model"
+    assert (model / "activations" / "test-256px").is_dir() == (test_size == 256)
     again = embed_dataset(
         gallery,
         tmp_path / "again",
@@ -148,23 +157,34 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(gallery: Path, tmp_pa
 
 
 _KILL_SCRIPT = """
-import os, signal, sys, threading
+import json, os, signal, sys, threading, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from tests.test_partial import SMALL, collection_of
 from carsearch.train.partial import train_partial
 
 def on_epoch(entry):
-    if entry["epoch"] == 2 and {kill}:
+    if entry["epoch"] == 2 and {kill!r} == "phase":
         # Epoch 3 is under way 0.3 s later: the process dies mid-epoch, with no chance to clean up.
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
 
-train_partial(collection_of(Path({data!r})), Path({out!r}), SMALL.override(epochs=4, train_fraction=0.8),
-              resume={resume}, progress=False, on_epoch=on_epoch)
+def kill_in_refit():
+    # The refit's epoch 1 is written: its epoch 2 is under way; the process dies mid-epoch.
+    info = Path({out!r}) / "refit" / "checkpoint.json"
+    while not (info.is_file() and json.loads(info.read_text()).get("epoch") == 1):
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if {kill!r} == "refit":
+    threading.Thread(target=kill_in_refit, daemon=True).start()
+
+settings = SMALL.override(epochs=4, train_fraction=0.8, refit=True)
+train_partial(collection_of(Path({data!r})), Path({out!r}), settings, resume={resume}, progress=False,
+              on_epoch=on_epoch)
 """
 
 
-def _run(data: Path, out: Path, kill: bool, resume: bool) -> subprocess.CompletedProcess:
+def _run(data: Path, out: Path, kill: str | None, resume: bool) -> subprocess.CompletedProcess:
     repo = str(Path(__file__).resolve().parents[1])
     code = _KILL_SCRIPT.format(repo=repo, data=str(data), out=str(out), kill=kill, resume=resume)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count in every run: the same floats
@@ -172,17 +192,26 @@ def _run(data: Path, out: Path, kill: bool, resume: bool) -> subprocess.Complete
 
 
 def test_killed_mid_epoch_resumes_to_the_same_result(gallery: Path, tmp_path: Path) -> None:
-    whole = _run(gallery, tmp_path / "whole", kill=False, resume=False)
+    """Killed in the training run's epoch 3, or in the refit's epoch 2: the rerun with --resume delivers
+    the same network, byte for byte, as a run never killed."""
+    whole = _run(gallery, tmp_path / "whole", kill=None, resume=False)
     assert whole.returncode == 0, whole.stderr
-    killed = _run(gallery, tmp_path / "cut", kill=True, resume=False)
+    a = json.loads((tmp_path / "whole" / "checkpoint.json").read_text())
+    assert a["refit"]["epochs"] == a["best_epoch"] >= 2  # the refit trains as long as validation picked
+    assert a["refit"]["images"] == 140  # the 20% held out are trained on too
+    killed = _run(gallery, tmp_path / "cut", kill="phase", resume=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     info = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
     assert info["epoch"] == 2  # epoch 3 died before its checkpoint
-    resumed = _run(gallery, tmp_path / "cut", kill=False, resume=True)
+    in_refit = _run(gallery, tmp_path / "cut", kill="refit", resume=True)
+    assert in_refit.returncode == -signal.SIGKILL, in_refit.stderr
+    info = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
+    assert info["epoch"] == 4 and "refit" not in info
+    resumed = _run(gallery, tmp_path / "cut", kill=None, resume=True)
     assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "whole" / "checkpoint.json").read_text())
     b = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert [h["loss"] for h in a["refit"]["history"]] == [h["loss"] for h in b["refit"]["history"]]
     assert a["files"] == b["files"]  # the same weights, byte for byte (sha256 of the safetensors)
 
 

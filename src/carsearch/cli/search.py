@@ -105,10 +105,9 @@ def _human_classify(results: list[dict]) -> str:
             verdict = "no labelled neighbours"
         elif r["unknown"]:
             what = {"model": "model", "make": "make", "year": "year"}.get(r["level"], "model")
-            verdict = (
-                f"unknown {what} (closest: {name}, {r['confidence']:.0%} of the vote; similarity "
-                f"{r['openset_score']:.3f} below the threshold {r['threshold']:.3f})"
-            )
+            verdict = f"unknown {what} (closest: {name}, {r['confidence']:.0%} of the vote; {r['reason']})"
+        elif r.get("uncertain"):
+            verdict = f"uncertain: {name} ({r['confidence']:.0%} of the vote; {r['reason']})"
         else:
             verdict = f"{name} ({r['confidence']:.0%} of the vote)"
         out.append(f"{r['query']}: {verdict}")

@@ -122,7 +122,19 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
 @click.option(
     "--image-size",
     type=click.IntRange(32),
-    help="Train and embed at this resolution (default: the preset's, else the backbone's).",
+    help="Train at this resolution (default: the preset's, else the backbone's).",
+)
+@click.option(
+    "--test-image-size",
+    type=click.IntRange(32),
+    help="Embed and validate at this resolution (default: the preset's, else --image-size). Networks "
+    "trained on random crops gain from a larger test size.",
+)
+@click.option(
+    "--refit/--no-refit",
+    default=None,
+    help="Partial: once the held-out images picked the epoch, train again on every image for that many "
+    "epochs (the threshold still calibrated by the network before). Not measured yet: off in every preset.",
 )
 @click.option("--crop", type=click.Choice(["center", "squash", "pad"]), help=f"[default: {defaults.CROP}]")
 @device_options
@@ -222,6 +234,8 @@ _IMAGE_OPTIONS = (
     "weights",
     "crop",
     "image_size",
+    "test_image_size",
+    "refit",
     "device",
     "precision",
     "workers",

@@ -67,6 +67,14 @@ def leave_one_out_scores(
 
     `index` is anything with faiss's `search(queries, k) -> (similarities, ids)`."""
     q = sample_queries(len(ids), sample, seed)
-    sims, found = index.search(np.ascontiguousarray(vectors[q]), k + 1)
-    kept, _ = drop_self(sims, found, ids[q], k)
+    kept, _ = leave_one_out_neighbors(index, vectors[q], ids[q], k)
     return kth_similarity(kept, k)
+
+
+def leave_one_out_neighbors(
+    index, vectors: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities (n, k) float32, ids (n, k) int64) of indexed images `vectors` (n, d) float32 with ids
+    `ids` (n,), each searched without itself."""
+    sims, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k + 1)
+    return drop_self(sims, found, ids, k)

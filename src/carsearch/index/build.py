@@ -13,7 +13,8 @@ from carsearch import defaults
 from carsearch.embed.store import MANIFEST, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.neighbors import drop_self, sample_queries
-from carsearch.eval.openset import kth_similarity, leave_one_out_scores, threshold_for_tpr
+from carsearch.eval.openset import kth_similarity, leave_one_out_neighbors, threshold_for_tpr
+from carsearch.eval.vote import ranked_votes
 from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
@@ -105,6 +106,40 @@ def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.nd
         out["unknown_queries"] = len(unknown)
         out["fpr"] = round(float(np.mean(unknown >= threshold)), 4)
     return out
+
+
+def uncertain_threshold(
+    sims: np.ndarray, found: np.ndarray, truth: np.ndarray, gallery, tpr: float = defaults.TPR
+) -> dict | None:
+    """The vote share under which a (not rejected) answer is called uncertain, set like the open-set
+    threshold: as low as the share of `tpr` of the right answers of held-out images of known classes.
+
+    `sims`, `found` (n, >= K_VOTE): each held-out image's neighbours without itself; `truth` (n,) its class
+    label. The vote is the classifier's (k K_VOTE, temperature TEMPERATURE, class level). None when fewer
+    than two held-out images were labelled and answered right."""
+    labels = gallery.level("model")
+    shares, right = [], []
+    for s, f, t in zip(sims, found, truth, strict=True):
+        ranked = ranked_votes(labels, s, gallery.rows(f), defaults.K_VOTE, defaults.TEMPERATURE)
+        if ranked and t:
+            shares.append(ranked[0][1])
+            right.append(ranked[0][0] == t)
+    shares_a, right_a = np.array(shares), np.array(right, bool)
+    if right_a.sum() < 2:
+        return None
+    threshold = threshold_for_tpr(shares_a[right_a], tpr)
+    return {
+        "share_threshold": round(threshold, 6),
+        "k": defaults.K_VOTE,
+        "temperature": defaults.TEMPERATURE,
+        "queries": len(shares_a),
+        "accuracy": round(float(right_a.mean()), 4),
+        # Of the held-out answers: the right ones called uncertain (1 - tpr by construction) and the wrong.
+        "right_flagged": round(float(np.mean(shares_a[right_a] < threshold)), 4),
+        "wrong_flagged": round(float(np.mean(shares_a[~right_a] < threshold)), 4)
+        if (~right_a).any()
+        else None,
+    }
 
 
 def build_index(
@@ -208,7 +243,8 @@ def build_index(
     openset = None
     if calibrate and n > openset_k:
         loo = rows_of(loo_rows)
-        scores = leave_one_out_scores(index, loo, ids[loo_rows], openset_k, len(loo), seed)
+        sims, found = leave_one_out_neighbors(index, loo, ids[loo_rows], max(openset_k, defaults.K_VOTE))
+        scores = kth_similarity(sims, openset_k)
         method = f"leave-one-out on {len(scores)} collection images"
         if _trained_on_this_collection(sets):
             method += " (the model was trained on this collection: the threshold is too strict)"
@@ -219,6 +255,9 @@ def build_index(
                 out,
             )
         openset = _openset(scores, openset_k, tpr, method)
+        openset["uncertain"] = uncertain_threshold(
+            sims, found, gallery.level("model")[loo_rows], gallery, tpr
+        )
     info = {
         "factory": factory,
         "search_params": tuned.params,
@@ -298,9 +337,15 @@ def calibrate_on_members(
     tpr: float = defaults.TPR,
     extra: dict | None = None,
     k: int | None = None,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Set the open-set threshold from images that are in the index (by id) but were held out from what
-    shaped the embedding (e.g. a projection head's training): each is scored without itself."""
+    shaped the embedding (e.g. a projection head's training): each is scored without itself.
+
+    `reference`: (ids (n,) int64, vectors (n, d) float32) of the indexed images as embedded by the network
+    that `vectors` come from, when that is not the network of the index (a refit trained on the held-out
+    images afterwards: the threshold comes from the network that had not seen them); the held-out images are
+    then scored against an exact index of those."""
     folder = Path(index_dir).expanduser().resolve()
     with exclusive_lock(folder):
         bundle = open_bundle(folder)
@@ -309,20 +354,33 @@ def calibrate_on_members(
             raise CarsearchError("internal: calibration ids are not all in the index.")
         k = k or (bundle.info.get("openset") or {}).get("k", defaults.OPENSET_K)
         labels = bundle.gallery.labels[rows]
-        return _calibrate(bundle, vectors, labels, np.asarray(ids), k, tpr, method, extra)
+        scored = (
+            None if reference is None else Index.build("Flat", reference[1], reference[0], target_recall=None)
+        )
+        return _calibrate(bundle, vectors, labels, np.asarray(ids), k, tpr, method, extra, scored)
 
 
 def _calibrate(
-    bundle, vectors, labels, self_ids: np.ndarray, k: int, tpr: float, method: str, extra: dict | None = None
+    bundle,
+    vectors,
+    labels,
+    self_ids: np.ndarray,
+    k: int,
+    tpr: float,
+    method: str,
+    extra: dict | None = None,
+    scored: Index | None = None,
 ) -> dict:
-    sims, found = bundle.index.search(vectors, k + 1)
-    sims, _ = drop_self(sims, found, self_ids, k)
+    sims, found = leave_one_out_neighbors(scored or bundle.index, vectors, self_ids, max(k, defaults.K_VOTE))
     scores = kth_similarity(sims, k)
     known_labels = set(bundle.gallery.labels.tolist()) - {""}
     known = np.array([lab in known_labels or not lab for lab in labels])
     if known.sum() == 0:
         raise CarsearchError("none of the calibration images has a class that is in the index.")
     openset = _openset(scores[known], k, tpr, method, scores[~known])
+    openset["uncertain"] = uncertain_threshold(
+        sims[known], found[known], np.asarray(labels)[known], bundle.gallery, tpr
+    )
     info = {**bundle.info, "openset": openset, **(extra or {})}
     return save_bundle(bundle.folder, bundle.index, bundle.gallery, info)
 

@@ -72,6 +72,10 @@ class Classification:
     model: str | None = None
     year: str | None = None
     display: str | None = None
+    # A (not rejected) answer whose vote share is below the share threshold calibrated on held-out images
+    # (index.json openset.uncertain; class level only): 95% of right held-out answers had a larger share.
+    uncertain: bool = False
+    reason: str | None = None  # why the answer is unknown or uncertain: the score against its threshold
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -349,6 +353,22 @@ class Searcher:
             score = float(kth_similarity(sims[j], k_os)[0]) if cal else None
             unknown = bool(reject and cal is not None and score < cal["threshold"])
             top = ranked[0] if ranked else (None, 0.0)
+            share_cut = ((cal or {}).get("uncertain") or {}).get("share_threshold")
+            uncertain = bool(
+                reject and not unknown and level == "model" and share_cut is not None and top[1] < share_cut
+            )
+            reason = None
+            if unknown:
+                which = "nearest" if k_os == 1 else f"{k_os}th nearest"
+                reason = (
+                    f"similarity {score:.3f} to the {which} indexed photo is below the open-set threshold "
+                    f"{cal['threshold']:.3f}"
+                )
+            elif uncertain:
+                reason = (
+                    f"its vote share {top[1]:.0%} is below {share_cut:.0%}, the share that "
+                    f"{cal.get('tpr_target', defaults.TPR):.0%} of right answers on held-out photos reached"
+                )
             parts = self._parts(level, top[0])
             out.append(
                 Classification(
@@ -362,6 +382,8 @@ class Searcher:
                     level=level,
                     neighbors=(found := self.neighbors(sims[j][:k], ids[j][:k])),
                     note=self.shortfall(len(found), k, where),
+                    uncertain=uncertain,
+                    reason=reason,
                     **parts,
                 )
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,23 @@ class BalancedBatches(torch.utils.data.Sampler[list[int]]):
                 )
                 batch.extend(pick)
             yield batch
+
+
+def framings(
+    base: Preprocessing, crop: str, size: int | None, test_size: int | None
+) -> tuple[Preprocessing, Preprocessing]:
+    """(training framing, test framing): the backbone's preprocessing with `crop`, at `size` and
+    `test_size` pixels (None: the backbone's size; the test size defaults to the training size). The resize
+    before a centre crop keeps the backbone's ratio."""
+    prep = base.with_crop(crop)
+
+    def at(px: int | None) -> Preprocessing:
+        if not px:
+            return prep
+        return replace(prep, size=px, resize=max(px, round(px * prep.resize / prep.size)))
+
+    train = at(size)
+    return train, at(test_size) if test_size else train
 
 
 def augmentation(prep: Preprocessing) -> T.Compose:

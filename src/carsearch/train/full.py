@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from carsearch.errors import CarsearchError
 from carsearch.models import EmbeddingNet, load_backbone
 from carsearch.models.network import freeze_batchnorm, set_backbone_trainable
 from carsearch.progress import Progress
-from carsearch.train.data import BalancedBatches, TrainImages, collate, split_classes
+from carsearch.train.data import BalancedBatches, TrainImages, collate, framings, split_classes
 from carsearch.train.loop import fit, mean_loss, network_run, schedule_and_ema
 from carsearch.train.losses import CLASSIFIER_LOSSES, make_loss
 from carsearch.train.settings import TrainSettings
@@ -59,11 +58,7 @@ def train_model(
     class_ids = np.array([r.class_id for r in dataset.records])
     tmask, vmask, how = split_classes(class_ids, s.classes, s.val_classes, s.seed, s.train_fraction)
     base = load_backbone(s.backbone, s.weights)
-    prep = base.preprocessing.with_crop(s.crop)
-    if s.image_size:
-        prep = replace(
-            prep, size=s.image_size, resize=max(s.image_size, round(s.image_size * prep.resize / prep.size))
-        )
+    prep, test_prep = framings(base.preprocessing, s.crop, s.image_size, s.test_image_size)
     settings = {
         **s.to_dict(),
         "weights": base.weights.id,
@@ -97,7 +92,7 @@ def train_model(
     if len(val_idx) > s.val_images:
         val_idx = np.sort(np.random.default_rng(s.seed).choice(val_idx, s.val_images, replace=False))
     val = ImageValidation(
-        dataset.root, [dataset.records[i] for i in val_idx], class_ids[val_idx].tolist(), prep
+        dataset.root, [dataset.records[i] for i in val_idx], class_ids[val_idx].tolist(), test_prep
     )
     require_validation(len(val), how)
     lr, epochs, freeze_epochs = s.lr, s.epochs, s.freeze_epochs
@@ -127,7 +122,10 @@ def train_model(
     parts: dict[str, object] = {"model": net, "loss": loss_fn, "optimizer": opt, "scheduler": sched}
     if ema is not None:
         parts["ema"] = ema
-    run = network_run(out, net, s.backbone, base.weights, prep.to_dict(), "full", settings, baseline, parts)
+    # The checkpoint embeds at the test framing (what `embed --weights` and queries use).
+    run = network_run(
+        out, net, s.backbone, base.weights, test_prep.to_dict(), "full", settings, baseline, parts
+    )
     run.resume_from(state)
     log.info(
         "train: %d images of %d classes, validation on %d images (%s); frozen features Recall@1 %.3f",

@@ -102,7 +102,12 @@ class Run:
             return
         self.history, self.best, self.start = restore(state, self.parts)
         self.extra_state = {k: state[k] for k in self.extra_state if k in state}
-        self.info["files"] = ckpt.read_info(self.out).get("files", {})
+        # What the last delivery recorded: a resume that trains no further epoch delivers it unchanged.
+        old = ckpt.read_info(self.out)
+        self.info.update(
+            {k: old[k] for k in ("epoch", "best_epoch", "best_recall_at_1", "history") if k in old}
+        )
+        self.info["files"] = old.get("files", {})
         log.info(
             "resuming %s after epoch %d (best Recall@1 %.3f at epoch %d).",
             self.out,
@@ -129,12 +134,20 @@ class Run:
         )
         ckpt.save_info(self.out, self.info)
 
+    def deliver_best(self, model: dict, extra: dict) -> None:
+        """Replace best.safetensors by `model` (a network trained after the run, e.g. a refit) and record
+        `extra` in checkpoint.json, written last, as `deliver` does."""
+        files = dict(self.info.get("files", {}))
+        files[ckpt.BEST_FILE] = ckpt.save_weights(self.out, model, ckpt.BEST_FILE)
+        self.info.update({**extra, "files": files})
+        ckpt.save_info(self.out, self.info)
+
 
 def fit(
     run: Run,
     epochs: int,
     train_epoch: Callable[[int], dict],
-    validate: Callable[[], float],
+    validate: Callable[[], float] | None,
     on_improved: Callable[[int], None],
     checkpoint: Callable[[int, bool], None] | None,
     report: Callable[[dict, bool], None],
@@ -144,7 +157,8 @@ def fit(
     """Run epochs run.start..epochs. Each: `train_epoch(epoch)` -> {"loss", ...}, `validate()` -> the
     validation score (higher is better; history names it `metric`, Recall@1 by default),
     `on_improved(epoch)` when it is the best so far, train_state.pt, then `checkpoint(epoch, improved)`
-    (None: the mode delivers once at the end), `report` and `on_epoch`."""
+    (None: the mode delivers once at the end), `report` and `on_epoch`. `validate` None: a run without
+    validation (a refit), no epoch is ever "best"."""
     for epoch in range(run.start, epochs + 1):
         metrics = train_epoch(epoch)
         if not math.isfinite(metrics["loss"]):
@@ -152,12 +166,15 @@ def fit(
                 f"training diverged at epoch {epoch} (the loss is {metrics['loss']}); lower --lr, or "
                 f"resume from the last good epoch with --resume."
             )
-        r1 = validate()
-        improved = r1 > run.best[1]
-        if improved:
-            run.best = (epoch, r1)
-            on_improved(epoch)
-        run.history.append({"epoch": epoch, "loss": metrics.pop("loss"), metric: r1, **metrics})
+        entry = {"epoch": epoch, "loss": metrics.pop("loss")}
+        improved = False
+        if validate is not None:
+            entry[metric] = r1 = validate()
+            improved = r1 > run.best[1]
+            if improved:
+                run.best = (epoch, r1)
+                on_improved(epoch)
+        run.history.append({**entry, **metrics})
         # The resume state first (it alone restores a run), the deliverables next.
         ckpt.save_state(run.out, {**snapshot(run.parts, epoch, run.history, run.best), **run.extra_state})
         if checkpoint is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ from carsearch.models.cut import cut, resolve_trained
 from carsearch.models.network import freeze_batchnorm
 from carsearch.progress import Progress
 from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
-from carsearch.train.data import BalancedBatches, split_classes
-from carsearch.train.loop import fit, mean_loss, network_run, schedule_and_ema
+from carsearch.train.data import BalancedBatches, framings, split_classes
+from carsearch.train.loop import Run, fit, mean_loss, network_run, schedule_and_ema
 from carsearch.train.losses import CLASSIFIER_LOSSES, make_loss
 from carsearch.train.settings import MIRROR, PLAIN, TrainSettings
 from carsearch.train.state import TrainResult, prepare_out
@@ -62,14 +62,9 @@ class PartialRun:
     embeddings: np.ndarray | None  # (n, dim) float32, L2-normalised, rows in the collection's order
     ok: np.ndarray | None  # (n,) bool: the image decoded (rows of False are zeros)
     weights_sha256: str | None
-
-
-def _prep_for(base_prep: Preprocessing, s: TrainSettings) -> Preprocessing:
-    prep = base_prep.with_crop(s.crop)
-    if s.image_size:
-        resize = max(s.image_size, round(s.image_size * prep.resize / prep.size))
-        prep = replace(prep, size=s.image_size, resize=resize)
-    return prep
+    # With a refit: every image's embedding by the network the held-out images picked, before the refit
+    # trained on them (what the open-set threshold is calibrated on). Else None.
+    calibration: np.ndarray | None = None
 
 
 def train_partial(
@@ -88,7 +83,9 @@ def train_partial(
     """Train the last `s.train_blocks` stages of `s.backbone` + an `s.embed_dim` projection on `data`.
 
     `flip`: embeddings average the image's and its mirror's (as `embed --flip`). `embed_all`: also return
-    every image's embedding by the best checkpoint, from the cache. Raises CarsearchError for unlabelled
+    every image's embedding by the best checkpoint, from the cache. With `s.refit` (and held-out images of
+    the training classes as validation) the delivered network is trained again on every image for the
+    epochs validation picked (`_refit`). Raises CarsearchError for unlabelled
     data, a backbone that cannot be cut, or a validation set of fewer than two images."""
     if s.mode != "partial":
         raise CarsearchError(f"train_partial runs mode 'partial', not {s.mode!r}.")
@@ -106,7 +103,7 @@ def train_partial(
     train_idx = np.flatnonzero(tmask)
 
     base = load_backbone(s.backbone, s.weights)
-    prep = _prep_for(base.preprocessing, s)
+    prep, test_prep = framings(base.preprocessing, s.crop, s.image_size, s.test_image_size)
     trained = resolve_trained(base.model, s.train_blocks)
     torch.manual_seed(s.seed)
     # On the training device from the start: the frozen prefix that fills the cache is part of it. The
@@ -127,130 +124,71 @@ def train_partial(
     state = prepare_out(out, settings, resume, overwrite)
 
     # --- the cache: training images with every view; the others with the plain view (and its mirror).
-    cache = ActivationCache(
-        Path(cache_dir) if cache_dir else out / CACHE_DIR,
-        cache_key(s.backbone, base.weights.sha256, split.trained, prep, s.seed, bf16),
-    )
+    # With a test size of its own, a second cache (inside the first) holds every image's plain view(s) at
+    # that size: validation and the collection's embeddings use it, training the first.
+    key = lambda p: cache_key(s.backbone, base.weights.sha256, split.trained, p, s.seed, bf16)  # noqa: E731
+    cache = ActivationCache(Path(cache_dir) if cache_dir else out / CACHE_DIR, key(prep))
     cache.prepare()
+    test_cache = cache
+    if test_prep != prep:
+        test_cache = ActivationCache(cache.folder / f"test-{test_prep.size}px", key(test_prep))
+        test_cache.prepare()
     workers = defaults.default_workers() if s.workers is None else s.workers
     plain_views = (PLAIN, MIRROR) if flip else (PLAIN,)
     other_idx = np.flatnonzero(~tmask) if embed_all else val_idx
     t_cache = time.perf_counter()
-    prefix = Prefix(split.prefix, prep, dev, bf16, workers)
-    load = lambda g: cache.load(g, data.root, prefix, progress)  # noqa: E731
-    x_train, ok_train = load(Group("train", tuple(data.paths[i] for i in train_idx), s.views()))
-    x_other, ok_other = load(Group("other", tuple(data.paths[i] for i in other_idx), plain_views))
+
+    def load(c: ActivationCache, framing: Preprocessing, name: str, rows: np.ndarray, views: tuple[str, ...]):
+        prefix = Prefix(split.prefix, framing, dev, bf16, workers)
+        return c.load(Group(name, tuple(data.paths[i] for i in rows), views), data.root, prefix, progress)
+
+    x_train, ok_train = load(cache, prep, "train", train_idx, s.views())
+    x_other, ok_other = load(test_cache, test_prep, "other", other_idx, plain_views)
+    # The training images as the gallery (validation) and as part of the collection: plain view(s).
+    if test_cache is cache:
+        g_train = x_train[:, : len(plain_views)]
+    else:
+        g_train, ok_g = load(test_cache, test_prep, "train", train_idx, plain_views)
+        ok_train &= ok_g
     cache_seconds = time.perf_counter() - t_cache
 
     keep = np.flatnonzero(ok_train)
-    x_train = x_train[torch.from_numpy(keep)]
-    train_classes = sorted(set(data.class_ids[train_idx[keep]].tolist()))
-    lookup = {c: i for i, c in enumerate(train_classes)}
-    y_train = torch.tensor([lookup[int(c)] for c in data.class_ids[train_idx[keep]]])
+    x_train, g_train = x_train[torch.from_numpy(keep)], g_train[torch.from_numpy(keep)]
+    c_train = data.class_ids[train_idx[keep]]
     val_pos = np.flatnonzero(np.isin(other_idx, val_idx) & ok_other)
     x_val, c_val = x_other[torch.from_numpy(val_pos)], data.class_ids[other_idx[val_pos]]
     require_validation(len(val_pos), how)
-
-    # --- what trains: the suffix (BatchNorm kept as pretrained), the head, the loss's class weights.
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for m in [split.suffix, net.head]:
-        for p in m.parameters():
-            p.requires_grad_(True)
-    freeze_batchnorm(split.suffix)
-    loss_fn = make_loss(s.loss, len(train_classes), net.dim, s.scale, s.margin, s.label_smoothing)
-    loss_fn.to(dev)  # before the optimizer and the EMA copy are made
-    y_train = y_train.to(dev)
-    suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": suffix_params, "lr": s.lr},
-            {"params": list(net.head.parameters()), "lr": s.lr * s.head_lr_mult},
-            {"params": list(loss_fn.parameters()), "lr": s.lr * s.head_lr_mult, "weight_decay": 0.0},
-        ],
-        lr=s.lr,
-        weight_decay=s.weight_decay,
-    )
-    classifier = s.loss in CLASSIFIER_LOSSES
-    sampler = None if classifier else BalancedBatches(y_train.tolist(), s.per_class, s.batch_size, s.seed)
-    steps = len(sampler) if sampler else max(1, len(y_train) // s.batch_size)
-    sched, ema = schedule_and_ema(opt, net, s, steps)
-    evaluated = ema.module if ema is not None else net
-    eval_split = cut(evaluated.backbone, trained)
+    phase = _Phase(net, split, s, x_train, c_train, dev, bf16, progress)
 
     # Validation as the product is used: held-out images classified by the weighted kNN vote over the
     # training images (which become the gallery). With validation classes of their own (zero-shot), there
     # is no gallery of them: Recall@1 among the held-out images.
-    c_train = data.class_ids[train_idx[keep]]
     metric = "knn_top1" if set(c_val.tolist()) <= set(c_train.tolist()) else "recall@1"
-    gallery_views = len(plain_views)
 
     def score(model: EmbeddingNet, suffix: nn.Module, head: bool = True) -> float:
         q = embed_cached(model, suffix, x_val, bf16, head=head)
         if metric == "recall@1":
             return recall_at_1(q, c_val)
-        g = embed_cached(model, suffix, x_train[:, :gallery_views], bf16, head=head)
+        g = embed_cached(model, suffix, g_train, bf16, head=head)
         return knn_top1(g, c_train, q, c_val)
 
     baseline = score(net, split.suffix, head=False)
-    parts: dict[str, object] = {"model": net, "loss": loss_fn, "optimizer": opt, "scheduler": sched}
-    if ema is not None:
-        parts["ema"] = ema
     run = network_run(
-        out, net, s.backbone, base.weights, prep.to_dict(), "partial", settings, baseline, parts
+        out, net, s.backbone, base.weights, test_prep.to_dict(), "partial", settings, baseline, phase.parts
     )
     run.resume_from(state)
     log.info(
         "partial: training %s + head on %d images x %d cached views (%d classes); validation on %d images "
         "(%s); frozen features Recall@1 %.3f; caching took %.0f s",
         ", ".join(split.trained),
-        len(y_train),
+        len(c_train),
         len(s.views()),
-        len(train_classes),
+        phase.n_classes,
         len(val_pos),
         how,
         baseline,
         cache_seconds,
     )
-    t_train = time.perf_counter()
-
-    def train_epoch(epoch: int) -> dict:
-        net.train()
-        freeze_batchnorm(net)
-        g = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
-        n_views = x_train.shape[1]
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            batches = [torch.tensor(b) for b in sampler]
-        else:
-            order = torch.randperm(len(y_train), generator=g)
-            batches = [order[i * s.batch_size : (i + 1) * s.batch_size] for i in range(steps)]
-        t0, losses, seen = time.perf_counter(), [], 0
-        with Progress(steps * s.batch_size, f"epoch {epoch}/{s.epochs}", "img", progress) as bar:
-            for i, b in enumerate(batches):
-                views = torch.randint(n_views, (len(b),), generator=g)
-                x = x_train[b, views].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    emb = net.project(split.suffix(x))
-                value = loss_fn(emb.float(), y_train[b])
-                opt.zero_grad(set_to_none=True)
-                value.backward()
-                opt.step()
-                sched.step_update((epoch - 1) * steps + i + 1)
-                if ema is not None:
-                    ema.update(net, step=(epoch - 1) * steps + i + 1)
-                losses.append(value.item())
-                seen += len(b)
-                bar.update(len(b), loss=f"{np.mean(losses[-20:]):.3f}")
-        seconds = time.perf_counter() - t0
-        done = epoch - run.start + 1
-        eta = (time.perf_counter() - t_train) / done * (s.epochs - epoch)
-        return {
-            "loss": mean_loss(losses),
-            "images_per_second": seen / seconds,
-            "seconds": seconds,
-            "eta_seconds": eta,
-        }
 
     def report(entry: dict, improved: bool) -> None:
         log.info(
@@ -268,11 +206,11 @@ def train_partial(
     fit(
         run,
         s.epochs,
-        train_epoch,
-        lambda: score(evaluated, eval_split.suffix),
+        phase.timed(run.start, s.epochs),
+        lambda: score(phase.evaluated, phase.eval_suffix),
         on_improved=lambda _epoch: None,
         checkpoint=lambda epoch, improved: run.deliver(
-            epoch, evaluated.state_dict(), evaluated.state_dict() if improved else None
+            epoch, phase.evaluated.state_dict(), phase.evaluated.state_dict() if improved else None
         ),
         report=report,
         on_epoch=on_epoch,
@@ -292,22 +230,237 @@ def train_partial(
         prec,
         metric,
     )
+
+    def embed_collection(model: EmbeddingNet) -> tuple[np.ndarray, np.ndarray]:
+        """Every image's embedding (rows of images that failed to decode are zeros) and the ok mask."""
+        suffix = cut(model.backbone, trained).suffix
+        vectors = np.zeros((len(data.paths), model.dim), np.float32)
+        vectors[train_idx[keep]] = embed_cached(model, suffix, g_train, bf16)
+        good_other = np.flatnonzero(ok_other)
+        vectors[other_idx[good_other]] = embed_cached(
+            model, suffix, x_other[torch.from_numpy(good_other)], bf16
+        )
+        ok = np.zeros(len(data.paths), bool)
+        ok[train_idx[keep]] = True
+        ok[other_idx[good_other]] = True
+        return vectors, ok
+
+    calibration = None
+    if s.refit and metric == "knn_top1":
+        if embed_all:  # the held-out images' embeddings by a network that never saw them
+            calibration = embed_collection(ckpt.load_checkpoint(out, s.backbone).model)[0]
+        held = np.flatnonzero(vmask)
+        x_held, ok_held = load(cache, prep, "held-out", held, s.views())
+        result.refit = _refit(
+            out,
+            run,
+            s,
+            settings,
+            baseline,
+            (x_train, c_train),
+            (x_held, data.class_ids[held], ok_held),
+            test_prep,
+            dev,
+            bf16,
+            progress,
+        )
+    elif s.refit:
+        log.info("refit: not done (validation on classes of their own: no held-out images to add).")
     best = ckpt.load_checkpoint(out, s.backbone)
     if not embed_all:
         return PartialRun(result, None, None, best.weights.sha256)
-    best_split = cut(best.model.backbone, trained)
-    vectors = np.zeros((len(data.paths), net.dim), np.float32)
-    vectors[train_idx[keep]] = embed_cached(
-        best.model, best_split.suffix, x_train[:, : len(plain_views)], bf16
+    vectors, ok = embed_collection(best.model)
+    return PartialRun(result, vectors, ok, best.weights.sha256, calibration)
+
+
+class _Phase:
+    """One training run of the suffix (BatchNorm kept as pretrained), the projection head and the loss's
+    class weights on cached views: AdamW, timm's warm-up cosine schedule and EMA, and one epoch's steps.
+
+    `x` (n, views, C, H, W) bf16 cached activations; `classes` (n,) int64 class ids."""
+
+    def __init__(
+        self,
+        net: EmbeddingNet,
+        split: object,
+        s: TrainSettings,
+        x: torch.Tensor,
+        classes: np.ndarray,
+        dev: torch.device,
+        bf16: bool,
+        progress: bool,
+    ) -> None:
+        self.net, self.split, self.s, self.x, self.dev, self.bf16 = net, split, s, x, dev, bf16
+        self.progress = progress
+        ids = sorted(set(classes.tolist()))
+        self.n_classes = len(ids)
+        lookup = {c: i for i, c in enumerate(ids)}
+        self.y = torch.tensor([lookup[int(c)] for c in classes]).to(dev)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for m in [split.suffix, net.head]:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        freeze_batchnorm(split.suffix)
+        self.loss_fn = make_loss(s.loss, self.n_classes, net.dim, s.scale, s.margin, s.label_smoothing)
+        self.loss_fn.to(dev)  # before the optimizer and the EMA copy are made
+        suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
+        head_lr = s.lr * s.head_lr_mult
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": suffix_params, "lr": s.lr},
+                {"params": list(net.head.parameters()), "lr": head_lr},
+                {"params": list(self.loss_fn.parameters()), "lr": head_lr, "weight_decay": 0.0},
+            ],
+            lr=s.lr,
+            weight_decay=s.weight_decay,
+        )
+        classifier = s.loss in CLASSIFIER_LOSSES
+        y = self.y.tolist()
+        self.sampler = None if classifier else BalancedBatches(y, s.per_class, s.batch_size, s.seed)
+        self.steps = len(self.sampler) if self.sampler else max(1, len(y) // s.batch_size)
+        self.sched, self.ema = schedule_and_ema(self.opt, net, s, self.steps)
+        self.evaluated = self.ema.module if self.ema is not None else net
+        self.eval_suffix = cut(self.evaluated.backbone, len(split.trained)).suffix
+        self.parts: dict[str, object] = {
+            "model": net,
+            "loss": self.loss_fn,
+            "optimizer": self.opt,
+            "scheduler": self.sched,
+        }
+        if self.ema is not None:
+            self.parts["ema"] = self.ema
+
+    def timed(self, first: int, last: int) -> Callable[[int], dict]:
+        """`train_epoch` for `fit`: an epoch's loss and speed, and the ETA of epochs first..last."""
+        t_start = time.perf_counter()
+
+        def train_epoch(epoch: int) -> dict:
+            metrics = self.epoch(epoch, last)
+            done = epoch - first + 1
+            metrics["eta_seconds"] = (time.perf_counter() - t_start) / done * (last - epoch)
+            return metrics
+
+        return train_epoch
+
+    def epoch(self, epoch: int, last: int) -> dict:
+        s, net, steps = self.s, self.net, self.steps
+        net.train()
+        freeze_batchnorm(net)
+        g = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
+        n_views = self.x.shape[1]
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            batches = [torch.tensor(b) for b in self.sampler]
+        else:
+            order = torch.randperm(len(self.y), generator=g)
+            batches = [order[i * s.batch_size : (i + 1) * s.batch_size] for i in range(steps)]
+        t0, losses, seen = time.perf_counter(), [], 0
+        with Progress(steps * s.batch_size, f"epoch {epoch}/{last}", "img", self.progress) as bar:
+            for i, b in enumerate(batches):
+                views = torch.randint(n_views, (len(b),), generator=g)
+                x = (
+                    self.x[b, views]
+                    .to(self.dev, non_blocking=True)
+                    .contiguous(memory_format=torch.channels_last)
+                )
+                with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    emb = net.project(self.split.suffix(x))
+                value = self.loss_fn(emb.float(), self.y[b])
+                self.opt.zero_grad(set_to_none=True)
+                value.backward()
+                self.opt.step()
+                step = (epoch - 1) * steps + i + 1
+                self.sched.step_update(step)
+                if self.ema is not None:
+                    self.ema.update(net, step=step)
+                losses.append(value.item())
+                seen += len(b)
+                bar.update(len(b), loss=f"{np.mean(losses[-20:]):.3f}")
+        seconds = time.perf_counter() - t0
+        return {"loss": mean_loss(losses), "images_per_second": seen / seconds, "seconds": seconds}
+
+
+REFIT_DIR = "refit"
+
+
+def _refit(
+    out: Path,
+    run: Run,
+    s: TrainSettings,
+    settings: dict,
+    baseline: float,
+    train: tuple[torch.Tensor, np.ndarray],
+    held: tuple[torch.Tensor, np.ndarray, np.ndarray],
+    test_prep: Preprocessing,
+    dev: torch.device,
+    bf16: bool,
+    progress: bool,
+) -> dict:
+    """Train again from the same start on the training and the held-out images together, for the epochs the
+    held-out images picked (the same schedule, stopped there: scikit-learn's `refit`), and make that network
+    the checkpoint's best.safetensors. Its own run folder (out/refit) resumes like any other."""
+    epochs = run.best[0]
+    x_held, c_held, ok_held = held
+    good = torch.from_numpy(np.flatnonzero(ok_held))
+    x = torch.cat([train[0], x_held[good]])
+    classes = np.concatenate([train[1], c_held[ok_held]])
+    base = load_backbone(s.backbone, s.weights)
+    torch.manual_seed(s.seed)  # the network starts where the first run's did
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(dev)
+    split = cut(net.backbone, resolve_trained(base.model, s.train_blocks))
+    phase = _Phase(net, split, s, x, classes, dev, bf16, progress)
+    folder = out / REFIT_DIR
+    refit_settings = {**settings, "refit_epochs": epochs, "validation": "none (refit on every image)"}
+    resume = (folder / ckpt.INFO_FILE).is_file() and (folder / ckpt.STATE_FILE).is_file()
+    state = prepare_out(folder, refit_settings, resume=resume, overwrite=not resume)
+    refit_run = network_run(
+        folder,
+        net,
+        s.backbone,
+        base.weights,
+        test_prep.to_dict(),
+        "partial",
+        refit_settings,
+        baseline,
+        phase.parts,
     )
-    good_other = np.flatnonzero(ok_other)
-    vectors[other_idx[good_other]] = embed_cached(
-        best.model, best_split.suffix, x_other[torch.from_numpy(good_other)], bf16
+    refit_run.resume_from(state)
+    log.info(
+        "refit: training again on %d images (%d held out before) for the %d epochs they picked",
+        len(classes),
+        int(ok_held.sum()),
+        epochs,
     )
-    ok = np.zeros(len(data.paths), bool)
-    ok[train_idx[keep]] = True
-    ok[other_idx[good_other]] = True
-    return PartialRun(result, vectors, ok, best.weights.sha256)
+    t0 = time.perf_counter()
+
+    def report(entry: dict, _improved: bool) -> None:
+        log.info(
+            "refit epoch %d/%d: loss %.4f, %.0f images/s, ETA %.0f s",
+            entry["epoch"],
+            epochs,
+            entry["loss"],
+            entry["images_per_second"],
+            entry["eta_seconds"],
+        )
+
+    fit(
+        refit_run,
+        epochs,
+        phase.timed(refit_run.start, epochs),
+        None,
+        on_improved=lambda _epoch: None,
+        checkpoint=lambda epoch, _improved: refit_run.deliver(epoch, phase.evaluated.state_dict(), None),
+        report=report,
+    )
+    summary = {
+        "epochs": epochs,
+        "images": len(classes),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "history": refit_run.history,
+    }
+    run.deliver_best(phase.evaluated.state_dict(), {"refit": summary})
+    return summary
 
 
 def knn_top1(gallery: np.ndarray, g_classes: np.ndarray, queries: np.ndarray, q_classes: np.ndarray) -> float:

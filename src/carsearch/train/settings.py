@@ -45,7 +45,11 @@ class TrainSettings:
     warmup_epochs: int = defaults.WARMUP_EPOCHS
     freeze_epochs: int = defaults.FREEZE_EPOCHS  # full: first epochs with the backbone frozen
     ema_decay: float = 0.0  # 0: no EMA of weights; else timm's ModelEmaV3 with this decay per step
-    image_size: int | None = None  # train (and embed) at this resolution; None: the backbone's
+    image_size: int | None = None  # train at this resolution; None: the backbone's
+    # Embed (and validate) at this resolution; None: image_size. Networks trained on random-resized crops
+    # see cars larger than a whole framed photo shows them; a larger test size compensates ("FixRes",
+    # Touvron et al. 2019, arXiv:1906.06423; timm's test_input_size).
+    test_image_size: int | None = None
     crop: str = defaults.CROP
     device: str = defaults.DEVICE
     precision: str = defaults.PRECISION
@@ -53,6 +57,9 @@ class TrainSettings:
     classes: str | None = None
     val_classes: str | None = None
     train_fraction: float = defaults.TRAIN_FRACTION
+    # partial: after validation picks the epoch, train again from the same start on the training and the
+    # held-out images together for that many epochs of the same schedule (scikit-learn's `refit`).
+    refit: bool = False
     val_images: int = defaults.VAL_IMAGES
     seed: int = defaults.SEED
 
@@ -113,7 +120,8 @@ PRESETS: dict[str, Preset] = {
             "60 minutes on 2 CPU cores, caching included",
             "the last 2 stages of EfficientNet-Lite0 + a 512-d projection on cached activations of 12 "
             "views per image (plain, mirror, 10 crops with colour jitter); cosine classifier (scale 16, "
-            "label smoothing 0.1), AdamW, warm-up cosine schedule, EMA of weights",
+            "label smoothing 0.1), AdamW, warm-up cosine schedule, EMA of weights; trained at 224 px, "
+            "embedded at 320 px",
             TrainSettings(
                 mode="partial",
                 backbone="efficientnet_lite0",
@@ -129,6 +137,7 @@ PRESETS: dict[str, Preset] = {
                 weight_decay=0.05,
                 warmup_epochs=1,
                 ema_decay=0.998,
+                test_image_size=320,
             ),
         ),
         Preset(
@@ -176,6 +185,8 @@ TABLE_FIELDS = (
     "lr",
     "ema_decay",
     "image_size",
+    "test_image_size",
+    "refit",
 )
 
 

@@ -55,6 +55,9 @@ class TrainResult:
     # themselves) or "knn_top1" (the classifier's weighted kNN vote of held-out images against the
     # training images, what `index build --tune` delivers).
     validation_metric: str = "recall@1"
+    # A refit (train/partial.py): epochs, images, seconds and history of the network trained again on the
+    # training and held-out images together, which the checkpoint delivers. None: no refit.
+    refit: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

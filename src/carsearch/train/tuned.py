@@ -74,6 +74,7 @@ def build_tuned_index(
     s = settings or get_preset(preset).settings
     t0 = time.perf_counter()
     projected = out / EMBEDDINGS_DIR
+    reference = None  # the collection by the network the held-out images picked, when a refit followed
     if s.mode == "head":
         s = s.override(train_fraction=1 - holdout, seed=seed)
         trained = train_head(emb.folder, out / HEAD_DIR, s, overwrite=True, progress=progress)
@@ -81,7 +82,7 @@ def build_tuned_index(
         network_dir = out / HEAD_DIR
     elif s.mode == "partial":
         s = s.override(train_fraction=1 - holdout, seed=seed)
-        trained = _tune_partial(emb, out / MODEL_DIR, s, projected, progress, on_epoch, cache_dir)
+        trained, reference = _tune_partial(emb, out / MODEL_DIR, s, projected, progress, on_epoch, cache_dir)
         network_dir = out / MODEL_DIR
     else:
         raise CarsearchError(
@@ -96,6 +97,9 @@ def build_tuned_index(
     _, held = stratified_split(emb.class_ids, 1 - holdout, seed)
     projected_set = load_embeddings(projected)
     calibration = projected_set.subset(np.isin(projected_set.ids, emb.ids[held]))
+    cal_vectors = calibration.vectors
+    if reference is not None:  # a refit trained on the held-out images: the network before it scores them
+        cal_vectors = reference[1][np.searchsorted(reference[0], calibration.ids)]
     tuning = {
         "preset": preset,
         "settings": s.to_dict() if s.mode != "head" else None,
@@ -110,17 +114,21 @@ def build_tuned_index(
         "validation_recall_at_1": round(trained.best_recall_at_1, 4),
         "frozen_recall_at_1": round(trained.baseline_recall_at_1, 4),
         "train_seconds": round(train_s, 2),
+        "refit": None
+        if trained.refit is None
+        else {k: v for k, v in trained.refit.items() if k != "history"},
     }
     if not calibrate:
         return save_info_extra(out, {"tuning": tuning})
     info = calibrate_on_members(
         out,
         calibration.ids,
-        calibration.vectors,
+        cal_vectors,
         f"{len(calibration)} images held out from the tuned network's training",
         tpr,
         extra={"tuning": tuning},
         k=openset_k,
+        reference=reference,
     )
     log.info(
         "tuned: validation Recall@1 %.3f (frozen %.3f) in %.1f s; index over the projected vectors in %s",
@@ -140,8 +148,9 @@ def _tune_partial(
     progress: bool,
     on_epoch: Callable[[dict], None] | None,
     cache_dir: str | Path | None = None,
-) -> TrainResult:
-    """Partial fine-tune on the collection's photos; its vectors, from the cache, into `projected`."""
+) -> tuple[TrainResult, tuple[np.ndarray, np.ndarray] | None]:
+    """Partial fine-tune on the collection's photos; its vectors, from the cache, into `projected`. Returns
+    the result and, after a refit, (ids sorted, vectors) of the collection by the network before it."""
     flip = bool(emb.provenance["preprocessing"].get("flip"))
     if s.crop != emb.provenance["preprocessing"]["crop"] or s.backbone != emb.provenance["backbone"]:
         s = s.override(crop=emb.provenance["preprocessing"]["crop"], backbone=emb.provenance["backbone"])
@@ -179,4 +188,7 @@ def _tune_partial(
     derive_embeddings(
         emb.folder, projected, prov, lambda rows: run.embeddings[[row_of[int(i)] for i in rows.ids]]
     )
-    return run.result
+    if run.calibration is None:
+        return run.result, None
+    order = np.argsort(emb.ids)
+    return run.result, (emb.ids[order], run.calibration[order])
