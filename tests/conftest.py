@@ -114,6 +114,21 @@ def dev_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "emb"
 
 
+@pytest.fixture(scope="session")
+def unlabelled_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of 12 real photos with no labels at all (a folder of listings: listing-01.jpg, ...)."""
+    from carsearch.embed import embed_dataset
+    from carsearch.index.build import build_index
+
+    folder = tmp_path_factory.mktemp("unlabelled")
+    (folder / "photos").mkdir()
+    for i in range(1, 13):
+        shutil.copyfile(DEV / "images" / f"{i:05d}.jpg", folder / "photos" / f"listing-{i:02d}.jpg")
+    embed_dataset(folder / "photos", folder / "emb", backbone="efficientnet_lite0", progress=False)
+    build_index([folder / "emb"], folder / "idx")
+    return folder / "idx"
+
+
 @contextlib.contextmanager
 def live_server(app) -> Iterator[str]:
     """Run an ASGI app with uvicorn on a free loopback port in a thread; yield its base URL."""

@@ -36,10 +36,23 @@ def _post(client: TestClient, data: bytes, params: str = "", name: str = "car.jp
     return client.post(f"/api/search{params}", files={"image": (name, data, "image/jpeg")})
 
 
+def one_answer(response) -> dict:
+    """The one photo's answer in a 200 of API version 2 (any client's response: TestClient, httpx)."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["api_version"] == 2 and len(body["results"]) == 1, body
+    return body["results"][0]
+
+
 def test_search_response_shape(client: TestClient) -> None:
     r = _post(client, PHOTO.read_bytes(), "?k=7&level=model")
     assert r.status_code == 200, r.text
-    body = r.json()
+    whole = r.json()
+    # One shape for any number of photos: the request's settings, then one answer per photo.
+    assert set(whole) == {"api_version", "k", "level", "filter", "results"}
+    assert whole["api_version"] == 2 and whole["k"] == 7 and whole["level"] == "model"
+    assert whole["filter"] is None and len(whole["results"]) == 1
+    body = whole["results"][0]
     assert {
         "query",
         "label",
@@ -57,8 +70,21 @@ def test_search_response_shape(client: TestClient) -> None:
         f"/images/{n['id']}?v="
     )
     assert isinstance(body["unknown"], bool) and 0 < body["confidence"] <= 1
-    make = _post(client, PHOTO.read_bytes(), "?level=make").json()
+    assert body["note"] is None and body["error"] is None
+    assert {"make", "model", "year", "display"} <= set(body) and body["display"] == "Audi TTS Coupe 2012"
+    make = one_answer(_post(client, PHOTO.read_bytes(), "?level=make"))
     assert make["label"] == "Audi" and len(make["neighbors"]) == 20
+    # Two photos: the same shape, an answer each, in order; one that is no image holds its error.
+    two = client.post(
+        "/api/search?k=3&make=audi",
+        files=[("image", ("a.jpg", PHOTO.read_bytes())), ("image", ("b.txt", b"not a photo"))],
+    )
+    assert two.status_code == 200, two.text
+    both = two.json()
+    assert set(both) == set(whole) and both["api_version"] == 2 and both["filter"]["make"] == ["audi"]
+    first, second = both["results"]
+    assert first["query"] == "a.jpg" and len(first["neighbors"]) == 3 and first["error"] is None
+    assert second == {"query": "b.txt", "error": second["error"]} and "not_an_image" in second["error"]
 
 
 def test_info_health_page(client: TestClient) -> None:
@@ -105,15 +131,15 @@ def test_images_by_id_only(client: TestClient, index_dir: Path) -> None:
 def test_limits(client: TestClient) -> None:
     # Too large: 413 (2 MB limit in this app).
     big = _post(client, b"\xff" * 3_000_000)
-    assert big.status_code == 413 and "larger than 2 MB" in big.json()["detail"]
+    assert big.status_code == 413 and "larger than 2 MB" in big.json()["error"]
     # Not an image: 400.
     r = _post(client, b"just some text")
-    assert r.status_code == 400 and "not_an_image" in r.json()["detail"]
+    assert r.status_code == 400 and "not_an_image" in r.json()["error"]
     # Over the pixel limit (20 Mpx here): 400, refused from the header.
     huge = io.BytesIO()
     Image.new("L", (6000, 4000)).save(huge, "PNG")
     r = _post(client, huge.getvalue(), name="huge.png")
-    assert r.status_code == 400 and "too_many_pixels" in r.json()["detail"]
+    assert r.status_code == 400 and "too_many_pixels" in r.json()["error"]
     # k out of range, bad level: 422.
     for params in ("?k=0", "?k=201", "?k=abc", "?level=trim"):
         assert _post(client, PHOTO.read_bytes(), params).status_code == 422, params
@@ -168,12 +194,12 @@ def test_413_is_answered_while_reading(index_dir: Path) -> None:
 
 def test_concurrent_requests_agree(client: TestClient) -> None:
     photos = [DEV / "images" / f"{i:05d}.jpg" for i in (1, 2, 3, 4)]
-    expected = {p.name: _post(client, p.read_bytes(), "?k=5").json()["neighbors"][0]["id"] for p in photos}
+    expected = {
+        p.name: one_answer(_post(client, p.read_bytes(), "?k=5"))["neighbors"][0]["id"] for p in photos
+    }
 
     def one(p: Path) -> tuple[str, int]:
-        r = _post(client, p.read_bytes(), "?k=5", name=p.name)
-        assert r.status_code == 200
-        return p.name, r.json()["neighbors"][0]["id"]
+        return p.name, one_answer(_post(client, p.read_bytes(), "?k=5", name=p.name))["neighbors"][0]["id"]
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, photos * 6))
@@ -231,7 +257,64 @@ def test_uploads_have_their_own_lower_pixel_limit(index_dir: Path) -> None:
     app = create_app(searcher=Searcher.open(index_dir))
     with TestClient(app) as c:
         r = c.post("/api/search", files={"image": ("big.png", buf.getvalue())})
-        assert r.status_code == 400 and "too_many_pixels" in r.json()["detail"]
+        assert r.status_code == 400 and "too_many_pixels" in r.json()["error"]
     roomy = create_app(searcher=Searcher.open(index_dir), max_pixels=60_000_000, max_decodes=1)
     with TestClient(roomy) as c:
         assert c.post("/api/search", files={"image": ("big.png", buf.getvalue())}).status_code == 200
+
+
+def test_every_refusal_is_one_sentence_in_one_format(client: TestClient) -> None:
+    """The app's own refusals, FastAPI's parameter validation (k=0 was a raw pydantic list) and Starlette's
+    routing all answer {"error": one sentence, "status": the code}."""
+    photo = PHOTO.read_bytes()
+    two_texts = [("image", ("a.txt", b"one")), ("image", ("b.txt", b"two"))]
+    cases = [
+        (_post(client, photo, "?k=0"), 422, "k should be greater than or equal to 1 (got 0)."),
+        (_post(client, photo, "?k=201"), 422, "k should be less than or equal to 200 (got 201)."),
+        (_post(client, photo, "?k=abc"), 422, "k should be a valid integer"),
+        (_post(client, photo, "?level=trim"), 422, "level should be 'model', 'make' or 'year' (got trim)."),
+        (_post(client, photo, "?k=0&level=trim"), 422, "(got 0); level should be"),
+        (_post(client, photo, "?year=20x1"), 400, "year '20x1'"),
+        (_post(client, b"just some text", name="notes.txt"), 400, "not_an_image"),
+        (
+            client.post("/api/search", files=two_texts),
+            400,
+            "none of the 2 photos can be used; the first, a.txt",
+        ),
+        (client.post("/api/search", files={"photo": ("a.jpg", photo)}), 400, "multipart field 'image'"),
+        (client.post("/api/search", content=photo, headers={"content-type": "image/jpeg"}), 400, "multipart"),
+        (_post(client, b"\xff" * 3_000_000), 413, "larger than 2 MB"),
+        (client.get("/images/abc"), 422, "image_id should be a valid integer"),
+        (client.get("/images/1?size=5000"), 422, "size should be less than or equal to"),
+        (client.get("/images/987654321"), 404, "987654321"),
+        (client.get("/api/nothing"), 404, "GET /api/nothing: not found"),
+        (client.get("/api/search"), 405, "GET /api/search: method not allowed"),
+        (client.post("/api/images", files={"image": ("a.jpg", photo)}), 403, "--token"),
+    ]
+    for r, status, words in cases:
+        body = r.json()
+        assert r.status_code == status and body == {"error": body.get("error"), "status": status}, (
+            words,
+            r.text,
+        )
+        assert isinstance(body["error"], str) and words in body["error"], (words, body)
+        assert "\n" not in body["error"] and "{" not in body["error"], body  # a sentence, not a record
+
+
+def test_empty_and_unvoted_lists_say_why(client: TestClient, unlabelled_index: Path) -> None:
+    none = one_answer(_post(client, PHOTO.read_bytes(), "?make=Trabant"))
+    assert none["neighbors"] == [] and none["label"] is None and none["top5"] == []
+    assert none["note"] == "no indexed car passes the filter (make Trabant): widen or clear it."
+    few = one_answer(_post(client, PHOTO.read_bytes(), "?k=200&make=audi"))
+    assert 0 < len(few["neighbors"]) < 200 and "pass the filter" in few["note"]
+    info = client.get("/api/info").json()
+    assert info["api_version"] == 2 and info["labelled"] is True
+    assert info["fields"] == {"make": True, "model": True, "year": True}
+    with TestClient(create_app(searcher=Searcher.open(unlabelled_index))) as bare:
+        info = bare.get("/api/info").json()
+        assert info["labelled"] is False and info["fields"] == {"make": False, "model": False, "year": False}
+        five = one_answer(bare.post("/api/search?k=5", files={"image": ("car.jpg", PHOTO.read_bytes())}))
+        assert five["label"] is None and len(five["neighbors"]) == 5
+        assert five["note"].startswith("the index has no labels") and five["neighbors"][0]["score"] > 0.999
+        many = one_answer(bare.post("/api/search?k=20", files={"image": ("car.jpg", PHOTO.read_bytes())}))
+        assert many["note"].startswith("the index has no labels") and "holds only 12 images" in many["note"]

@@ -119,7 +119,8 @@ def serve(
 
     \b
     POST /api/search        multipart field(s) `image`; ?k=1..200&level=model|make|year
-                            &make=BMW,Audi&model=...&year=2010-
+                            &make=BMW,Audi&model=...&year=2010-  ->  {"api_version": 2,
+                            "results": [one answer per photo]}; refusals {"error", "status"}
     GET  /images/{id}       an indexed image by id (?size=N for a thumbnail)
     GET  /metrics           Prometheus metrics
     GET  /api/info, /healthz, /api/docs, /  (the page)

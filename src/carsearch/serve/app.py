@@ -1,6 +1,11 @@
 """FastAPI app: POST /api/search, GET /images/{id}, GET /api/info, GET /healthz, GET /metrics, GET / (the
 page), and with a token POST /api/images, DELETE /api/images/{id}, POST /api/reload.
 
+One answer shape for any number of photos (API_VERSION 2): `{"api_version": 2, "k", "level", "filter",
+"results": [one object per photo]}`; a photo that cannot be used holds `error` in place of its answer, a
+request none of whose photos can be used is refused. Every refusal is `{"error": sentence, "status": code}`
+(serve/refusals.py); an empty or unvoted list comes with a `note` that says why.
+
 Concurrency: one Searcher is shared by every request. Uploads are decoded in FastAPI's thread pool (at
 most `max_decodes` at once) and framed to the network's input; concurrent queries then share forward
 passes (serve/batcher.py); faiss searches run concurrently under a read lock that live changes take
@@ -33,7 +38,7 @@ from carsearch.errors import CarsearchError
 from carsearch.index.store import is_image_id
 from carsearch.search import Searcher
 from carsearch.search.filters import Filter
-from carsearch.serve import memory
+from carsearch.serve import memory, refusals
 from carsearch.serve.batcher import Batcher
 from carsearch.serve.limits import read_form
 from carsearch.serve.live import LiveIndex
@@ -47,6 +52,10 @@ DEFAULT_MAX_UPLOAD = int(defaults.MAX_UPLOAD_MB * 1e6)
 MAX_K = defaults.SERVE_MAX_K
 THUMB_MAX = defaults.THUMB_MAX
 BIG_DECODE = 4_000_000  # pixels: after such a decode, hand freed memory back to the OS
+# The answer's version. 1: one photo answered by its object, several by {"results": [...]}, FastAPI's
+# own 422 records. 2: {"api_version", "k", "level", "filter", "results": [...]} for any number of photos,
+# every refusal {"error", "status"}, a `note` on every empty or unvoted list.
+API_VERSION = 2
 
 
 def create_app(
@@ -87,6 +96,7 @@ def create_app(
         Batcher(s.embed_arrays, batch_size, batch_wait_ms / 1000, metrics.batch) if batch_size > 1 else None
     )
     app = FastAPI(title="carsearch", version=__version__, docs_url="/api/docs", redoc_url=None)
+    refusals.install(app)
     app.add_middleware(BodyDeadline, seconds=body_timeout)
     app.add_middleware(Observe, metrics=metrics)  # outermost: sees every request, 408s and 413s included
     app.state.live, app.state.metrics = live, metrics
@@ -127,12 +137,15 @@ def create_app(
             "recall@10": (i.get("recall") or {}).get("measured"),
             "openset": i.get("openset"),
             "labelled": bool(any(s.bundle.gallery.labels)),
+            # which filters can apply: the fields some indexed photo has (the page hides the others)
+            "fields": {f: bool(any(getattr(s.bundle.gallery, f))) for f in ("make", "model", "year")},
             "makes": sorted({str(m) for m in s.bundle.gallery.make if m})[:500],
             "max_upload_bytes": max_upload_bytes,
             "max_k": MAX_K,
             "batching": {"max_batch": batch_size, "max_wait_ms": batch_wait_ms} if batcher else None,
             "writes": token is not None,
             "version": __version__,
+            "api_version": API_VERSION,
         }
 
     @app.api_route("/metrics", methods=["GET"])
@@ -164,9 +177,23 @@ def create_app(
         await form.close()
         from starlette.concurrency import run_in_threadpool
 
-        if len(files) == 1:
-            return await run_in_threadpool(_classify, *files[0], k, level, where)
-        return {"results": await run_in_threadpool(_classify_many, files, k, level, where)}
+        asked = (("make", make), ("model", model), ("year", year))
+        wanted = "; ".join(f"{f} {v.strip()}" for f, v in asked if v and v.strip())  # for the note
+        results = await run_in_threadpool(_classify_many, files, k, level, where, wanted)
+        if all(r["error"] for r in results):
+            if len(results) == 1:
+                raise HTTPException(400, results[0]["error"])
+            name, why = results[0]["query"], results[0]["error"]
+            raise HTTPException(
+                400, f"none of the {len(results)} photos can be used; the first, {name}: {why}"
+            )
+        return {
+            "api_version": API_VERSION,
+            "k": k,
+            "level": level,
+            "filter": where.to_json() if where else None,
+            "results": results,
+        }
 
     def frame(data: bytes) -> np.ndarray:
         """Decode an upload (inside a decode slot) and frame it to the network's input: a small array."""
@@ -195,23 +222,29 @@ def create_app(
     def embed_one(data: bytes) -> np.ndarray:
         return embed_async(data).result()
 
-    def _answer(vector: np.ndarray, name: str, k: int, level: str, where: Filter | None) -> dict:
+    def _answer(vector: np.ndarray, name: str, k: int, level: str, where: Filter | None, wanted: str) -> dict:
         with live.lock.read():
             result = s.classify(vector[None], k=k, level=level, where=where)[0]
             urls = [image_url(n.id) for n in result.neighbors]  # the same version of the index
+            unvoted = result.label is None and bool(result.neighbors)
+            labelled = not unvoted or bool(any(s.bundle.gallery.labels))
         body = asdict(result)
         body["query"] = name
-        if where:
-            body["filter"] = where.to_json()
         for n, url in zip(body["neighbors"], urls, strict=True):
             n["image_url"] = url
+        if not result.neighbors and where:
+            body["note"] = f"no indexed car passes the filter ({wanted}): widen or clear it."
+        elif unvoted:
+            why = (
+                f"none of these {len(result.neighbors)} cars has a {level} label, so none is voted."
+                if labelled
+                else "the index has no labels: these are the most similar photos, with no make or model vote."
+            )
+            body["note"] = f"{why.rstrip('.')}; {body['note']}" if body["note"] else why  # and any shortfall
         return body
 
-    def _classify(data: bytes, name: str, k: int, level: str, where: Filter | None) -> dict:
-        return _answer(embed_one(data), name, k, level, where)
-
     def _classify_many(
-        files: list[tuple[bytes, str]], k: int, level: str, where: Filter | None
+        files: list[tuple[bytes, str]], k: int, level: str, where: Filter | None, wanted: str
     ) -> list[dict]:
         # All submitted before any is awaited: a request's images share forward passes too.
         pending: list[Future | str] = []
@@ -225,7 +258,7 @@ def create_app(
             if isinstance(p, str):
                 out.append({"query": name, "error": p})
             else:
-                out.append(_answer(p.result(), name, k, level, where))
+                out.append(_answer(p.result(), name, k, level, where, wanted))
         return out
 
     add_write_routes(app, live, token, embed=embed_one, max_upload_bytes=max_upload_bytes)

@@ -88,13 +88,14 @@ async function search(blob, name) {
     const resp = await fetch(`/api/search?${params}`, { method: "POST", body: form });
     const body = await resp.json();
     if (!resp.ok) {
-      $("status").textContent = typeof body.detail === "string" ? body.detail : "the search failed";
+      $("status").textContent = body.error || "the search failed";
       return;
     }
+    const r = body.results[0];  // API version 2: one answer per photo
     searches += 1;
     document.body.dataset.searches = String(searches);
-    showPrediction(body);
-    showResults(body);
+    showPrediction(r);
+    showResults(r);
   } catch (e) {
     $("status").textContent = `the search failed: ${e}`;
   } finally {
