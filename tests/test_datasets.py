@@ -221,3 +221,33 @@ def test_labels_are_unicode_normalised(tmp_path: Path) -> None:
     for typed in ("Citroën", decomposed.split()[0], "CITROËN", "citroën"):
         assert Filter.parse(make=typed).mask(make, model, year).tolist() == [True, True, False], typed
     assert Record("a.jpg", label=decomposed).label == composed
+
+
+def test_dataset_command_lists_class_ids(tmp_path: Path) -> None:
+    """Issue 20, item 9: `carsearch dataset` lists each class's id (what bench --known-classes and
+    --test-classes take), with its name and image count; a VMMRdb folder's ids number its folder names."""
+    import json
+
+    from click.testing import CliRunner
+
+    from carsearch.cli import cli
+
+    rows = pick([14, 1, 50], 3)
+    root = _folders(
+        tmp_path / "vmmrdb",
+        {"honda_civic_2005": rows[:3], "audi_tts coupe_2012": rows[3:5], "mercedes benz_c230_2003": rows[5:]},
+    )
+    info = json.loads(CliRunner().invoke(cli, ["dataset", str(root), "--json"]).stdout)
+    assert info["class_ids"] == [
+        {"id": 1, "label": "audi_tts coupe_2012", "images": 2},
+        {"id": 2, "label": "honda_civic_2005", "images": 3},
+        {"id": 3, "label": "mercedes benz_c230_2003", "images": 4},
+    ]
+    assert {(c["id"], c["label"]) for c in info["class_ids"]} == {
+        (r.class_id, r.label) for r in read_dataset(root).records
+    }
+    human = CliRunner().invoke(cli, ["dataset", str(root)]).stdout
+    assert "class ids (bench --known-classes / --test-classes take them):" in human
+    assert "      2  honda_civic_2005 (3 images)" in human
+    stanford = json.loads(CliRunner().invoke(cli, ["dataset", str(DEV), "--json"]).stdout)["class_ids"]
+    assert len(stanford) == 196 and stanford[13] == {"id": 14, "label": "Audi TTS Coupe 2012", "images": 29}

@@ -243,13 +243,15 @@ def backbones(as_json: bool) -> None:
 @dataset_options
 @json_option
 def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json: bool) -> None:
-    """Show how DATA_DIR is read: layout, image and class counts, a few parsed records."""
+    """Show how DATA_DIR is read: layout, image and class counts, a few parsed records, and each class's id
+    (what `bench --known-classes / --test-classes` take)."""
     from collections import Counter
 
     from carsearch.datasets import read_dataset
 
     ds = read_dataset(data_dir, format, labels_file=labels, split=split)
     classes = Counter(r.label for r in ds.records if r.label)
+    ids = Counter((r.class_id, r.label) for r in ds.records if r.label)
     info = {
         "root": str(ds.root),
         "format": ds.format,
@@ -262,6 +264,7 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
             {"path": r.path, "label": r.label, "make": r.make, "model": r.model, "year": r.year}
             for r in ds.records[:: max(1, len(ds.records) // 5)][:5]
         ],
+        "class_ids": [{"id": c, "label": label, "images": n} for (c, label), n in sorted(ids.items())],
     }
     emit(
         info,
@@ -272,6 +275,12 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
             + (f"; left out (not images): {left_out_text(i['left_out'])}" if i["left_out"] else "")
             + "\n"
             + "\n".join(f"  {e['path']}: {e['make']} | {e['model']} | {e['year']}" for e in i["examples"])
+            + (
+                "\nclass ids (bench --known-classes / --test-classes take them):\n"
+                + "\n".join(f"  {c['id']:>5}  {c['label']} ({c['images']} images)" for c in i["class_ids"])
+                if i["class_ids"]
+                else ""
+            )
         ),
     )
 
