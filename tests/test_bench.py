@@ -16,7 +16,7 @@ from carsearch.bench.runner import BenchSettings, run_bench
 from carsearch.cli import cli
 from carsearch.embed import load_embeddings
 from carsearch.errors import CarsearchError
-from carsearch.eval.splits import stratified_split
+from carsearch.eval.splits import class_range, stratified_split
 
 FACTORIES = ["Flat", "HNSW32", "IVF16,Flat", "IVF16,PQ40"]
 
@@ -127,6 +127,7 @@ def test_zero_shot_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> No
     np.fill_diagonal(sims, -np.inf)  # a query never retrieves itself
     order = np.argsort(-sims, axis=1)
     z = bench[0]["zeroshot"]
+    assert bench[0]["class_split"]["how"] == "cars196" and z["test_classes"] == "99-196"
     assert z["queries"] == len(test)
     for k in (1, 2, 4, 8):
         expected = np.mean([(c[order[i, :k]] == c[i]).any() for i in range(len(test))])
@@ -272,3 +273,195 @@ def test_confusion_and_confidence_come_from_exact_search_without_flat(
     assert pq["closed"]["IVF16,PQ40"]["model"]["top1"] != flat["closed"]["Flat"]["model"]["top1"]
     assert pq["confusion"] == flat["confusion"]
     assert pq["closed_confidence_curve"] == flat["closed_confidence_curve"]
+
+
+# --- a collection that is not Stanford Cars: small, VMMRdb-style folders ------------------------------------
+
+VMMRDB_CLASSES = [1, 14, 30, 45, 60, 75, 90, 105, 120, 135, 150, 165]
+
+
+@pytest.fixture(scope="module")
+def vmmrdb_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VMMRdb-style folder (make_model_year/) of 12 classes x 10 real photos (linked), embedded with lite0:
+    its class ids are carsearch's numbering of the folder names, 1-12, not Cars196's."""
+    from carsearch.embed import embed_dataset
+    from tests.conftest import DEV, pick
+
+    root = tmp_path_factory.mktemp("vmmrdb")
+    for row in pick(VMMRDB_CLASSES, 10):
+        *make_model, year = row["class_name"].replace("/", "-").split()
+        folder = root / "data" / f"{make_model[0].lower()}_{' '.join(make_model[1:]).lower()}_{year}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / Path(row["image"]).name).symlink_to(DEV / row["image"])
+    embed_dataset(root / "data", root / "emb", backbone="efficientnet_lite0", progress=False)
+    return root / "emb"
+
+
+def test_default_index_types_leave_out_what_the_gallery_cannot_train() -> None:
+    """Issue 20, item 8: 8-bit PQ (IVF-PQ, OPQ+IVF-PQ) below 39 x 256 training vectors, IVF below two
+    lists of 39, are left out and each is named with the reason; at faiss's minimum they are kept."""
+    from carsearch.bench.indexes import default_factories
+
+    kept, left_out = default_factories(400, 1280)
+    assert kept == ["Flat", "HNSW32", "IVF8,Flat"]
+    assert list(left_out) == ["IVF8,PQ80", "OPQ80_320,IVF8,PQ80"]
+    assert all("9,984 training vectors" in why and "holds 400" in why for why in left_out.values())
+    kept, left_out = default_factories(9_984, 1280)
+    assert left_out == {} and kept == [
+        "Flat",
+        "HNSW32",
+        "IVF256,Flat",
+        "IVF256,PQ80",
+        "OPQ80_320,IVF256,PQ80",
+    ]
+    assert "IVF128,PQ80" in default_factories(9_983, 1280)[1]
+    kept, left_out = default_factories(77, 2048)
+    assert kept == ["Flat", "HNSW32"] and list(left_out) == [
+        "IVF1,Flat",
+        "IVF1,PQ128",
+        "OPQ128_512,IVF1,PQ128",
+    ]
+    assert "78 training vectors" in left_out["IVF1,Flat"]
+
+
+def test_the_pq_minimum_is_where_faiss_stops_warning() -> None:
+    """The oracle for the threshold above is faiss itself: training 8-bit PQ codebooks on 39 x 256 vectors
+    prints no 'please provide at least' warning, on one vector fewer it does."""
+    import faiss
+
+    from carsearch.index.factory import captured_stderr
+
+    x = np.random.default_rng(0).standard_normal((9_984, 4)).astype(np.float32)
+    for n, warned in ((9_984, False), (9_983, True)):
+        pq = faiss.IndexPQ(4, 1, 8)  # one sub-quantizer of 8 bits: 256 centroids
+        pq.pq.cp.niter = 1  # the warning comes before the first iteration
+        with captured_stderr() as lines:
+            pq.train(x[:n])
+        assert any("please provide at least 9984 training points" in line for line in lines) == warned, lines
+
+
+def test_bench_of_a_small_vmmrdb_collection_with_default_types_and_classes(
+    vmmrdb_embeddings: Path, tmp_path: Path
+) -> None:
+    """Issue 20, items 8 and 9: `carsearch bench` with the default index types and class ranges on a small
+    VMMRdb folder ends: the PQ types it cannot train are left out and named, Cars196's class ranges (which
+    do not fit) give way to a seeded half split of its own classes, said in the output, and the report ends
+    with a recommendation. (Peers, sweeps and plots, which the issue does not touch, are off for speed.)"""
+    out = tmp_path / "r"
+    result = CliRunner().invoke(
+        cli,
+        ["bench", str(vmmrdb_embeddings), "--out", str(out), "--no-peers", "--no-sweep", "--no-plots"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    emb = load_embeddings(vmmrdb_embeddings)
+    ids = sorted(np.unique(emb.class_ids).tolist())
+    assert ids == list(range(1, 13))
+
+    assert list(report["index"]) == ["Flat", "HNSW32", "IVF2,Flat"]
+    assert list(report["index_left_out"]) == ["IVF2,PQ80", "OPQ80_320,IVF2,PQ80"]
+    md = (out / "report.md").read_text()
+    assert "- `IVF2,PQ80`: 8-bit product quantisation" in md and "- `OPQ80_320,IVF2,PQ80`:" in md
+    assert "IVF2,PQ80                    left out" in result.stdout
+
+    split = report["class_split"]
+    known, test = class_range(split["known"]), class_range(split["test"])
+    assert split["how"] == "halves" and not known & test and known | test == set(ids) and len(known) == 6
+    assert "does not fit this collection" in split["note"] and "seed 0" in split["note"]
+    assert "classes: Cars196's class split" in result.stdout and "**Classes:**" in md
+    in_test = np.isin(emb.class_ids, sorted(test))
+    assert (
+        report["zeroshot"]["queries"] == in_test.sum() and report["zeroshot"]["test_classes"] == split["test"]
+    )
+    gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
+    assert report["openset"]["unknown_queries"] == in_test[qry].sum()
+    assert report["openset"]["gallery"] == (~in_test[gal]).sum()
+
+    rec = report["recommendation"]
+    assert rec["factory"] in report["index"] and report["index"][rec["factory"]]["recall@10"] >= 0.95
+    assert md.rstrip().split("\n")[-3:-1] == ["## Recommendation", ""]
+    assert md.rstrip().endswith(rec["why"]) and f"recommended: {rec['factory']}" in result.stdout
+
+
+def test_class_ranges_given_that_do_not_fit_stop_before_measuring(
+    vmmrdb_embeddings: Path, tmp_path: Path
+) -> None:
+    """Ranges given by hand are kept; when the collection has no image in them the bench stops at once,
+    naming the class ids it has, and writes nothing."""
+    for args, said in (
+        (["--test-classes", "99-196"], "the zero-shot test classes 99-196 hold fewer than two images"),
+        (["--known-classes", "1-98", "--test-classes", "5-6"], "the known classes 1-98 are all"),
+    ):
+        result = CliRunner().invoke(
+            cli, ["bench", str(vmmrdb_embeddings), "--out", str(tmp_path / "r"), *args]
+        )
+        assert result.exit_code == 1 and said in result.stderr, result.output
+        assert "its class ids are 1-12 (`carsearch dataset DATA_DIR` lists them)" in result.stderr
+        assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_class_split_choice() -> None:
+    """Cars196's ranges when they fit; a range given alone takes the other classes as its counterpart;
+    otherwise seeded halves (same seed, same halves), and why Cars196's did not fit is said."""
+    from carsearch.bench.protocols import choose_class_split
+
+    cars = np.arange(1, 197)
+    assert choose_class_split(cars, None, None, 0).how == "cars196"
+    assert choose_class_split(np.array([90, 97, 120, 150]), None, None, 0).how == "cars196"
+    one = choose_class_split(np.arange(1, 11), "1-4", None, 0)
+    assert (one.known, one.test, one.how) == ("1-4", "5-10", "given")
+    for ids, numbered, reason in (
+        (np.arange(1, 301), False, "104 of its 300 class ids lie outside 1-196 (such as 197)"),
+        (np.arange(1, 21), False, "of its 20 classes, 20 lie in 1-98 and 0 in 99-196"),
+        (cars, True, "carsearch's numbering of its class names"),
+    ):
+        split = choose_class_split(ids, None, None, 3, numbered)
+        assert split.how == "halves" and reason in split.note and "seed 3" in split.note
+        known, test = class_range(split.known), class_range(split.test)
+        assert not known & test and known | test == set(ids.tolist())
+        assert len(known) - len(test) == len(ids) % 2
+        assert choose_class_split(ids, None, None, 3, numbered) == split
+        assert choose_class_split(ids, None, None, 4, numbered).known != split.known
+    with pytest.raises(CarsearchError, match="this one has 1: run --protocol closed,index"):
+        choose_class_split(np.array([7, 7, 7]), None, None, 0)
+
+
+def test_class_spec_and_numbering() -> None:
+    from carsearch.eval.splits import class_spec, numbered_by_name
+
+    for ids in ([1, 2, 3, 7, 9, 10], [5], [1, 3, 5], list(range(99, 197))):
+        assert class_range(class_spec(ids)) == set(ids)
+    assert class_spec([3, 1, 2, 2, 7]) == "1-3,7"
+    names = np.array(["b", "a", "c", "a"], dtype=object)
+    assert numbered_by_name(names, np.array([2, 1, 3, 1]))
+    assert not numbered_by_name(names, np.array([14, 3, 99, 3]))
+
+
+def _measured(recall: float, p50: float, top1: float, mib: float = 2.0) -> dict:
+    return {
+        "recall@10": recall,
+        "p50_ms": p50,
+        "top1": top1,
+        "qps_batched": 1000 / p50,
+        "memory_bytes": mib * 2**20,
+        "build_seconds": 0.1,
+    }
+
+
+def test_recommendation_follows_the_measured_figures() -> None:
+    """Exact search unless an approximate type is 1.5x faster at the target recall and within a point of
+    kNN top-1; none at the target: the closest."""
+    from carsearch.bench.indexes import recommend
+
+    flat = _measured(1.0, 0.30, 0.72)
+    fast = {"Flat": flat, "HNSW32": _measured(0.99, 0.05, 0.72), "IVF8,Flat": _measured(0.97, 0.08, 0.72)}
+    rec = recommend(fast, 0.95)
+    assert rec["factory"] == "HNSW32" and "6.0x faster than exact search" in rec["why"]
+    close = {"Flat": flat, "HNSW32": _measured(0.99, 0.25, 0.72)}
+    rec = recommend(close, 0.95)
+    assert rec["factory"] == "Flat" and "within 1.5x" in rec["why"]
+    short = {"Flat": flat, "HNSW32": _measured(0.90, 0.05, 0.72), "IVF8,Flat": _measured(0.99, 0.05, 0.70)}
+    assert recommend(short, 0.95)["factory"] == "Flat"  # one misses the recall, the other loses top-1
+    no_flat = {"HNSW32": _measured(0.90, 0.05, 0.72), "IVF8,PQ80": _measured(0.80, 0.02, 0.65)}
+    rec = recommend(no_flat, 0.95)
+    assert rec["factory"] == "HNSW32" and "comes closest" in rec["why"]

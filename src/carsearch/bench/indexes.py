@@ -12,19 +12,101 @@ from collections.abc import Callable
 
 import numpy as np
 
+from carsearch import defaults
 from carsearch.eval.neighbors import recall_at_k
-from carsearch.index.auto import ivf_lists
+from carsearch.index.auto import human_bytes, ivf_lists
 from carsearch.index.core import Index
 from carsearch.index.factory import tunable
 
 SINGLE_QUERIES = 200  # one-at-a-time queries timed for latency percentiles
+# faiss's k-means asks for this many training vectors per centroid and warns below it ("please provide at
+# least N training points"): IVF lists and 8-bit PQ codebooks (256 centroids per sub-quantizer) are such
+# centroids. faiss.ClusteringParameters().min_points_per_centroid; index.auto.ivf_lists keeps to it.
+MIN_POINTS_PER_CENTROID = 39
+PQ_CENTROIDS = 256
 
 
-def default_factories(n: int, d: int) -> list[str]:
-    """Flat, HNSW32, IVF-Flat, IVF-PQ and OPQ+IVF-PQ sized for n vectors of dimension d."""
+def default_factories(n: int, d: int) -> tuple[list[str], dict[str, str]]:
+    """Flat, HNSW32, IVF-Flat, IVF-PQ and OPQ+IVF-PQ sized for n training vectors of dimension d, less
+    the types n vectors are too few to train: (the types kept, {type left out: why})."""
     lists = ivf_lists(n)
     m = max(8, next(m for m in range(d // 16, 0, -1) if d % m == 0))  # about 16 dimensions per code byte
-    return ["Flat", "HNSW32", f"IVF{lists},Flat", f"IVF{lists},PQ{m}", f"OPQ{m}_{4 * m},IVF{lists},PQ{m}"]
+    kept, left_out = ["Flat", "HNSW32"], {}
+    if lists >= 2:
+        kept.append(f"IVF{lists},Flat")
+    else:
+        left_out[f"IVF{lists},Flat"] = (
+            f"two inverted lists need {2 * MIN_POINTS_PER_CENTROID} training vectors "
+            f"({MIN_POINTS_PER_CENTROID} per list, faiss's minimum) and the gallery holds {n}; one list is "
+            "exact search"
+        )
+    pq_min = MIN_POINTS_PER_CENTROID * PQ_CENTROIDS
+    for factory in (f"IVF{lists},PQ{m}", f"OPQ{m}_{4 * m},IVF{lists},PQ{m}"):
+        if n >= pq_min:
+            kept.append(factory)
+        else:
+            left_out[factory] = (
+                f"8-bit product quantisation trains {PQ_CENTROIDS} centroids per sub-quantizer, which faiss "
+                f"wants {pq_min:,} training vectors for, and the gallery holds {n:,}"
+            )
+    return kept, left_out
+
+
+def recommend(measured: dict[str, dict], target_recall: float) -> dict[str, str]:
+    """The index type to use for this collection, chosen from the measured figures, and why.
+
+    Candidates reach the target recall@10 on the held-out queries and lose at most
+    defaults.RECOMMEND_MAX_TOP1_LOSS of kNN top-1 to the best type measured; the pick is the candidate
+    with the lowest median single-query latency (search and serve ask one photo at a time). Exact search
+    (Flat) stays the pick unless that one answers defaults.RECOMMEND_MIN_SPEEDUP times faster: it needs no
+    training and no tuning, and its recall is 1. No candidate: the type with the highest recall@10."""
+    if not measured:
+        return {}
+    best_top1 = max((x["top1"] for x in measured.values() if "top1" in x), default=None)
+
+    def accurate(x: dict) -> bool:
+        return best_top1 is None or x.get("top1", best_top1) >= best_top1 - defaults.RECOMMEND_MAX_TOP1_LOSS
+
+    def figures(f: str) -> str:
+        x = measured[f]
+        top1 = f", kNN top-1 {x['top1']:.1%}" if "top1" in x else ""
+        return (
+            f"recall@10 {x['recall@10']:.3f}{top1}, {x['p50_ms']:.2f} ms per query (p50), "
+            f"{x['qps_batched']:,.0f} QPS batched, {human_bytes(x['memory_bytes'])}, built in "
+            f"{x['build_seconds']:.1f} s"
+        )
+
+    candidates = [f for f, x in measured.items() if x["recall@10"] >= target_recall and accurate(x)]
+    if not candidates:
+        pick = max(measured, key=lambda f: measured[f]["recall@10"])
+        why = (
+            f"no type measured reaches recall@10 {target_recall} with kNN top-1 within "
+            f"{defaults.RECOMMEND_MAX_TOP1_LOSS:.0%} of the best; `{pick}` comes closest ({figures(pick)})."
+        )
+        return {"factory": pick, "why": why}
+    fastest = min(candidates, key=lambda f: (measured[f]["p50_ms"], measured[f]["memory_bytes"]))
+    if fastest == "Flat" or "Flat" not in candidates:
+        others = ", ".join(f"`{f}`" for f in measured if f not in candidates)
+        why = (
+            f"`{fastest}` is the fastest one query at a time of the types that reach recall@10 "
+            f"{target_recall} and keep kNN top-1 within {defaults.RECOMMEND_MAX_TOP1_LOSS:.0%} of the best: "
+            f"{figures(fastest)}." + (f" Short of that: {others}." if others else "")
+        )
+        return {"factory": fastest, "why": why}
+    speedup = measured["Flat"]["p50_ms"] / measured[fastest]["p50_ms"]
+    if speedup >= defaults.RECOMMEND_MIN_SPEEDUP:
+        why = (
+            f"`{fastest}` answers {speedup:.1f}x faster than exact search at the target recall@10 "
+            f"{target_recall} with kNN top-1 within {defaults.RECOMMEND_MAX_TOP1_LOSS:.0%} of the best: "
+            f"{figures(fastest)}; `Flat`: {figures('Flat')}."
+        )
+        return {"factory": fastest, "why": why}
+    why = (
+        f"exact search is as good a choice here: `Flat` ({figures('Flat')}) is within "
+        f"{defaults.RECOMMEND_MIN_SPEEDUP}x of the fastest type that reaches recall@10 {target_recall}, "
+        f"`{fastest}` ({figures(fastest)}), and needs no training or tuning."
+    )
+    return {"factory": "Flat", "why": why}
 
 
 def time_batched(

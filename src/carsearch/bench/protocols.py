@@ -6,6 +6,8 @@ so the same protocol measures what an index type costs in accuracy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from carsearch import defaults
@@ -20,8 +22,101 @@ from carsearch.eval.openset import (
     leave_one_out_scores,
     threshold_for_tpr,
 )
-from carsearch.eval.splits import stratified_split
+from carsearch.eval.splits import class_range, class_spec, halve_classes, stratified_split
 from carsearch.index.core import Index
+
+LIST_CLASSES = "`carsearch dataset DATA_DIR` lists them"
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """Which classes the open-set gallery knows and which the zero-shot protocol queries, and why."""
+
+    known: str  # class ids, as --known-classes takes them
+    test: str  # class ids, as --test-classes takes them
+    how: str  # "given", "cars196" (the defaults) or "halves" (the collection's own classes, seeded)
+    note: str  # one sentence for the report
+
+
+def _cars196_misfit(classes: np.ndarray, numbered: bool) -> str | None:
+    """Why Cars196's class ranges do not describe a collection with these class ids, or None if they do:
+    both ranges must hold two of its classes or more, and nothing may lie outside them."""
+    if numbered:
+        return "its class ids are carsearch's numbering of its class names, not Cars196's"
+    known, test = class_range(defaults.KNOWN_CLASSES), class_range(defaults.TEST_CLASSES)
+    outside = sorted(set(classes.tolist()) - known - test)
+    if outside:
+        return f"{len(outside)} of its {len(classes)} class ids lie outside 1-196 (such as {outside[0]})"
+    in_known, in_test = int(np.isin(classes, sorted(known)).sum()), int(np.isin(classes, sorted(test)).sum())
+    if in_known < 2 or in_test < 2:
+        return (
+            f"of its {len(classes)} classes, {in_known} lie in {defaults.KNOWN_CLASSES} and {in_test} in "
+            f"{defaults.TEST_CLASSES}"
+        )
+    return None
+
+
+def choose_class_split(
+    class_ids: np.ndarray, known: str | None, test: str | None, seed: int, numbered: bool = False
+) -> ClassSplit:
+    """The class split of the zero-shot and open-set protocols for a collection with these class ids.
+
+    Ranges given are kept; one given alone takes the collection's other classes as its counterpart.
+    None given: Cars196's (1-98 known, 99-196 test) when they fit the collection, else its own classes
+    cut in two seeded halves (eval.splits.halve_classes), and the note says so. `numbered`: the ids are
+    carsearch's numbering of the class names (eval.splits.numbered_by_name), which Cars196's never fit."""
+    classes = np.unique(class_ids[class_ids >= 0])
+    if known and test:
+        return ClassSplit(known, test, "given", "")
+    if known or test:
+        given = class_range(known or test)
+        rest = class_spec(classes[~np.isin(classes, sorted(given))])
+        flag, other = ("--known-classes", "test") if known else ("--test-classes", "known")
+        note = f"{other} classes: this collection's classes outside {flag} {known or test}, {rest or 'none'}."
+        return ClassSplit(known or rest, test or rest, "given", note)
+    misfit = _cars196_misfit(classes, numbered)
+    if misfit is None:
+        return ClassSplit(
+            defaults.KNOWN_CLASSES,
+            defaults.TEST_CLASSES,
+            "cars196",
+            f"Cars196's class split: {defaults.KNOWN_CLASSES} known, {defaults.TEST_CLASSES} test.",
+        )
+    if len(classes) < 2:
+        raise CarsearchError(
+            f"the zero-shot and open-set protocols split a collection's classes in two, and this one has "
+            f"{len(classes)}: run --protocol closed,index."
+        )
+    first, second = halve_classes(classes, seed)
+    return ClassSplit(
+        class_spec(first),
+        class_spec(second),
+        "halves",
+        f"Cars196's class split ({defaults.KNOWN_CLASSES} known, {defaults.TEST_CLASSES} test) does not fit "
+        f"this collection ({misfit}), so its {len(classes)} classes are split at random in two halves "
+        f"(seed {seed}): {len(first)} known (the open-set gallery) and {len(second)} test (zero-shot "
+        f"queries, open-set unknowns); {LIST_CLASSES}, --known-classes / --test-classes choose others.",
+    )
+
+
+def check_class_split(class_ids: np.ndarray, split: ClassSplit, protocols: tuple[str, ...]) -> None:
+    """Refuse, before anything is measured, a class split the chosen protocols cannot run on."""
+    classes = np.unique(class_ids[class_ids >= 0])
+    have = f"its class ids are {class_spec(classes)} ({LIST_CLASSES})"
+    leave = ", or leave it out to split the collection's classes in half" if split.how == "given" else ""
+    if "zeroshot" in protocols and np.isin(class_ids, sorted(class_range(split.test))).sum() < 2:
+        raise CarsearchError(
+            f"the zero-shot test classes {split.test} hold fewer than two images of this collection: {have}; "
+            f"give --test-classes among them{leave}."
+        )
+    if "openset" in protocols:
+        known = np.isin(classes, sorted(class_range(split.known)))
+        if not known.any() or known.all():
+            raise CarsearchError(
+                f"the open-set protocol needs known and unknown classes, and the known classes {split.known} "
+                f"are {'none' if not known.any() else 'all'} of this collection's: {have}; give "
+                f"--known-classes among them{leave}."
+            )
 
 
 def zero_shot(emb: EmbeddingSet, test_classes: set[int], ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:

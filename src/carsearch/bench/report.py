@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from carsearch.eval.splits import class_range
 from carsearch.index.auto import human_bytes
+
+LONGEST_CLASS_LIST = 60  # characters of class ids shown in a heading; longer lists stay in report.json
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def _classes(spec: str) -> str:
+    if len(spec) <= LONGEST_CLASS_LIST:
+        return spec
+    return f"{len(class_range(spec))} classes, listed in report.json"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -49,6 +58,7 @@ def _speed_cells(x: dict) -> list[str]:
 
 def markdown(r: dict) -> str:
     e, sp = r["embeddings"], r["split"]
+    load = r["machine"].get("load_average")
     lines = [
         "# carsearch bench report",
         "",
@@ -56,12 +66,16 @@ def markdown(r: dict) -> str:
         f"({e['weights']}), crop {e['crop']}" + (f", {e['classes']} classes" if e["classes"] else "") + ".",
         f"Split: {sp['gallery']} gallery / {sp['queries']} query images, stratified per class, "
         f"seed {sp['seed']}.",
-        f"Machine: {r['machine']['cpus']} CPUs, faiss {r['machine']['versions'].get('faiss-cpu', '?')}; "
+        f"Machine: {r['machine']['cpus']} CPUs"
+        + (f" (load average {load} as it began)" if load is not None else "")
+        + f", faiss {r['machine']['versions'].get('faiss-cpu', '?')}; "
         f"bench took {r['seconds']} s"
         + (f", peak memory {human_bytes(r['peak_rss_bytes'])}." if r.get("peak_rss_bytes") else "."),
     ]
     if r.get("note"):
         lines += ["", f"**Note:** {r['note']}"]
+    if r.get("class_split", {}).get("note"):
+        lines += ["", f"**Classes:** {r['class_split']['note']}"]
     if r.get("leakage"):
         lk = r["leakage"]
         without = lk.get("top1_without_leaked")
@@ -109,7 +123,8 @@ def markdown(r: dict) -> str:
         z = r["zeroshot"]
         lines += [
             "",
-            f"## Zero-shot retrieval (Cars196 protocol, test classes {z['test_classes']}, exact search)",
+            f"## Zero-shot retrieval (Cars196 protocol, test classes {_classes(z['test_classes'])}, "
+            "exact search)",
             "",
             *_table(
                 ["queries", "R@1", "R@2", "R@4", "R@8"],
@@ -121,7 +136,7 @@ def markdown(r: dict) -> str:
         fpr_key = next(key for key in o if key.startswith("fpr@") and key.endswith("tpr"))
         lines += [
             "",
-            f"## Open set (known classes {o['known_classes']}; score = similarity to neighbour "
+            f"## Open set (known classes {_classes(o['known_classes'])}; score = similarity to neighbour "
             f"{o['k_openset']})",
             "",
             *_table(
@@ -159,10 +174,16 @@ def markdown(r: dict) -> str:
             for f, x in r["index"].items()
         ]
         lines += _table(["index", *SPEED_COLUMNS, "kNN top-1", "kNN top-5"], rows)
+    if r.get("index_left_out"):
+        lines += ["", "Left out of the default index types, too few gallery vectors to train:", ""]
+        lines += [f"- `{f}`: {why}." for f, why in r["index_left_out"].items()]
     if r.get("peers"):
         lines += ["", "## Peers, same run, same queries", ""]
         lines += _table(["peer", *SPEED_COLUMNS], [[p["name"], *_speed_cells(p)] for p in r["peers"]])
         lines += [f"- skipped: {s}" for s in r.get("peers_skipped", [])]
     if r.get("plots"):
         lines += ["", "## Plots", "", *(f"![{name}]({file})" for name, file in r["plots"].items())]
+    if r.get("recommendation"):
+        rec = r["recommendation"]
+        lines += ["", "## Recommendation", "", f"Use `{rec['factory']}` for this collection: {rec['why']}"]
     return "\n".join(lines) + "\n"

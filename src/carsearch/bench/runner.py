@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from carsearch import SCHEMA_VERSION, defaults
-from carsearch.bench.indexes import default_factories, measure, sweep
-from carsearch.bench.protocols import open_set, zero_shot
+from carsearch.bench.indexes import default_factories, measure, recommend, sweep
+from carsearch.bench.protocols import ClassSplit, check_class_split, choose_class_split, open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.duplicates import nearest_in, search_index
 from carsearch.eval.edited_copies import confirm_leaks, photo_lookup
 from carsearch.eval.knn import knn_metrics, vote_details
 from carsearch.eval.neighbors import exact_search
-from carsearch.eval.splits import class_range, stratified_split
+from carsearch.eval.splits import class_range, numbered_by_name, stratified_split
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.index.core import Index
 from carsearch.memwatch import PeakGrowth, peak_rss_bytes
@@ -35,14 +35,17 @@ CONFUSION_CLASSES = 12
 
 @dataclass
 class BenchSettings:
-    factories: list[str] = field(default_factory=list)  # empty: default_factories() for the gallery size
+    # Empty: default_factories() for the gallery size, less the types it is too small to train.
+    factories: list[str] = field(default_factory=list)
     protocols: tuple[str, ...] = PROTOCOLS
     k: int = defaults.K_VOTE
     temperature: float = defaults.TEMPERATURE
     seed: int = defaults.SEED
     gallery_fraction: float = defaults.GALLERY_FRACTION
-    known_classes: str = defaults.KNOWN_CLASSES
-    test_classes: str = defaults.TEST_CLASSES
+    # None: Cars196's (defaults.KNOWN_CLASSES / TEST_CLASSES) where they fit the collection, else its own
+    # classes in two seeded halves (protocols.choose_class_split).
+    known_classes: str | None = None
+    test_classes: str | None = None
     openset_k: int = defaults.OPENSET_K
     tpr: float = defaults.TPR
     target_recall: float = defaults.TARGET_RECALL
@@ -107,6 +110,8 @@ def _machine() -> dict:
 
     return {
         "cpus": os.cpu_count(),
+        # Other programs' demand for the CPUs as the bench begins: above half of them, timings are noisy.
+        "load_average": round(os.getloadavg()[0], 2),
         "faiss_threads": faiss.omp_get_max_threads(),
         "torch_threads": torch.get_num_threads(),
         "versions": library_versions(),
@@ -124,6 +129,7 @@ def run_bench(
     s = settings or BenchSettings()
     t_start = time.perf_counter()
     emb = emb if emb is not None else load_embeddings(emb_dir)
+    numbered = numbered_by_name(emb.labels, emb.class_ids)  # on the whole collection, before --classes
     if s.classes:
         emb = emb.subset(np.isin(emb.class_ids, sorted(class_range(s.classes))))
     out = Path(out).expanduser().resolve()
@@ -136,11 +142,20 @@ def run_bench(
         )
     if len(emb) < 10:
         raise CarsearchError(f"{emb.folder} holds {len(emb)} embeddings; a benchmark needs at least 10.")
+    split: ClassSplit | None = None
+    if "zeroshot" in s.protocols or "openset" in s.protocols:
+        # Chosen and checked before anything is measured: a split that cannot run stops the bench now.
+        split = choose_class_split(emb.class_ids, s.known_classes, s.test_classes, s.seed, numbered)
+        check_class_split(emb.class_ids, split, s.protocols)
+        if split.note:
+            log.info("bench: %s", split.note)
     class_ids = emb.class_ids if labelled else np.arange(len(emb)) % 10
     gal, qry = stratified_split(class_ids, s.gallery_fraction, s.seed)
     if s.max_queries and len(qry) > s.max_queries:
         qry = np.sort(np.random.default_rng(s.seed).choice(qry, s.max_queries, replace=False))
-    factories = s.factories or default_factories(len(gal), emb.dim)
+    factories, left_out = (list(s.factories), {}) if s.factories else default_factories(len(gal), emb.dim)
+    for factory, why in left_out.items():
+        log.info("bench: %s left out: %s", factory, why)
     prov = emb.provenance
     report: dict = {
         "kind": "carsearch.bench",
@@ -157,7 +172,14 @@ def run_bench(
             "crop": prov.get("preprocessing", {}).get("crop"),
             "precision": prov.get("precision"),
         },
-        "settings": {**asdict(s), "factories": factories, "protocols": list(s.protocols)},
+        "settings": {
+            **asdict(s),
+            "factories": factories,
+            "protocols": list(s.protocols),
+            **({"known_classes": split.known, "test_classes": split.test} if split else {}),
+        },
+        "index_left_out": left_out,
+        **({"class_split": asdict(split)} if split else {}),
         "split": {
             "gallery": len(gal),
             "queries": len(qry),
@@ -225,10 +247,10 @@ def run_bench(
         report["peers"], report["peers_skipped"] = measure_peers(
             g_vec, q_vec, truth, s.target_recall, seed=s.seed
         )
-    if "zeroshot" in s.protocols:
-        report["zeroshot"] = {"test_classes": s.test_classes, **zero_shot(emb, class_range(s.test_classes))}
-    if "openset" in s.protocols:
-        report["openset"] = _openset(emb, s)
+    if split and "zeroshot" in s.protocols:
+        report["zeroshot"] = {"test_classes": split.test, **zero_shot(emb, class_range(split.test))}
+    if split and "openset" in s.protocols:
+        report["openset"] = _openset(emb, split.known, s)
     if flat_pred is None and "closed" in s.protocols and labelled:
         # The confusion matrix and the confidence curve describe the classifier, not an index type:
         # always from exact search, also when Flat is not among the compared factories.
@@ -243,6 +265,14 @@ def run_bench(
         without = round(float(correct[clean].mean()), 4) if clean.any() else None
         report["leakage"]["top1_without_leaked"] = without
         report["confusion"] = _confusion(emb.labels[qry], pred)
+    if report.get("index"):
+        report["recommendation"] = recommend(report["index"], s.target_recall)
+        load, cpus = report["machine"]["load_average"], report["machine"]["cpus"] or 1
+        if load >= cpus / 2:
+            report["recommendation"]["why"] += (
+                f" Other programs kept this machine busy as the bench began (load average {load} on {cpus} "
+                "CPUs), so these timings, and the choice, are noisier than an idle machine's."
+            )
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["peak_rss_bytes"] = peak_rss_bytes()
     out.mkdir(parents=True, exist_ok=True)
@@ -284,10 +314,10 @@ def _index(run: Index, q_vec: np.ndarray, truth: np.ndarray, s: BenchSettings, k
     return out
 
 
-def _openset(emb: EmbeddingSet, s: BenchSettings) -> dict:
+def _openset(emb: EmbeddingSet, known_classes: str, s: BenchSettings) -> dict:
     r = open_set(
         emb,
-        class_range(s.known_classes),
+        class_range(known_classes),
         s.openset_k,
         k=s.k,
         temperature=s.temperature,
@@ -304,4 +334,4 @@ def _openset(emb: EmbeddingSet, s: BenchSettings) -> dict:
         # Open-set accuracy: a known query counts when accepted and right, an unknown one when rejected.
         point["open_set_accuracy"] = float(((accepted & correct) | (~known & ~accepted)).mean())
         curve.append(point)
-    return {"known_classes": s.known_classes, **r, "curve": curve}
+    return {"known_classes": known_classes, **r, "curve": curve}

@@ -12,6 +12,8 @@ from carsearch.cli.common import emit, json_option
 
 def _human_bench(r: dict) -> str:
     lines = [f"report: {r['out']}/report.md ({r['seconds']} s)"]
+    if r.get("class_split", {}).get("note"):
+        lines.append(f"  classes: {r['class_split']['note']}")
     for f, c in (r.get("closed") or {}).items():
         m = c["model"]
         lines.append(
@@ -32,6 +34,11 @@ def _human_bench(r: dict) -> str:
             f"  {f:<28} R@10 {x['recall@10']:.3f}  {x['qps_batched']:,.0f} QPS batched  "
             f"p99 {x['p99_ms']:.2f} ms  {x['memory_bytes'] / 2**20:.1f} MiB"
         )
+    for f, why in (r.get("index_left_out") or {}).items():
+        lines.append(f"  {f:<28} left out: {why}")
+    if r.get("recommendation"):
+        rec = r["recommendation"]
+        lines.append(f"recommended: {rec['factory']}: {rec['why']}")
     return "\n".join(lines)
 
 
@@ -42,7 +49,8 @@ def _human_bench(r: dict) -> str:
     "--factory",
     "factories",
     multiple=True,
-    help="Index type to compare (repeat); default: Flat, HNSW32, IVF-Flat, IVF-PQ, OPQ+IVF-PQ.",
+    help="Index type to compare (repeat); default: Flat, HNSW32, IVF-Flat, IVF-PQ, OPQ+IVF-PQ, less those "
+    "the gallery has too few vectors to train (named in the report).",
 )
 @click.option(
     "--protocol",
@@ -62,7 +70,11 @@ def _human_bench(r: dict) -> str:
     "--temperature", default=defaults.TEMPERATURE, show_default=True, type=click.FloatRange(0, min_open=True)
 )
 @click.option(
-    "--seed", default=defaults.SEED, show_default=True, type=int, help="Seed of the gallery / query split."
+    "--seed",
+    default=defaults.SEED,
+    show_default=True,
+    type=int,
+    help="Seed of the gallery / query split, and of the class halves where Cars196's do not fit.",
 )
 @click.option(
     "--gallery-fraction",
@@ -74,12 +86,14 @@ def _human_bench(r: dict) -> str:
 @click.option("--classes", help="Only these class ids take part, e.g. 1-98 (default: all).")
 @click.option(
     "--known-classes",
-    default=defaults.KNOWN_CLASSES,
-    show_default=True,
-    help="openset: class ids in the gallery.",
+    help="openset: class ids in the gallery (`carsearch dataset` lists them); default: "
+    f"{defaults.KNOWN_CLASSES} (Cars196) where the collection's classes fit it, else a seeded half of them; "
+    "with --test-classes alone, the other classes.",
 )
 @click.option(
-    "--test-classes", default=defaults.TEST_CLASSES, show_default=True, help="zeroshot: class ids queried."
+    "--test-classes",
+    help=f"zeroshot: class ids queried; default: {defaults.TEST_CLASSES} (Cars196) where they fit, else the "
+    "half of the classes that --known-classes leaves.",
 )
 @click.option("--openset-k", default=defaults.OPENSET_K, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -110,8 +124,8 @@ def bench(
     seed: int,
     gallery_fraction: float,
     classes: str | None,
-    known_classes: str,
-    test_classes: str,
+    known_classes: str | None,
+    test_classes: str | None,
     openset_k: int,
     target_recall: float,
     max_queries: int | None,

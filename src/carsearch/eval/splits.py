@@ -44,3 +44,33 @@ def class_range(spec: str) -> set[int]:
         except ValueError:
             raise CarsearchError(f"{spec!r} is not a class range such as 1-98 or 1-98,120.") from None
     return out
+
+
+def class_spec(ids: np.ndarray | list[int]) -> str:
+    """The inverse of class_range: [1, 2, 3, 7, 9, 10] -> "1-3,7,9-10"."""
+    runs: list[list[int]] = []
+    for c in sorted({int(c) for c in ids}):
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def halve_classes(class_ids: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The classes present, shuffled with `seed` and cut in two halves (the first takes the odd one):
+    the open-set protocol's known classes and the zero-shot protocol's test classes when a collection has
+    no split of its own. Returns both halves sorted."""
+    classes = np.random.default_rng(seed).permutation(np.unique(class_ids[class_ids >= 0]))
+    half = (len(classes) + 1) // 2
+    return np.sort(classes[:half]), np.sort(classes[half:])
+
+
+def numbered_by_name(labels: np.ndarray, class_ids: np.ndarray) -> bool:
+    """True when the class ids are carsearch's own numbering, 1..C in the sorted order of the class names
+    (datasets.number_classes: VMMRdb folders, class folders without classes.csv), not the dataset's."""
+    labelled = class_ids >= 0
+    if not labelled.any():
+        return False
+    names = np.unique(labels[labelled])
+    return bool((np.searchsorted(names, labels[labelled]) + 1 == class_ids[labelled]).all())
