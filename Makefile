@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/data/stanford-cars-dev
 OUT    ?= demo-out
-EXTRAS := weights,openvino,serve,bench,cluster,dev
+EXTRAS := weights,openvino,onnx,serve,bench,cluster,dev
 
 .PHONY: venv demo demo-cpu-hour test lint bench chromium clean
 

@@ -52,7 +52,17 @@ def _on(r: dict) -> str:
 @dataset_options
 @click.option("--bbox-crop", is_flag=True, help="stanford layout: crop each image to its annotated box.")
 @click.option(
-    "--backbone", default=defaults.BACKBONE, show_default=True, help="Network; see `carsearch backbones`."
+    "--backbone",
+    default=defaults.BACKBONE,
+    show_default=True,
+    help="Network; see `carsearch backbones`: a registered name, or onnx:PATH, torchscript:PATH, timm:NAME.",
+)
+@click.option(
+    "--declare",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A file backbone's preprocessing and embedding point, as in the TOML beside it (wins over it): "
+    "size, resize, crop_pct, crop, mean, std, interpolation; output, layer, cut_head (README).",
 )
 @click.option(
     "--weights",
@@ -154,6 +164,7 @@ def embed(
     split: str,
     bbox_crop: bool,
     backbone: str,
+    declare: tuple[str, ...],
     weights: str | None,
     weights_sha256: str | None,
     crop: str,
@@ -182,6 +193,9 @@ def embed(
     and names the setting. Unreadable images are skipped, counted by reason and listed in failures.jsonl.
     """
     from carsearch.embed import Engine, embed_dataset
+    from carsearch.models import declare_backbone
+
+    backbone = declare_backbone(backbone, declare)  # a file backbone's full name (path, declared keys)
 
     run_on = Engine(engine, ray_address, cpus_per_worker, gpus_per_worker)
     result = embed_dataset(
@@ -225,15 +239,21 @@ def embed(
 def backbones(as_json: bool) -> None:
     """List the registered backbones: embedding size, parameters, input size, weights choices, and the
     accuracy a user can expect as published (not measured here)."""
-    from carsearch.models import list_backbones
+    from carsearch.models import FILE_KINDS, list_backbones
 
+    files = [{"name": name, "kind": "file", "description": text} for name, text in FILE_KINDS]
     emit(
-        [spec.describe() for spec in list_backbones()],
+        [spec.describe() for spec in list_backbones()] + files,
         as_json,
-        lambda rs: "\n".join(
-            f"{r['name']:<20} {r['dim']:>5}-d  {r['params_millions']:>5.1f}M params  {r['input']} px  "
-            f"weights: {', '.join(r['weights'])}\n{'':<22}{r['description']}; published: {r['published']}"
-            for r in rs
+        lambda rs: (
+            "\n".join(
+                f"{r['name']:<20} {r['dim']:>5}-d  {r['params_millions']:>5.1f}M params  {r['input']} px  "
+                f"weights: {', '.join(r['weights'])}\n{'':<22}{r['description']}; published: {r['published']}"
+                for r in rs
+                if r.get("kind") != "file"
+            )
+            + "\nnetworks from files (preprocessing declared in a TOML beside the file or by --declare):\n"
+            + "\n".join(f"{r['name']:<20} {r['description']}" for r in files)
         ),
     )
 

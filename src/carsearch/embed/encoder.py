@@ -16,7 +16,7 @@ from PIL import Image
 from carsearch import defaults
 from carsearch.embed import runtimes
 from carsearch.errors import CarsearchError, ProvenanceMismatch
-from carsearch.models import CROP_MODES, Loaded, Preprocessing, load_backbone
+from carsearch.models import CROP_MODES, Loaded, Preprocessing, get_backbone, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class Encoder:
             for p in self.model.parameters():
                 p.requires_grad_(False)
         self.runtime = runtimes.resolve_runtime(runtime, self.device)
+        own = getattr(self.model, "runtime", None)  # a network that brings its runtime: an ONNX file's
+        if own and runtime == "openvino":
+            raise CarsearchError(f"{backbone} runs in {own}, not {runtime}; use --runtime auto.")
+        if own:
+            self.runtime, self.precision = own, "fp32"  # (ONNX Runtime on the CPU: fp32)
         self._ov = None
         if self.runtime == "openvino":
             try:
@@ -116,6 +121,7 @@ class Encoder:
         dev = resolve_device(device)
         resolve_precision(precision, dev)
         runtimes.resolve_runtime(runtime, dev)
+        backbone = get_backbone(backbone).name  # a file backbone's full name: absolute path, declared keys
         loaded = load_backbone(backbone, weights, weights_sha256)
         enc = cls(loaded, backbone, crop, dev, precision, runtime=runtime)
         enc.preprocessing = enc.preprocessing.with_flip(flip)

@@ -50,6 +50,8 @@ def openvino_version() -> str | None:
 
 
 def runtime_version(runtime: str) -> str:
+    if runtime == "onnxruntime":  # the runtime an ONNX backbone brings (models/file_nets.py)
+        return metadata.version("onnxruntime")
     return (openvino_version() or "") if runtime == "openvino" else str(torch.__version__)  # not TorchVersion
 
 

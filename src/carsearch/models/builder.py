@@ -24,11 +24,14 @@ def load_backbone(name: str, weights: str | None = None, weights_sha256: str | N
                 f"{loaded.weights.sha256[:12]}..., expected {weights_sha256[:12]}...); re-embed with it."
             )
         return loaded
+    if spec.load is not None:  # a network file that carries its weights (ONNX, TorchScript)
+        return spec.load(source, weights_sha256)
     model = random_init(spec.build)
     if source.kind == "file":
         path = Path(source.value)
+        prep = spec.declared(source) if spec.declared else spec.file_preprocessing
         state, digest = read_state_dict(path, weights_sha256)
-        info, prep, what = WeightsInfo(str(path), digest, str(path)), spec.file_preprocessing, str(path)
+        info, what = WeightsInfo(str(path), digest, str(path)), str(path)
     else:
         named = spec.source(source.value)
         prep = named.preprocessing

@@ -25,7 +25,7 @@ class WeightSource:
     """A named weights choice of a backbone, with the preprocessing its network expects."""
 
     name: str
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None  # None: declared beside the weights file (BackboneSpec.declared)
     fetch: Fetch | None  # None: random init (`none`)
 
 
@@ -37,12 +37,16 @@ class BackboneSpec:
     dim: int
     description: str
     sources: tuple[WeightSource, ...]
-    file_preprocessing: Preprocessing  # for `--weights FILE.pth`
+    file_preprocessing: Preprocessing | None  # for `--weights FILE.pth` (None: `declared` says)
     build: Callable[[], nn.Module]  # the full network (classifier included), random weights
     fit_state: Callable[[nn.Module, dict, str], dict]  # a full network's state dict as this network names it
     make_headless: Callable[[nn.Module], None]  # drop the classifier in place
     params_millions: float  # of the headless network
     published: str  # what a user can expect, as published (not measured here)
+    # Backbones from files (models/file_nets.py): the preprocessing declared for a weights choice, and a
+    # network that loads itself (an ONNX or TorchScript file carries its weights).
+    declared: Callable[[ResolvedWeights], Preprocessing] | None = None
+    load: Callable[[ResolvedWeights, str | None], Loaded] | None = None
 
     @property
     def weight_choices(self) -> tuple[str, ...]:
@@ -103,6 +107,8 @@ def preprocessing_for(spec: BackboneSpec, weights: str | None) -> Preprocessing 
     """The preprocessing a weights choice implies, known without building (None for a checkpoint: its
     checkpoint.json says)."""
     r = resolve_weights(spec, weights)
+    if spec.declared is not None and r.kind != "checkpoint":
+        return spec.declared(r)
     if r.kind == "named":
         return spec.source(r.value).preprocessing
     return spec.file_preprocessing if r.kind == "file" else None
