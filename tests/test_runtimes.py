@@ -179,3 +179,27 @@ def test_resume_and_queries_across_runtimes(tmp_path: Path, small_dataset: Path)
     for i, result in zip(picked, results, strict=True):
         assert result.neighbors[0].id == rows.ids[i] and result.neighbors[0].score >= 0.999
     assert searcher.encoder.runtime == "openvino"
+
+
+def test_training_prefix_activations_agree(tmp_path: Path) -> None:
+    """The cached-prefix step of training (train/activations.py) in either runtime: same activations up to
+    bf16, the same images marked readable."""
+    from carsearch.models.cut import cut
+    from carsearch.train.activations import ActivationCache, Group, Prefix
+    from carsearch.train.settings import MIRROR, PLAIN
+
+    loaded = load_backbone("efficientnet_lite0", "imagenet")
+    split = cut(loaded.model, 2)
+    rows = pick([1, 50, 120], 2)
+    group = Group("train", (*(r["image"] for r in rows), "images/missing.jpg"), (PLAIN, MIRROR))
+    got = {}
+    for runtime in ("torch", "openvino"):
+        cache = ActivationCache(tmp_path / runtime, {"runtime test": 1})
+        cache.prepare()
+        prefix = Prefix(split.prefix, loaded.preprocessing, torch.device("cpu"), True, runtime=runtime)
+        got[runtime] = cache.load(group, DEV, prefix, progress=False)
+    (a, ok_a), (b, ok_b) = got["torch"], got["openvino"]
+    assert a.shape == b.shape and a.shape[:2] == (7, 2) and list(ok_a) == list(ok_b) == [True] * 6 + [False]
+    a, b = a[:6].float().flatten(1), b[:6].float().flatten(1)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert cos.min() >= 0.99, cos

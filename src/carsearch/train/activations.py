@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from carsearch import SCHEMA_VERSION
+from carsearch import SCHEMA_VERSION, defaults
+from carsearch.embed import runtimes
 from carsearch.embed.images import BadImage, load_image, safe_join
 from carsearch.embed.reader import decoding_workers
 from carsearch.errors import CarsearchError
@@ -44,8 +45,9 @@ AUGMENTATION = "random-resized-crop 0.35-1, flip 0.5, colour jitter 0.3/0.3/0.3/
 
 @dataclass(frozen=True)
 class Prefix:
-    """The frozen part of a cut network and how it runs: input framing, device, bf16 autocast, decoding
-    workers, images (times views) per forward pass."""
+    """The frozen part of a cut network and how it runs: input framing, device, bf16, decoding workers,
+    images (times views) per forward pass, and the runtime (embed/runtimes.py: `auto` is OpenVINO on the
+    CPU when installed; the activations of either agree as embeddings do, so they are no part of the key)."""
 
     module: torch.nn.Module
     prep: Preprocessing
@@ -53,6 +55,7 @@ class Prefix:
     bf16: bool
     workers: int = 0
     batch_size: int = 64
+    runtime: str = defaults.RUNTIME
 
 
 @dataclass(frozen=True)
@@ -160,21 +163,23 @@ class ActivationCache:
         missing = [c for c in chunks if not _chunk_path(gdir, c[0]).is_file()]
         if missing:
             todo = sum(e - s for s, e in missing)
+            prefix.module.eval()
+            compiled = _compiled(prefix)
             log.info(
-                "caching %s activations: %d images x %d views (%d of %d chunks already cached)",
+                "caching %s activations: %d images x %d views (%d of %d chunks already cached; %s)",
                 group.name,
                 todo,
                 len(group.views),
                 len(chunks) - len(missing),
                 len(chunks),
+                "OpenVINO" if compiled is not None else "PyTorch",
             )
-            prefix.module.eval()
             with (
                 decoding_workers("cached chunks are kept: run the same command again"),
                 Progress(todo, f"cache {group.name}", "img", progress) as bar,
             ):
                 for s, e in missing:
-                    _write_chunk(gdir, group, (s, e), root, prefix, bar)
+                    _write_chunk(gdir, group, (s, e), root, prefix, bar, compiled)
         parts, oks = [], []
         for s, _ in chunks:
             with np.load(_chunk_path(gdir, s)) as z:
@@ -189,9 +194,31 @@ def _chunk_path(gdir: Path, start: int) -> Path:
     return gdir / f"chunk-{start // CHUNK:05d}.npz"
 
 
+def _compiled(prefix: Prefix) -> runtimes.OpenVINONetwork | None:
+    """The prefix compiled by OpenVINO when its runtime resolves to it (None: PyTorch runs it). Converted
+    once and cached like an encoder's network, keyed by the prefix's own weights and input."""
+    runtime = runtimes.resolve_runtime(prefix.runtime, prefix.device)
+    if runtime != "openvino":
+        return None
+    precision = "bf16" if prefix.bf16 else "fp32"
+    try:
+        return runtimes.load_openvino(prefix.module, "frozen prefix", None, 0, prefix.prep, precision)
+    except runtimes.ConversionFailed as e:
+        if prefix.runtime != "auto":
+            raise CarsearchError(f"{e}; use CARSEARCH_RUNTIME=torch.") from None
+        log.warning("%s; caching the activations with PyTorch instead.", e)
+        return None
+
+
 @torch.inference_mode()
 def _write_chunk(
-    gdir: Path, group: Group, span: tuple[int, int], root: Path, prefix: Prefix, bar: Progress
+    gdir: Path,
+    group: Group,
+    span: tuple[int, int],
+    root: Path,
+    prefix: Prefix,
+    bar: Progress,
+    compiled: runtimes.OpenVINONetwork | None = None,
 ) -> None:
     start, end = span
     prep, device = prefix.prep, prefix.device
@@ -206,9 +233,12 @@ def _write_chunk(
     for items in loader:
         good = [a for a in items if a is not None]
         if good:
-            pixels = torch.from_numpy(np.concatenate(good))  # (images * views, size, size, 3)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prefix.bf16):
-                y = prefix.module(prep.normalize(pixels.to(device)))
+            pixels = np.concatenate(good)  # (images * views, size, size, 3)
+            if compiled is not None:
+                y = torch.from_numpy(compiled.features(pixels))
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prefix.bf16):
+                    y = prefix.module(prep.normalize(torch.from_numpy(pixels).to(device)))
             y = y.to(torch.bfloat16).contiguous().cpu()
             shape = y.shape[1:]
             y = y.view(len(good), len(group.views), *shape)
