@@ -1,14 +1,31 @@
 // carsearch page: upload a photo, show the vote and the most similar cars; click a car to search with it.
+// Any control change searches the current photo again (text fields after a pause, or at once on Enter);
+// only the answer to the latest request is ever shown, and each request first clears the previous answer.
 "use strict";
 const $ = (id) => document.getElementById(id);
-let searches = 0;
+const FILTERS = [["make", "f-make", "make-control"], ["model", "f-model", "model-control"], ["year", "f-year", "year-control"]];
+const TYPING_PAUSE_MS = 400;
+let current = null;   // {blob, name}: the photo the controls search again
+let sent = 0;         // requests started; an answer is shown only if it answers the latest one
+let sentParams = "";  // the parameters of the latest request
+let inflight = null;  // its AbortController
+let timer = null;     // a pending re-run after typing
+let force = false;    // the pending re-run was asked for (Enter): it runs even if nothing changed
+let searches = 0;     // answers shown (body[data-searches]); body[data-done] counts every finished request
+let done = 0;
 
 async function loadInfo() {
   try {
     const info = await (await fetch("/api/info")).json();
+    const fields = info.fields || { make: true, model: true, year: true };
     $("index-info").textContent =
       `${info.images} cars indexed · ${info.backbone} (${info.weights}) · ${info.factory}` +
+      (info.labelled ? "" : " · no labels: similar photos only") +
       (info.openset ? "" : " · no unknown-model threshold");
+    // Controls that cannot apply to this index are not offered: no labels, no vote; no makes, no make filter.
+    $("level-control").hidden = !info.labelled;
+    for (const [field, , control] of FILTERS) $(control).hidden = !fields[field];
+    $("filters").hidden = !FILTERS.some(([field]) => fields[field]);
     $("makes").replaceChildren(...(info.makes || []).map((m) => {
       const option = document.createElement("option");
       option.value = m;
@@ -20,30 +37,60 @@ async function loadInfo() {
 }
 
 function pct(x) { return `${(100 * x).toFixed(0)}%`; }
+function fixed(x) { return typeof x === "number" ? x.toFixed(3) : "?"; }
+function sentence(text) { return text ? text[0].toUpperCase() + text.slice(1) : ""; }
+function baseName(path) { return String(path || "").split(/[\\/]/).pop(); }
+
+// The request's parameters from the controls on show (a hidden control cannot apply to this index).
+function params() {
+  const p = new URLSearchParams({ k: $("k").value });
+  if (!$("level-control").hidden) p.set("level", $("level").value);
+  for (const [field, id, control] of FILTERS) {
+    const value = $(id).value.trim();
+    if (value && !$(control).hidden && !$("filters").hidden) p.set(field, value);
+  }
+  return p.toString();
+}
+
+// "make BMW · year 2010-": the filters a request was sent with, as typed.
+function filterText(query) {
+  const p = new URLSearchParams(query);
+  return FILTERS.filter(([field]) => p.has(field)).map(([field]) => `${field} ${p.get(field)}`).join(" · ");
+}
 
 function showQuery(blob, name) {
-  $("query-img").src = URL.createObjectURL(blob);
+  const img = $("query-img");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.hidden = false;
+  img.onerror = () => { img.hidden = true; };  // not an image: the name stays, the server says why
+  img.src = URL.createObjectURL(blob);
   $("query-name").textContent = name;
   $("query").hidden = false;
 }
 
-function showPrediction(r) {
+// Nothing of the previous answer may stay beside a new query.
+function clearAnswer() {
+  $("prediction").hidden = true;
+  $("votes").replaceChildren();
+  $("results").replaceChildren();
+  for (const id of ["empty", "note"]) { $(id).hidden = true; $(id).textContent = ""; }
+  $("status").textContent = "";
+}
+
+function showPrediction(r, query) {
   const label = $("label");
-  if (r.label === null) {
-    label.textContent = "no labelled neighbours";
-    label.className = "";
-  } else if (r.unknown) {
-    label.textContent = `unknown ${r.level || "model"}`;
-    label.className = "unknown";
-  } else {
-    label.textContent = r.display || r.label;  // "Land Rover Range Rover 2012", not the raw class
-    label.className = "";
-  }
+  const name = r.display || r.label;  // "Land Rover Range Rover 2012", not the raw class
+  label.textContent = r.unknown ? `unknown ${r.level || "model"}` : name;
+  label.className = r.unknown ? "unknown" : "";
+  const voters = `the ${r.neighbors.length} nearest cars`;
   $("confidence").textContent = r.unknown
-    ? `closest: ${r.display || r.label} (${pct(r.confidence)} of the vote); similarity ${r.openset_score.toFixed(3)} is below ${r.threshold.toFixed(3)}`
-    : r.label === null ? "" : `${pct(r.confidence)} of the ${r.neighbors.length} nearest cars' vote`;
-  const votes = $("votes");
-  votes.replaceChildren(...r.top5.map((v) => {
+    ? `closest: ${name} (${pct(r.confidence)} of the vote); ` +
+      (r.reason || `similarity ${fixed(r.openset_score)} is below ${fixed(r.threshold)}`)
+    : `${pct(r.confidence)} of the vote of ${voters}` + (r.reason ? `; ${r.reason}` : "");
+  const filters = filterText(query);
+  $("narrowed").textContent = filters ? `Filtered: only cars with ${filters} voted and are shown.` : "";
+  $("narrowed").hidden = !filters;
+  $("votes").replaceChildren(...r.top5.map((v) => {
     const li = document.createElement("li");
     li.className = "vote";
     li.innerHTML = `<div></div><div class="bar"><span></span></div>`;
@@ -55,8 +102,7 @@ function showPrediction(r) {
 }
 
 function showResults(r) {
-  const grid = $("results");
-  grid.replaceChildren(...r.neighbors.map((n) => {
+  $("results").replaceChildren(...r.neighbors.map((n) => {
     const card = document.createElement("button");
     card.className = "card";
     card.type = "button";
@@ -66,51 +112,102 @@ function showResults(r) {
     const thumb = new URL(n.image_url, location.href);  // image_url carries the content version (?v=)
     thumb.searchParams.set("size", "256");
     card.querySelector("img").src = thumb.pathname + thumb.search;
-    card.querySelector(".label").textContent = n.label || "(unlabelled)";
+    const name = n.label || baseName(n.path);  // an unlabelled photo is named by its file
+    card.querySelector(".label").textContent = name;
     card.querySelector(".score").textContent = `similarity ${n.score.toFixed(3)}`;
-    card.addEventListener("click", () => searchById(n.image_url, n.label || `image ${n.id}`));
+    card.addEventListener("click", () => searchById(n.image_url, name));
     return card;
   }));
 }
 
-async function search(blob, name) {
-  $("status").textContent = "";
-  showQuery(blob, name);
-  const form = new FormData();
-  form.append("image", blob, name);
-  const params = new URLSearchParams({ k: $("k").value, level: $("level").value });
-  for (const [field, id] of [["make", "f-make"], ["model", "f-model"], ["year", "f-year"]]) {
-    const value = $(id).value.trim();
-    if (value) params.set(field, value);
+function showAnswer(r, query) {
+  if (r.neighbors.length === 0) {  // say why the list is empty instead of showing nothing
+    $("empty").textContent = sentence(r.note) || "No indexed car is similar enough to show.";
+    $("empty").hidden = false;
+    return;
   }
-  document.body.dataset.busy = "1";
+  if (r.label !== null) showPrediction(r, query);
+  showResults(r);
+  if (r.note) { $("note").textContent = sentence(r.note); $("note").hidden = false; }
+}
+
+async function answerOf(resp) {
   try {
-    const resp = await fetch(`/api/search?${params}`, { method: "POST", body: form });
-    const body = await resp.json();
-    if (!resp.ok) {
-      $("status").textContent = body.error || "the search failed";
-      return;
-    }
-    const r = body.results[0];  // API version 2: one answer per photo
-    searches += 1;
-    document.body.dataset.searches = String(searches);
-    showPrediction(r);
-    showResults(r);
+    return await resp.json();
   } catch (e) {
-    $("status").textContent = `the search failed: ${e}`;
-  } finally {
-    delete document.body.dataset.busy;
+    return { error: `the server answered ${resp.status} without a readable body` };
   }
+}
+
+// Search the current photo with the controls as they are now.
+async function run() {
+  clearTimeout(timer);
+  force = false;
+  if (!current) return;
+  const query = params();
+  const mine = ++sent;
+  sentParams = query;
+  if (inflight) inflight.abort();
+  inflight = new AbortController();
+  clearAnswer();
+  document.body.dataset.busy = "1";
+  const form = new FormData();
+  form.append("image", current.blob, current.name);
+  try {
+    const resp = await fetch(`/api/search?${query}`, { method: "POST", body: form, signal: inflight.signal });
+    const body = await answerOf(resp);
+    if (mine !== sent) return;  // a newer request was started: this answer is another query's
+    const r = resp.ok ? body.results[0] : null;
+    if (!r || r.error) {
+      $("status").textContent = sentence((r || body).error || `the search failed (${resp.status})`);
+    } else {
+      searches += 1;
+      document.body.dataset.searches = String(searches);
+      showAnswer(r, query);
+    }
+  } catch (e) {
+    if (mine !== sent) return;
+    $("status").textContent = `The search failed: ${e.message || e}`;
+  } finally {
+    if (mine === sent) {
+      delete document.body.dataset.busy;
+      done += 1;
+      document.body.dataset.done = String(done);
+    }
+  }
+}
+
+function search(blob, name) {
+  current = { blob, name };
+  showQuery(blob, name);
+  return run();
+}
+
+// A control changed: search again after `wait` ms, unless nothing the request carries changed.
+function rerun(wait, always = false) {
+  clearTimeout(timer);
+  if (!current) return;
+  force = force || always;
+  timer = setTimeout(() => { if (force || params() !== sentParams) run(); }, wait);
 }
 
 async function searchById(url, name) {
   const resp = await fetch(url);
-  if (!resp.ok) { $("status").textContent = `cannot load ${name}`; return; }
+  if (!resp.ok) { $("status").textContent = `Cannot load ${name}.`; return; }
   await search(await resp.blob(), name);
 }
 
+for (const id of ["k", "level"]) $(id).addEventListener("change", () => rerun(0));
+for (const [, id] of FILTERS) {
+  $(id).addEventListener("input", () => rerun(TYPING_PAUSE_MS));
+  $(id).addEventListener("change", () => rerun(0));  // a datalist pick, or leaving the field
+  $(id).addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); rerun(0, true); }
+  });
+}
 $("file-input").addEventListener("change", (e) => {
   const f = e.target.files[0];
+  e.target.value = "";  // so that picking the same file again is a change too, and searches again
   if (f) search(f, f.name);
 });
 const drop = $("drop");
