@@ -25,7 +25,7 @@ from carsearch.eval.splits import stratified_split
 from carsearch.train.partial import knn_top1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tuned_accuracy import closed_set
+from tuned_accuracy import closed_set, zero_shot_open_set
 
 
 def main() -> None:
@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--test-image-size", type=int)
     ap.add_argument("--flip", action="store_true")
+    ap.add_argument(
+        "--zero-shot", action="store_true", help="also Recall@K on classes 99-196 and open-set AUROC (bench)"
+    )
     a = ap.parse_args()
     emb = load_embeddings(a.emb_dir)
     gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
@@ -63,6 +66,8 @@ def main() -> None:
     train, val = stratified_split(c, 0.8, 0)
     v = tuned.vectors[gal]
     r["validation_knn_top1"] = knn_top1(v[train], c[train], v[val], c[val])
+    if a.zero_shot:
+        r.update(zero_shot_open_set(a.work / "all", a.work / "bench"))
     print(json.dumps(r, indent=2))
 
 

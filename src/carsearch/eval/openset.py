@@ -1,15 +1,17 @@
 """Open-set scoring: a query far from every indexed image is "unknown" (Sun et al. 2022, kNN OOD).
 
 Score = cosine similarity to the k-th nearest indexed image; the threshold keeps a chosen share (95%)
-of queries of known classes.
+of queries of known classes. An answer that is not rejected can still be uncertain: its vote share is
+below the share that the same share of right answers reach (`uncertain_threshold`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from carsearch.defaults import TPR
+from carsearch.defaults import K_VOTE, TEMPERATURE, TPR
 from carsearch.eval.neighbors import drop_self, sample_queries
+from carsearch.eval.vote import ranked_votes
 
 
 def kth_similarity(similarities: np.ndarray, k: int) -> np.ndarray:
@@ -78,3 +80,37 @@ def leave_one_out_neighbors(
     `ids` (n,), each searched without itself."""
     sims, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k + 1)
     return drop_self(sims, found, ids, k)
+
+
+def uncertain_threshold(
+    sims: np.ndarray, found: np.ndarray, truth: np.ndarray, gallery, tpr: float = TPR
+) -> dict | None:
+    """The vote share under which a (not rejected) answer is called uncertain, set like the open-set
+    threshold: as low as the share of `tpr` of the right answers of held-out images of known classes.
+
+    `sims`, `found` (n, >= K_VOTE): each held-out image's neighbours without itself; `truth` (n,) its class
+    label. The vote is the classifier's (k K_VOTE, temperature TEMPERATURE, class level). None when fewer
+    than two held-out images were labelled and answered right."""
+    labels = gallery.level("model")
+    shares, right = [], []
+    for s, f, t in zip(sims, found, truth, strict=True):
+        ranked = ranked_votes(labels, s, gallery.rows(f), K_VOTE, TEMPERATURE)
+        if ranked and t:
+            shares.append(ranked[0][1])
+            right.append(ranked[0][0] == t)
+    shares_a, right_a = np.array(shares), np.array(right, bool)
+    if right_a.sum() < 2:
+        return None
+    threshold = threshold_for_tpr(shares_a[right_a], tpr)
+    return {
+        "share_threshold": round(threshold, 6),
+        "k": K_VOTE,
+        "temperature": TEMPERATURE,
+        "queries": len(shares_a),
+        "accuracy": round(float(right_a.mean()), 4),
+        # Of the held-out answers: the right ones called uncertain (1 - tpr by construction) and the wrong.
+        "right_flagged": round(float(np.mean(shares_a[right_a] < threshold)), 4),
+        "wrong_flagged": round(float(np.mean(shares_a[~right_a] < threshold)), 4)
+        if (~right_a).any()
+        else None,
+    }

@@ -13,8 +13,12 @@ from carsearch import defaults
 from carsearch.embed.store import MANIFEST, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.neighbors import drop_self, sample_queries
-from carsearch.eval.openset import kth_similarity, leave_one_out_neighbors, threshold_for_tpr
-from carsearch.eval.vote import ranked_votes
+from carsearch.eval.openset import (
+    kth_similarity,
+    leave_one_out_neighbors,
+    threshold_for_tpr,
+    uncertain_threshold,
+)
 from carsearch.fsutil import exclusive_lock, sha256_file
 from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
@@ -106,40 +110,6 @@ def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.nd
         out["unknown_queries"] = len(unknown)
         out["fpr"] = round(float(np.mean(unknown >= threshold)), 4)
     return out
-
-
-def uncertain_threshold(
-    sims: np.ndarray, found: np.ndarray, truth: np.ndarray, gallery, tpr: float = defaults.TPR
-) -> dict | None:
-    """The vote share under which a (not rejected) answer is called uncertain, set like the open-set
-    threshold: as low as the share of `tpr` of the right answers of held-out images of known classes.
-
-    `sims`, `found` (n, >= K_VOTE): each held-out image's neighbours without itself; `truth` (n,) its class
-    label. The vote is the classifier's (k K_VOTE, temperature TEMPERATURE, class level). None when fewer
-    than two held-out images were labelled and answered right."""
-    labels = gallery.level("model")
-    shares, right = [], []
-    for s, f, t in zip(sims, found, truth, strict=True):
-        ranked = ranked_votes(labels, s, gallery.rows(f), defaults.K_VOTE, defaults.TEMPERATURE)
-        if ranked and t:
-            shares.append(ranked[0][1])
-            right.append(ranked[0][0] == t)
-    shares_a, right_a = np.array(shares), np.array(right, bool)
-    if right_a.sum() < 2:
-        return None
-    threshold = threshold_for_tpr(shares_a[right_a], tpr)
-    return {
-        "share_threshold": round(threshold, 6),
-        "k": defaults.K_VOTE,
-        "temperature": defaults.TEMPERATURE,
-        "queries": len(shares_a),
-        "accuracy": round(float(right_a.mean()), 4),
-        # Of the held-out answers: the right ones called uncertain (1 - tpr by construction) and the wrong.
-        "right_flagged": round(float(np.mean(shares_a[right_a] < threshold)), 4),
-        "wrong_flagged": round(float(np.mean(shares_a[~right_a] < threshold)), 4)
-        if (~right_a).any()
-        else None,
-    }
 
 
 def build_index(
