@@ -267,3 +267,37 @@ def test_hub_backbone_offline_is_one_sentence(small_dataset: Path, tmp_path: Pat
     assert "cannot get the vit_base_patch16_clip_224.openai weights" in msg and "--weights PATH" in msg
     assert str(tmp_path / "hf") in msg and "efficientnet_lite0" in msg
     assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_unreachable_hub_is_said_at_once(small_dataset: Path, tmp_path: Path) -> None:
+    """No internet access (here: the hub's address refuses connections) and the weights not cached: the
+    sentence comes at once, saying the hub cannot be reached, instead of after huggingface_hub's minute
+    of retries (the subprocess's timeout is below that minute)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    for var in ("HF_HUB_OFFLINE", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "carsearch", "embed", str(small_dataset), "--out", str(tmp_path / "e")]
+    r = subprocess.run(
+        [*cmd, "--backbone", "dinov2_vits14_reg"], capture_output=True, text=True, env=env, timeout=40
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "cannot reach 127.0.0.1" in msg and "not in the cache" in msg and str(tmp_path / "hf") in msg
+    assert "--weights PATH" in msg and "efficientnet_lite0" in msg
+
+
+def test_readme_lists_every_backbone() -> None:
+    """Every backbone `carsearch backbones` shows is named in the README."""
+    from carsearch.models import list_backbones
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [spec.name for spec in list_backbones() if f"`{spec.name}`" not in readme]
+    assert not missing, f"README.md does not name {missing}"

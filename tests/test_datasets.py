@@ -223,6 +223,39 @@ def test_labels_are_unicode_normalised(tmp_path: Path) -> None:
     assert Record("a.jpg", label=decomposed).label == composed
 
 
+def test_splits_given_as_classes_are_refused_when_guessed(tmp_path: Path) -> None:
+    """A parent of train/ and test/ (each with class folders) is not two classes named "train" and "test"
+    with an empty model and year: the guess is refused, naming a folder to give; --format folders keeps
+    the reading on purpose."""
+    rows = pick([1, 14], 2)
+    for split, part in (("train", rows[0::2]), ("test", rows[1::2])):
+        _folders(tmp_path / "cars" / split, {r["class_name"]: [r] for r in part})
+    with pytest.raises(CarsearchError) as e:
+        read_dataset(tmp_path / "cars")
+    msg = str(e.value)
+    assert "2 classes named after its sub-folders ('test', 'train')" in msg and "make / model / year" in msg
+    assert str(tmp_path / "cars" / "test") in msg and "--format folders" in msg
+    assert {r.label for r in read_dataset(tmp_path / "cars", "folders").records} == {"test", "train"}
+    assert read_dataset(tmp_path / "cars" / "train").format == "folders"  # the folder it pointed to
+
+
+def test_class_names_without_make_model_year_are_said(tmp_path: Path, caplog) -> None:
+    """Free-form class folders with photos of their own are a collection (read), but the note says that
+    their names give no make / model / year; with --format folders nothing is said."""
+    import logging
+
+    rows = pick([1, 14], 2)
+    root = _folders(tmp_path / "lot", {"sedans": rows[:2], "suvs": rows[2:]})
+    with caplog.at_level(logging.WARNING, logger="carsearch"):
+        ds = read_dataset(root)
+    assert ds.format == "folders" and {r.label for r in ds.records} == {"sedans", "suvs"}
+    assert "give no make / model / year" in caplog.text and "'sedans', 'suvs'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="carsearch"):
+        read_dataset(root, "folders")
+    assert not caplog.text
+
+
 def test_dataset_command_lists_class_ids(tmp_path: Path) -> None:
     """Issue 20, item 9: `carsearch dataset` lists each class's id (what bench --known-classes and
     --test-classes take), with its name and image count; a VMMRdb folder's ids number its folder names."""

@@ -19,6 +19,9 @@ DEVICE = "auto"
 PRECISION = "auto"
 # auto: OpenVINO on the CPU when installed (the `openvino` extra), PyTorch elsewhere (embed/runtimes.py).
 RUNTIME = "auto"
+# Seconds a weights download waits for its server to answer a connection before saying it is offline
+# (instead of the library's own minute of retries).
+DOWNLOAD_PROBE_TIMEOUT = 3.0
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): batch embedding skips larger images.
 MAX_PIXELS = 89_478_485
 

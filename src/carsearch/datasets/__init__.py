@@ -7,7 +7,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from carsearch.datasets.csv_layout import read_csv
-from carsearch.datasets.folders import VMMRDB_FOLDER, read_folders, read_unlabeled, read_vmmrdb
+from carsearch.datasets.folders import (
+    VMMRDB_FOLDER,
+    check_guessed_folders,
+    read_folders,
+    read_unlabeled,
+    read_vmmrdb,
+)
 from carsearch.datasets.records import Record, split_make_model_year
 from carsearch.datasets.scan import class_folders, left_out_files, top_level_images
 from carsearch.datasets.stanford import SPLITS, devkit_dir, read_stanford
@@ -21,6 +27,7 @@ __all__ = [
     "Dataset",
     "Record",
     "detect_format",
+    "holds_photos",
     "read_dataset",
     "split_make_model_year",
 ]
@@ -66,6 +73,15 @@ def detect_format(root: Path) -> str:
     )
 
 
+def holds_photos(folder: Path) -> bool:
+    """Whether `folder` looks like a photo collection (a layout `--format auto` would read)."""
+    try:
+        detect_format(folder)
+    except (CarsearchError, OSError):
+        return False
+    return True
+
+
 def read_dataset(
     root: str | Path,
     format: str = "auto",
@@ -85,6 +101,8 @@ def read_dataset(
         records = read_csv(root, Path(labels_file).resolve() if labels_file else None)
     elif fmt == "folders":
         records = read_folders(root)
+        if format == "auto":
+            check_guessed_folders(root, records)
     elif fmt == "vmmrdb":
         records = read_vmmrdb(root)
     elif fmt == "stanford":

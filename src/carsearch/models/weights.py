@@ -1,15 +1,21 @@
-"""Reading weight files: sha256-checked, `weights_only` state dicts, strict loading, seeded random init."""
+"""Reading weight files: sha256-checked, `weights_only` state dicts, strict loading, seeded random init;
+and whether a download server can be reached at all, asked before a library retries for a minute."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+import socket
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
 
+from carsearch import defaults
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import sha256_file
 
@@ -80,3 +86,36 @@ def map_in_order(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     ):
         raise CarsearchError(f"{what} does not fit this network ({len(state)} tensors vs {len(target)}).")
     return dict(zip(target.keys(), state.values(), strict=True))
+
+
+def unreachable(url: str, timeout: float = defaults.DOWNLOAD_PROBE_TIMEOUT) -> str | None:
+    """Why `url`'s server cannot be reached ("cannot reach HOST: reason"), or None when a TCP connection to
+    it (or to the proxy the environment names for it) opens within `timeout` seconds. Asked before a
+    download whose library would retry an unreachable server for a minute before giving up."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    target = urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(host) else parts
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        via = f" through the proxy {target.hostname}:{port}" if target is not parts else ""
+        return f"cannot reach {host}{via}: {e.strerror or type(e).__name__}"
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode (its cache only, no requests) while `offline` is true."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
