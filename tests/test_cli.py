@@ -92,8 +92,14 @@ def test_embed_refusal_is_one_sentence(small_dataset: Path, tmp_path: Path) -> N
     assert CliRunner().invoke(cli, args).exit_code == 0
     result = CliRunner().invoke(cli, [*args, "--crop", "pad"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: ") and "different preprocessing" in result.stderr
+    assert result.stderr.startswith("Error: ") and "--crop squash, not --crop pad" in result.stderr
+    assert "leave out --crop" in result.stderr and "{" not in result.stderr  # the option, not two dicts
     assert "Traceback" not in result.output
+    # Without --backbone the rerun takes the folder's (efficientnet_lite0), never resnet50's download.
+    again = CliRunner().invoke(cli, ["embed", str(small_dataset), "--out", str(out), "--limit", "2"])
+    assert again.exit_code == 0, again.output
+    assert "with the settings it was made with: --backbone efficientnet_lite0" in again.stderr
+    assert "(efficientnet_lite0," in again.stdout and "1 shards resumed" in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -112,6 +118,20 @@ def test_errors_are_one_sentence(args: list[str], message: str, tmp_path: Path, 
     assert result.exit_code == 1, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert result.stderr.count("\n") == 1
+
+
+def test_a_parent_folder_is_not_read_as_classes(tmp_path: Path) -> None:
+    """`embed PARENT_DIR`, whose sub-folders are two collections of their own: said in one sentence
+    that names the collection to give instead, nothing written."""
+    from tests.conftest import pick, write_csv_dataset
+
+    write_csv_dataset(tmp_path / "parent" / "cars-a", pick([1], 2))
+    write_csv_dataset(tmp_path / "parent" / "cars-b", pick([14], 2))
+    result = CliRunner().invoke(cli, ["embed", str(tmp_path / "parent"), "--out", str(tmp_path / "emb")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "holds datasets, not one sub-folder per class: cars-a/ has labels.csv" in result.stderr
+    assert f"carsearch embed {tmp_path / 'parent' / 'cars-a'} --out EMB_DIR" in result.stderr
+    assert "--format folders" in result.stderr and not (tmp_path / "emb").exists()
 
 
 def test_bad_option_values_are_usage_errors() -> None:

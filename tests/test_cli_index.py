@@ -131,3 +131,30 @@ def test_the_same_photos_are_indexed_once(small_dataset: Path, tmp_path: Path) -
         _run("index", "add", str(idx), str(tmp_path / "b"), "--allow-duplicates", "--json").stdout
     )
     assert forced["added"] == 24 and forced["ntotal"] == 48
+
+
+def test_wrong_folders_point_the_right_way(small_dataset: Path, dev_embeddings: Path, tmp_path: Path) -> None:
+    """A photo folder given to `index build`, an embedding folder given to `search --index`: each is named
+    for what it is, with the command that makes what was meant in a new folder (never into itself)."""
+    r = _run("index", "build", str(small_dataset), "--out", str(tmp_path / "idx"))
+    assert r.exit_code == 1 and "holds photos, not embeddings" in r.stderr, r.output
+    assert f"carsearch embed {small_dataset} --out EMB_DIR" in r.stderr
+    assert f"--out {small_dataset}" not in r.stderr
+    r = _run("search", "--index", str(dev_embeddings), str(DEV / "images" / "00001.jpg"))
+    assert r.exit_code == 1 and "holds embeddings, not an index" in r.stderr, r.output
+    assert f"carsearch index build {dev_embeddings} --out INDEX_DIR" in r.stderr
+    assert f"--out {dev_embeddings}" not in r.stderr
+
+
+def test_an_unfinished_embedding_is_not_indexed_unless_allowed(small_dataset: Path, tmp_path: Path) -> None:
+    from carsearch.embed import embed_dataset
+
+    emb = tmp_path / "emb"
+    embed_dataset(small_dataset, emb, backbone="efficientnet_lite0", shard_size=5, limit=7, progress=False)
+    r = _run("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
+    assert r.exit_code == 1 and not (tmp_path / "idx" / "index.json").exists(), r.output
+    assert f"{emb} is incomplete: 7 of 24 photos embedded" in r.stderr and "--allow-incomplete" in r.stderr
+    assert f"carsearch embed {small_dataset} --out {emb}" in r.stderr
+    r = _run("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen", "--allow-incomplete")
+    assert r.exit_code == 0, r.output
+    assert json.loads(_run("index", "info", str(tmp_path / "idx"), "--json").stdout)["ntotal"] == 7

@@ -88,8 +88,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.h5"] and not manifest["complete"]
     assert not list(out.glob(".*.tmp-*")) and not (out / "shard-00001.h5").exists()
+    # The interrupted shard's embedded batch (records 5 and 6) was saved as a part: nothing is redone.
+    assert sorted(p.name for p in out.glob("*.part-*")) == ["shard-00001.part-000000.h5"]
     result = embed_dataset(small_dataset, out, workers=1, **SETTINGS)
-    assert result.resumed_shards == 1 and result.new_shards == 4 and result.images == 19
+    assert result.resumed_shards == 1 and result.new_shards == 4
+    assert result.resumed_images == 2 and result.images == 17
+    assert not list(out.glob("*.part-*"))
     assert _shard_hashes(out) == _shard_hashes(reference)
 
 
@@ -128,6 +132,52 @@ def test_killed_process_resumes_identically(tmp_path: Path) -> None:
     assert _shard_hashes(out) == _shard_hashes(ref)
 
 
+def test_ctrl_c_keeps_what_was_embedded_with_the_default_shard_size(tmp_path: Path) -> None:
+    """A user presses Ctrl-C (SIGINT to the process group, decoding worker included) in the middle of the
+    only shard of a small collection: what was embedded is kept, the rerun (without --backbone: the
+    folder's settings are taken) embeds only the rest, and the shard equals an uninterrupted run's."""
+    import time
+
+    data = write_csv_dataset(tmp_path / "data", pick(list(range(1, 17)), 4))  # 64 images, one shard
+    args = ["--batch-size", "4", "--workers", "1", "--precision", "fp32"]
+    cmd = [sys.executable, "-m", "carsearch", "embed", str(data)]
+    ref, out = tmp_path / "ref", tmp_path / "emb"
+    made = subprocess.run(
+        [*cmd, "--out", str(ref), "--backbone", "efficientnet_lite0", *args], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--backbone", "efficientnet_lite0", "--save-every", "0.05", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not list(out.glob("*.part-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the job finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; run the same command again to resume" in err
+    assert not (out / "shard-00000.h5").exists()
+    kept = 0
+    for part in out.glob("*.part-*"):
+        with h5py.File(part) as f:
+            kept += int(f.attrs["record_stop"]) - int(f.attrs["record_start"])
+    assert 0 < kept < 64
+    rerun = subprocess.run(
+        [*cmd, "--out", str(out), *args, "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["complete"] and summary["backbone"] == "efficientnet_lite0"
+    assert summary["resumed_images"] == kept and summary["images"] == 64 - kept
+    assert "--backbone efficientnet_lite0" in rerun.stderr  # says which settings it took from the folder
+    assert not list(out.glob("*.part-*")) and _shard_hashes(out) == _shard_hashes(ref)
+
+
 def test_limit_then_continue(small_dataset: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "limited"
     first = embed_dataset(small_dataset, out, limit=7, **SETTINGS)
@@ -140,26 +190,39 @@ def test_limit_then_continue(small_dataset: Path, reference: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("change", "field"),
+    ("change", "field", "named"),
     [
-        ({"crop": "center"}, "preprocessing"),
-        ({"shard_size": 6}, "shard_size"),
-        ({"backbone": "efficientnet_lite1"}, "backbone"),
-        ({"weights": "none"}, "weights"),
-        ({"precision": "other"}, "precision"),
-        ({"id_start": 1000}, "id_start"),
+        ({"crop": "center"}, "preprocessing", "--crop squash, not --crop center"),
+        ({"flip": True}, "preprocessing", "no --flip, not --flip"),
+        ({"shard_size": 6}, "shard_size", "--shard-size 5, not --shard-size 6"),
+        ({"backbone": "resnet50"}, "backbone", "--backbone efficientnet_lite0, not --backbone resnet50"),
+        ({"weights": "none"}, "weights", "--weights imagenet, not --weights none"),
+        ({"precision": "other"}, "precision", "--precision"),
+        ({"id_start": 1000}, "id_start", "--id-start 0, not --id-start 1000"),
     ],
 )
-def test_changed_settings_refused_naming_the_field(
-    small_dataset: Path, reference: Path, change: dict, field: str
+def test_changed_settings_refused_naming_the_option(
+    small_dataset: Path, reference: Path, change: dict, field: str, named: str
 ) -> None:
+    """A setting given differently from the folder's is named as the option (never two whole dicts), and
+    refused before the network is loaded where the option alone tells (resnet50 would be downloaded)."""
     used = json.loads((reference / "manifest.json").read_text())["fingerprint"]["precision"]
     if change.get("precision") == "other":
         change = {"precision": "fp32" if used == "bf16" else "bf16"}
     with pytest.raises(ProvenanceMismatch) as e:
         embed_dataset(small_dataset, reference, **{**SETTINGS, **change})
     assert e.value.field == field
-    assert f"different {field}" in str(e.value) and "--overwrite" in str(e.value)
+    message = str(e.value)
+    assert named in message and "{" not in message, message
+    assert f"leave out --{field.replace('_', '-')}" in message or field == "preprocessing"
+    assert "--overwrite" in message
+
+
+def test_a_rerun_takes_the_folders_settings(small_dataset: Path, reference: Path) -> None:
+    """Settings not given are the folder's: no --backbone means efficientnet_lite0 here, not resnet50."""
+    again = embed_dataset(small_dataset, reference, progress=False)
+    assert again.complete and again.backbone == "efficientnet_lite0" and again.images == 0
+    assert again.resumed_shards == 5
 
 
 def test_changed_dataset_refused_and_overwrite_restarts(small_dataset: Path, reference: Path) -> None:

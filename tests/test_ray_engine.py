@@ -128,7 +128,7 @@ def test_resume_and_fingerprint_refusal(cluster: object, data: Path, local_run: 
         data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2, engine=RAY, progress=False
     )
     assert (again.images, again.resumed_shards) == (0, 8)
-    with pytest.raises(ProvenanceMismatch, match="max_pixels"):
+    with pytest.raises(ProvenanceMismatch, match="--max-pixels 89478485, not --max-pixels 1000"):
         embed_dataset(
             data,
             out,

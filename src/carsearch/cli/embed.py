@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from carsearch import defaults
 from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option, runtime_option
@@ -28,7 +29,9 @@ def _human_embed(r: dict) -> str:
     return (
         f"{r['rows']} embeddings in {r['shards']} shards at {r['out']} ({state}); "
         f"this run: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_second']:.1f} images/s "
-        f"({r['backbone']}, {r['precision']}, {r['device']}{_on(r)}), {r['resumed_shards']} shards resumed; "
+        f"({r['backbone']}, {r['precision']}, {r['device']}{_on(r)}), {r['resumed_shards']} shards resumed"
+        + (f" and {r['resumed_images']} images of an unfinished one" if r.get("resumed_images") else "")
+        + "; "
         f"skipped: {failed}"
         + (f"; left out (not images): {left_out_text(r['left_out'])}" if r.get("left_out") else "")
         + notes
@@ -125,6 +128,15 @@ def _on(r: dict) -> str:
     type=click.IntRange(1),
     help="Records per shard.",
 )
+@click.option(
+    "--save-every",
+    default=defaults.SAVE_EVERY,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Save the shard in progress this often (and on Ctrl-C), so that a rerun goes on from there; "
+    "0: after every batch.",
+)
 @device_options
 @runtime_option
 @click.option(
@@ -176,6 +188,7 @@ def embed(
     cpus_per_worker: float,
     gpus_per_worker: float,
     shard_size: int,
+    save_every: float,
     device: str,
     precision: str,
     runtime: str,
@@ -189,40 +202,48 @@ def embed(
 ) -> None:
     """Embed every image of DATA_DIR into HDF5 shards under --out (resumable).
 
-    A second run with the same settings skips finished shards; one with different settings is refused
-    and names the setting. Unreadable images are skipped, counted by reason and listed in failures.jsonl.
+    A second run goes on where the first stopped (Ctrl-C loses nothing; a killed run at most --save-every
+    seconds), with the settings --out was made with unless they are given; a different one is refused and
+    named. Unreadable images are skipped, counted by reason and listed in failures.jsonl.
     """
     from carsearch.embed import Engine, embed_dataset
     from carsearch.models import declare_backbone
 
     backbone = declare_backbone(backbone, declare)  # a file backbone's full name (path, declared keys)
 
+    ctx = click.get_current_context()
+
+    def given(name: str, value: object) -> object:
+        """None for a built-in default: a rerun then takes the folder's own setting."""
+        return None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
+
     run_on = Engine(engine, ray_address, cpus_per_worker, gpus_per_worker)
     result = embed_dataset(
         data_dir,
         out,
-        format=format,
+        format=given("format", format),
         labels_file=labels,
-        split=split,
-        bbox_crop=bbox_crop,
-        backbone=backbone,
+        split=given("split", split),
+        bbox_crop=given("bbox_crop", bbox_crop),
+        backbone=given("backbone", backbone),
         weights=weights,
         weights_sha256=weights_sha256,
-        crop=crop,
+        crop=given("crop", crop),
         batch_size=batch_size,
         workers=workers,
-        shard_size=shard_size,
+        shard_size=given("shard_size", shard_size),
         device=device,
-        precision=precision,
+        precision=given("precision", precision),
         runtime=runtime,
         limit=limit,
         overwrite=overwrite,
-        id_start=id_start,
-        max_pixels=max_pixels,
+        id_start=given("id_start", id_start),
+        max_pixels=given("max_pixels", max_pixels),
         retry_failed=retry_failed,
         verify=verify,
-        flip=flip,
+        flip=given("flip", flip),
         engine=run_on,
+        save_every=save_every,
         progress=True,
     )
     emit(result.to_json(), as_json, _human_embed)

@@ -137,6 +137,11 @@ def index() -> None:
     is_flag=True,
     help="Rebuild a folder even though it holds photos added over POST /api/images (they are dropped).",
 )
+@click.option(
+    "--allow-incomplete",
+    is_flag=True,
+    help="Index an embedding folder whose embed run has not finished (its finished shards only).",
+)
 @json_option
 def index_build(
     emb_dirs: tuple[str, ...],
@@ -156,12 +161,18 @@ def index_build(
     exclude: tuple[str, ...],
     allow_duplicates: bool,
     drop_uploads: bool,
+    allow_incomplete: bool,
     as_json: bool,
 ) -> None:
     """Build an index over one or more embedding folders (EMB_DIRS) into --out.
 
     A labelled collection with at least 5 photos per class is tuned with the head preset unless --frozen
-    or another --tune is given (dev protocol: top-1 35.5% frozen, 57.8% tuned)."""
+    or another --tune is given (dev protocol: top-1 35.5% frozen, 57.8% tuned). A folder whose embed run
+    has not finished is refused unless --allow-incomplete."""
+    from carsearch.embed.store import require_complete
+
+    for emb_dir in emb_dirs:
+        require_complete(emb_dir, allow_incomplete)
     if tune_head:
         if tune not in (None, "head"):
             raise click.UsageError(f"--tune-head is --tune head; leave out --tune {tune}.")

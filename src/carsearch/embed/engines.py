@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from carsearch import faults
+from carsearch.embed.parts import remove_parts
 from carsearch.embed.resume import ShardPlan
 from carsearch.embed.shard_work import ShardDone
 from carsearch.embed.store import FAILURES, MANIFEST
@@ -52,7 +53,8 @@ class Ran:
 
 
 class ManifestWriter:
-    """The driver's record of the run: failures.jsonl, then manifest.json, rewritten after every shard.
+    """The driver's record of the run: failures.jsonl, then manifest.json, rewritten after every shard
+    (whose saved parts are deleted once the manifest lists it).
 
     failures.jsonl goes first: if the process dies between the two writes, the manifest (the source of
     truth) still lists only shards whose failures are on disk; extra lines are filtered on resume."""
@@ -76,6 +78,7 @@ class ManifestWriter:
         self.failures = sorted([*self.failures, *shard.failures], key=lambda f: (f["shard"], f["id"]))
         self.body = self._save()
         faults.reached("embed.shard_saved")
+        remove_parts(self.out, shard.entry["index"])  # the manifest lists the shard: its parts can go
 
     def _save(self) -> dict:
         write_text_atomic(self.out / FAILURES, "".join(json.dumps(f) + "\n" for f in self.failures))

@@ -1,12 +1,14 @@
 """The resumable embed job: dataset -> HDF5 shards + manifest.json + failures.jsonl.
 
 The shard is the unit of work and of resume: shard i always holds records [i*S, (i+1)*S) of the sorted
-record list (minus the images that failed), so a killed job redoes only the shard it was writing, and
-the result is identical to an uninterrupted run.
+record list (minus the images that failed). The shard in progress is saved in parts every --save-every
+seconds and on Ctrl-C (embed/parts.py), so a killed job redoes at most that many seconds of work, an
+interrupted one none, and the result is identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from torch.utils.data import DataLoader
 
 from carsearch import SCHEMA_VERSION, defaults
@@ -25,8 +26,9 @@ from carsearch.embed import resume
 from carsearch.embed.encoder import Encoder
 from carsearch.embed.engines import Engine, ManifestWriter, Ran, Tally
 from carsearch.embed.images import TRANSIENT_REASONS
-from carsearch.embed.reader import Batch, RecordImages, collate, decoding_workers
-from carsearch.embed.shard_work import finish_shard, plan_batches
+from carsearch.embed.parts import Piece, part_files, remove_parts, saved_pieces
+from carsearch.embed.reader import RecordImages, collate, ctrl_c, decoding_workers, ignore_interrupts
+from carsearch.embed.shard_work import OpenShard, plan_batches
 from carsearch.embed.store import MANIFEST_KIND
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import exclusive_lock, remove_stale_tmp
@@ -61,6 +63,7 @@ class EmbedResult:
     workers: int = 0  # local: decoding processes; ray: actors, each holding one network
     workers_lost: int = 0  # ray: workers that died; their shards were embedded by new ones
     left_out: dict[str, int] = field(default_factory=dict)  # files of the folder not read as images
+    resumed_images: int = 0  # images of unfinished shards an earlier run saved (not read again)
 
     @property
     def transient_failures(self) -> int:
@@ -75,33 +78,37 @@ def embed_dataset(
     data_dir: str | Path,
     out: str | Path,
     *,
-    format: str = "auto",
+    format: str | None = None,
     labels_file: str | Path | None = None,
-    split: str = "all",
-    bbox_crop: bool = False,
-    backbone: str = defaults.BACKBONE,
+    split: str | None = None,
+    bbox_crop: bool | None = None,
+    backbone: str | None = None,
     weights: str | None = None,
     weights_sha256: str | None = None,
-    crop: str = defaults.CROP,
+    crop: str | None = None,
     batch_size: int = defaults.BATCH_SIZE,
     workers: int | None = None,
-    shard_size: int = defaults.SHARD_SIZE,
+    shard_size: int | None = None,
     device: str = defaults.DEVICE,
-    precision: str = defaults.PRECISION,
+    precision: str | None = None,
     runtime: str = defaults.RUNTIME,
     limit: int | None = None,
     overwrite: bool = False,
-    id_start: int = 0,
-    max_pixels: int = defaults.MAX_PIXELS,
+    id_start: int | None = None,
+    max_pixels: int | None = None,
     retry_failed: bool = False,
     verify: bool = False,
-    flip: bool = False,
+    flip: bool | None = None,
     engine: Engine | None = None,
+    save_every: float = defaults.SAVE_EVERY,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
     """Embed every image of `data_dir` into shards under `out`, resuming an earlier run of the same settings.
 
+    The settings left None (format, labels_file, split, bbox_crop, backbone, weights, crop, flip,
+    precision, shard_size, id_start, max_pixels) are those `out` was made with when it holds an earlier
+    run, else the defaults (defaults.py); a given one that differs from the folder's is refused, naming it.
     `limit` embeds only the first `limit` records (a later run without it goes on from there).
     `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
     `verify` re-hashes the images of finished shards and embeds again those whose files changed.
@@ -109,21 +116,47 @@ def embed_dataset(
     `runtime` runs the network in PyTorch or OpenVINO (embed/runtimes.py); their embeddings agree, so it
     is no part of the fingerprint: a run may go on from another runtime's shards (each names its own).
     `engine` chooses where the shards are computed (`Engine()`, the default: here; `Engine("ray", ...)`: a
-    Ray cluster, whose `workers` actors embed on `device`). `on_batch(images_done, images_total)` is called
-    after each batch (the Ray engine: each shard).
+    Ray cluster, whose `workers` actors embed on `device`). `save_every`: seconds between saves of the
+    shard in progress (also saved when the run is interrupted), so that a rerun resumes inside it.
+    `on_batch(images_done, images_total)` is called after each batch (the Ray engine: each shard).
     """
     engine = engine or Engine()
-    if batch_size < 1 or shard_size < 1:
+    if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise CarsearchError("--batch-size and --shard-size must be at least 1.")
     if limit is not None and limit < 1:
         raise CarsearchError("--limit must be at least 1.")
+    if save_every < 0:
+        raise CarsearchError("--save-every must be 0 seconds or more.")
     out = Path(out).expanduser().resolve()
-    dataset = read_dataset(data_dir, format, labels_file=labels_file, split=split, bbox_crop=bbox_crop)
+    given = {
+        "format": format,
+        "labels_file": str(Path(labels_file).expanduser().resolve()) if labels_file else None,
+        "split": split,
+        "bbox_crop": bbox_crop,
+        "backbone": backbone,
+        "weights": weights,
+        "crop": crop,
+        "flip": flip,
+        "precision": precision,
+        "shard_size": shard_size,
+        "id_start": id_start,
+        "max_pixels": max_pixels,
+    }
+    s, taken = resume.resolve_settings(given, None if overwrite else resume.earlier_manifest(out), out)
+    if taken:
+        log.info(
+            "continuing %s with the settings it was made with: %s",
+            out,
+            " ".join(resume.OPTIONS[k] + ("" if v is True else f" {v}") for k, v in taken.items()),
+        )
+    dataset = read_dataset(
+        data_dir, s["format"], labels_file=s["labels_file"], split=s["split"], bbox_crop=s["bbox_crop"]
+    )
     if out == dataset.root:
         raise CarsearchError(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
-    worker_device = device
+    worker_device, precision = device, s["precision"]
     if engine.name == "ray":
         # The driver only needs the network's provenance; its workers run it on `device`. The precision
         # they use is decided here, so that the fingerprint holds what the shards will.
@@ -132,16 +165,19 @@ def embed_dataset(
         if runtime == "auto" and (engine.gpus_per_worker or device.startswith("cuda")):
             runtime = "torch"  # OpenVINO runs on CPUs
         device = "cpu"
-    encoder = Encoder.load(backbone, weights, crop, device, precision, weights_sha256, flip, runtime)
-    fingerprint = resume.fingerprint(dataset, encoder, shard_size, id_start, max_pixels)
+    encoder = Encoder.load(
+        s["backbone"], s["weights"], s["crop"], device, precision, weights_sha256, s["flip"], runtime
+    )
+    fingerprint = resume.fingerprint(dataset, encoder, s["shard_size"], s["id_start"], s["max_pixels"])
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
         if overwrite:
             resume.clear(out)
         manifest = resume.check_resume(out, fingerprint)
         remove_stale_tmp(out)
-        plans = _plans(len(dataset.records), shard_size, limit)
+        plans = _plans(len(dataset.records), s["shard_size"], limit)
         resumed = resume.done_shards(out, manifest, plans, dataset.root, retry_failed, verify)
+        read_with = {k: s[k] for k in ("labels_file", "split", "bbox_crop")}
         result = _run(
             dataset,
             encoder,
@@ -151,14 +187,23 @@ def embed_dataset(
             plans,
             resumed.done,
             engine,
-            batch_size,
-            workers,
-            worker_device,
+            _Run(batch_size, workers, worker_device, save_every, read_with),
             progress,
             on_batch,
         )
         result.retried_shards, result.changed_images = resumed.retried, resumed.changed
         return result
+
+
+@dataclass
+class _Run:
+    """How this run embeds (settings that do not change the shards' bytes)."""
+
+    batch_size: int
+    workers: int | None
+    worker_device: str
+    save_every: float
+    read_with: dict  # how the dataset was read (--labels, --split, --bbox-crop), for a rerun to reuse
 
 
 def _plans(n: int, size: int, limit: int | None) -> list[resume.ShardPlan]:
@@ -179,15 +224,14 @@ def _run(
     plans: list[resume.ShardPlan],
     done: dict[int, dict],
     engine: Engine,
-    batch_size: int,
-    workers: int | None,
-    worker_device: str,
+    how: _Run,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
 ) -> EmbedResult:
     n = len(dataset.records)
     # A shard this run reaches: under --limit the run may stop before a shard's first record.
     todo = [p for p in plans if p.index not in done and p.run_stop > p.start]
+    pieces = _saved_pieces(out, todo, fingerprint)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     state = {
         "kind": MANIFEST_KIND,
@@ -200,6 +244,7 @@ def _run(
             "records": n,
             "records_sha256": fingerprint["records_sha256"],
             "labeled": dataset.labeled,
+            **how.read_with,
         },
         "shard_size": fingerprint["shard_size"],
         "versions": library_versions(),
@@ -214,18 +259,20 @@ def _run(
             " and ".join(earlier),
             encoder.runtime,
         )
-    if done:
+    saved = sum(p.images for ps in pieces.values() for p in ps)
+    if done or saved:
         log.info(
-            "resuming %s: %d of %d shards already finished (their images are not read again; --verify "
-            "re-hashes them to catch files changed since).",
+            "resuming %s: %d of %d shards already finished%s (their images are not read again; --verify "
+            "re-hashes finished shards to catch files changed since).",
             out,
             len(done),
             len(plans),
+            f", {saved} images of unfinished shards saved" if saved else "",
         )
-    total = sum(p.run_stop - p.start for p in todo)
+    total = sum(p.run_stop - p.start for p in todo) - saved
     t0 = time.perf_counter()
     tally = Tally(total, progress, on_batch)
-    ran = Ran(0, worker_device if engine.name == "ray" else str(encoder.device))
+    ran = Ran(0, how.worker_device if engine.name == "ray" else str(encoder.device))
     try:
         if todo and engine.name == "ray":
             from carsearch.embed.ray_engine import run_on_ray
@@ -237,14 +284,15 @@ def _run(
                 fingerprint,
                 todo,
                 engine,
-                batch_size,
-                workers,
-                worker_device,
+                how.batch_size,
+                how.workers,
+                how.worker_device,
                 writer,
                 tally,
+                how.save_every,
             )
         elif todo:
-            ran = _run_local(dataset, encoder, out, fingerprint, todo, batch_size, workers, writer, tally)
+            ran = _run_local(dataset, encoder, out, fingerprint, todo, pieces, how, writer, tally)
     finally:
         tally.close()
     seconds = time.perf_counter() - t0
@@ -270,7 +318,20 @@ def _run(
         workers=ran.workers,
         workers_lost=ran.workers_lost,
         left_out=dataset.left_out,
+        resumed_images=saved,
     )
+
+
+def _saved_pieces(out: Path, todo: list[resume.ShardPlan], fingerprint: dict) -> dict[int, list[Piece]]:
+    """What earlier runs saved of the shards this run writes; the parts of other shards (finished ones
+    whose parts outlived their manifest entry, shards of another --limit) are deleted."""
+    files, digest = part_files(out), resume.fingerprint_sha256(fingerprint)
+    pieces = {
+        p.index: saved_pieces(out, p.index, p.start, p.run_stop, digest, files.get(p.index, [])) for p in todo
+    }
+    for index in set(files) - set(pieces):
+        remove_parts(out, index)
+    return pieces
 
 
 def _run_local(
@@ -279,30 +340,56 @@ def _run_local(
     out: Path,
     fingerprint: dict,
     todo: list[resume.ShardPlan],
-    batch_size: int,
-    workers: int | None,
+    pieces: dict[int, list[Piece]],
+    how: _Run,
     writer: ManifestWriter,
     tally: Tally,
 ) -> Ran:
-    """One process embeds; DataLoader workers decode, streaming batches across shard boundaries."""
-    workers = defaults.default_workers() if workers is None else workers
+    """One process embeds; DataLoader workers decode, streaming batches across shard boundaries. The shard
+    in progress is saved every `how.save_every` seconds and when the run stops early (Ctrl-C, a decoding
+    worker killed), so a rerun goes on from there."""
+    workers = defaults.default_workers() if how.workers is None else how.workers
+    shards = [OpenShard(out, p, dataset, encoder, fingerprint, pieces[p.index], how.save_every) for p in todo]
+    for shard in [s for s in shards if s.begin >= s.plan.run_stop]:  # saved whole by an interrupted run
+        writer.add(shard.finish())
+    shards = [s for s in shards if s.begin < s.plan.run_stop]
+    if not shards:
+        return Ran(workers, str(encoder.device))
     loader = DataLoader(
         RecordImages(dataset.root, dataset.records, encoder.preprocessing, fingerprint["max_pixels"]),
-        batch_sampler=[b for p in todo for b in plan_batches(p, batch_size)],
+        batch_sampler=[b for s in shards for b in plan_batches(s.plan, how.batch_size, s.begin)],
         num_workers=workers,
         collate_fn=collate,
         pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_interrupts,
     )
-    plan_iter = iter(todo)
-    plan = next(plan_iter)
-    buf: list[tuple[Batch, np.ndarray]] = []
-    with decoding_workers("finished shards are kept: run the same command again to resume after them"):
-        for batch in loader:
-            buf.append((batch, encoder.encode(batch.pixels)))
-            tally.update(len(batch.index), Counter(r for _, r, _ in batch.failures))
-            if batch.index[-1] == plan.run_stop - 1:
-                writer.add(finish_shard(out, plan, buf, dataset, encoder, fingerprint))
-                buf = []
-                plan = next(plan_iter, plan)
+    shard_iter = iter(shards)
+    shard = next(shard_iter)
+    with ctrl_c() as interrupted:
+        try:
+            with decoding_workers("what was embedded is kept: run the same command again to resume after it"):
+                for batch in loader:
+                    shard.add(batch, encoder.encode(batch.pixels))
+                    tally.update(len(batch.index), Counter(r for _, r, _ in batch.failures))
+                    if batch.index[-1] == shard.plan.run_stop - 1:
+                        writer.add(shard.finish())
+                        shard = next(shard_iter, shard)
+                    if interrupted[0]:  # a Ctrl-C that a finalizer swallowed
+                        raise KeyboardInterrupt
+            if interrupted[0]:  # ... or during the last shard's writing: the user still asked to stop
+                raise KeyboardInterrupt
+        except BaseException as e:
+            if shard.buf:
+                # A full disk fails this too: then the error that stopped the run is the news.
+                with contextlib.suppress(Exception):
+                    kept = shard.save()
+                    log.info(
+                        "saved %d images of %s in progress: the same command resumes after them.",
+                        kept,
+                        shard.plan.file,
+                    )
+            if interrupted[0] and not isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
     return Ran(workers, str(encoder.device))

@@ -4,7 +4,8 @@ A worker is an actor holding one network; the unit of work is the shard, as for 
 worker reads its shard's images, embeds them and writes the shard itself (temporary name, fsync, rename)
 into the output folder, which must be on storage every node shares; the driver (this process) writes the
 manifest when a worker reports a shard, so a resume skips exactly the reported ones. A worker or node
-that dies has its shards handed to a fresh worker: a shard's bytes do not depend on who wrote it.
+that dies has its shards handed to a fresh worker, which goes on from the parts the dead one saved
+(embed/parts.py): a shard's bytes do not depend on who wrote it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ShardWorker:
         fingerprint: dict,
         batch_size: int,
         threads: int,
+        save_every: float = defaults.SAVE_EVERY,
     ) -> None:
         # A refusal here is kept and raised by embed(): raised from __init__, Ray would report it as a
         # dead actor (to be retried) with a traceback, rather than as this one sentence.
@@ -47,7 +49,7 @@ class ShardWorker:
         except (CarsearchError, OSError) as e:
             self.error = e
         self.dataset, self.out, self.fingerprint = dataset, Path(out), fingerprint
-        self.batch_size, self.threads = batch_size, threads
+        self.batch_size, self.threads, self.save_every = batch_size, threads, save_every
 
     def pid(self) -> int:
         return os.getpid()
@@ -56,7 +58,14 @@ class ShardWorker:
         if self.error is not None:
             raise self.error
         return embed_plan(
-            self.out, plan, self.dataset, self.encoder, self.fingerprint, self.batch_size, self.threads
+            self.out,
+            plan,
+            self.dataset,
+            self.encoder,
+            self.fingerprint,
+            self.batch_size,
+            self.threads,
+            self.save_every,
         )
 
 
@@ -140,9 +149,11 @@ def run_on_ray(
     device: str,
     writer: ManifestWriter,
     tally: Tally,
+    save_every: float = defaults.SAVE_EVERY,
 ) -> Ran:
     """Embed the `todo` shards on `workers` Ray workers (None: as many as the cluster holds) running the
-    network on `device`, recording each shard in the manifest as it is reported."""
+    network on `device`, recording each shard in the manifest as it is reported. Each worker saves its
+    shard in progress every `save_every` seconds; a worker given a shard goes on from its saved parts."""
     import ray
 
     device = "cuda" if engine.gpus_per_worker else device
@@ -173,6 +184,7 @@ def run_on_ray(
             fingerprint,
             batch_size,
             max(1, int(engine.cpus_per_worker)),
+            save_every,
         )
         actors.extend(actor.remote(*args) for _ in range(n))
         for slot in range(n):

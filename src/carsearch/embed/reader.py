@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,36 @@ def decoding_workers(
             f"an image-decoding worker (pid {m.group(1).strip()}) {how}, most likely out of memory; "
             f"{resume_hint}, perhaps with fewer --workers or a smaller --batch-size."
         ) from None
+
+
+def ignore_interrupts(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, but only the main process stops
+    the run (a decoding worker that died of it would turn a Ctrl-C into a worker failure)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def ctrl_c() -> Iterator[list[bool]]:
+    """Remember a Ctrl-C: yields a flag set by the SIGINT handler, which still raises KeyboardInterrupt.
+    Python drops an exception raised inside a finalizer (a weakref callback), and a worker's exit can
+    surface as another error first: with the flag the run raises KeyboardInterrupt again itself. Only the
+    main thread, and only where Ctrl-C has Python's default handler, is watched."""
+    hit = [False]
+    watch = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if watch else None
+    if previous is not signal.default_int_handler:
+        yield hit
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        hit[0] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class RecordImages(torch.utils.data.Dataset):

@@ -1,20 +1,22 @@
-"""What makes an embed run resumable: its fingerprint, the refusal of a changed setting, the shards an
-earlier run finished (sha256-checked) and their failures."""
+"""What makes an embed run resumable: its fingerprint, the settings a rerun takes from the folder it
+continues, the refusal of a changed setting (naming the option), the shards an earlier run finished
+(sha256-checked) and their failures."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from carsearch import SCHEMA_VERSION
+from carsearch import SCHEMA_VERSION, defaults
 from carsearch.datasets import Dataset
 from carsearch.embed.encoder import Encoder
 from carsearch.embed.shards import shard_name
 from carsearch.embed.store import FAILURES, MANIFEST, read_manifest
-from carsearch.errors import ProvenanceMismatch
+from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.fsutil import remove_stale_tmp, sha256_file
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,121 @@ def fingerprint(dataset: Dataset, encoder: Encoder, shard_size: int, id_start: i
     }
 
 
+def fingerprint_sha256(fingerprint: dict) -> str:
+    """One digest of a run's fingerprint: what a part of a shard in progress records of its run."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+# embed's settings (keyword: option) that a rerun takes from the folder it continues when it is not given
+# them, and their defaults for a new folder.
+OPTIONS = {
+    "format": "--format",
+    "labels_file": "--labels",
+    "split": "--split",
+    "bbox_crop": "--bbox-crop",
+    "backbone": "--backbone",
+    "weights": "--weights",
+    "crop": "--crop",
+    "flip": "--flip",
+    "precision": "--precision",
+    "shard_size": "--shard-size",
+    "id_start": "--id-start",
+    "max_pixels": "--max-pixels",
+}
+SETTING_DEFAULTS: dict[str, object] = {
+    "format": "auto",
+    "labels_file": None,
+    "split": "all",
+    "bbox_crop": False,
+    "backbone": defaults.BACKBONE,
+    "weights": None,
+    "crop": defaults.CROP,
+    "flip": False,
+    "precision": defaults.PRECISION,
+    "shard_size": defaults.SHARD_SIZE,
+    "id_start": 0,
+    "max_pixels": defaults.MAX_PIXELS,
+}
+
+
+def earlier_manifest(out: Path) -> dict | None:
+    """The manifest of an earlier run in `out`, if there is one."""
+    return read_manifest(out) if (out / MANIFEST).is_file() else None
+
+
+def recorded_settings(manifest: dict) -> dict:
+    """The settings an embedding folder was made with, as embed's keyword arguments (those it records)."""
+    fp, ds = manifest.get("fingerprint", {}), manifest.get("dataset", {})
+    prep = fp.get("preprocessing") or {}
+    found = {
+        "format": fp.get("format"),
+        "labels_file": ds.get("labels_file"),
+        "split": ds.get("split"),
+        "bbox_crop": ds.get("bbox_crop"),
+        "backbone": fp.get("backbone"),
+        "weights": fp.get("weights"),
+        "crop": prep.get("crop"),
+        "flip": bool(prep.get("flip", False)) if prep else None,
+        "precision": fp.get("precision"),
+        "shard_size": fp.get("shard_size"),
+        "id_start": fp.get("id_start"),
+        "max_pixels": fp.get("max_pixels"),
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def resolve_settings(given: dict, manifest: dict | None, out: Path) -> tuple[dict, dict]:
+    """(settings, taken): each setting of OPTIONS as given (not None), else as the folder being continued
+    records it, else its default; `taken` holds those taken from the folder that a new folder would not
+    get by default (worth saying). A given setting the folder records otherwise is refused here, before
+    any network is loaded."""
+    recorded = recorded_settings(manifest) if manifest else {}
+    settings, taken = {}, {}
+    for name, default in SETTING_DEFAULTS.items():
+        value = given.get(name)
+        if value is None and name in recorded:
+            value = recorded[name]
+            if value != default and default != "auto":  # format and precision "auto" resolve per run
+                taken[name] = value
+        settings[name] = default if value is None else value
+    if "weights" in taken and taken["weights"] == _first_weights(settings["backbone"]):
+        del taken["weights"]  # the backbone's own pretrained weights: the default
+    for name in ("backbone", "crop", "flip", "shard_size", "id_start", "max_pixels", "format", "precision"):
+        value, old = given.get(name), recorded.get(name)
+        if value is None or old is None or value == old or value == "auto":
+            continue  # "auto" (format, precision) is compared once it is resolved
+        field = name if name in FINGERPRINT_FIELDS else "preprocessing"
+        raise mismatch(field, option_text(name, old, value), out)
+    return settings, taken
+
+
+def _first_weights(backbone: str) -> str | None:
+    from carsearch.models import get_backbone
+
+    try:
+        return get_backbone(backbone).weight_choices[0]
+    except CarsearchError:
+        return None
+
+
+def option_text(name: str, old: object, new: object) -> str:
+    """'--crop squash, not --crop center': how a folder's setting and this run's differ, as options."""
+    opt = OPTIONS[name]
+
+    def show(v: object) -> str:
+        return (opt if v else f"no {opt}") if isinstance(v, bool) else f"{opt} {v}"
+
+    return f"{show(old)}, not {show(new)}: leave out {opt} to continue it with the folder's settings"
+
+
+def mismatch(field: str, what: str, out: Path | None = None) -> ProvenanceMismatch:
+    return ProvenanceMismatch(
+        f"{out or 'this folder'} was made with {what}; pass --overwrite to start again, or choose another "
+        "--out.",
+        field,
+    )
+
+
 def check_resume(out: Path, fingerprint: dict) -> dict | None:
     """The earlier manifest if this run may resume it; a refusal naming the first differing field if not."""
     if not (out / MANIFEST).exists():
@@ -83,18 +200,28 @@ def check_resume(out: Path, fingerprint: dict) -> dict | None:
     manifest = read_manifest(out)
     old = manifest["fingerprint"]
     for name in FINGERPRINT_FIELDS:
-        if old.get(name) != fingerprint.get(name):
-            what = (
-                "the dataset's files or labels changed"
-                if name in ("records", "records_sha256")
-                else (f"it was {old.get(name)!r}, now {fingerprint.get(name)!r}")
-            )
-            raise ProvenanceMismatch(
-                f"{out} was started with a different {name} ({what}); run with the same settings to resume, "
-                "pass --overwrite to start again, or choose another --out.",
-                name,
-            )
+        was, now = old.get(name), fingerprint.get(name)
+        if was != now:
+            raise mismatch(name, _difference(name, was, now), out)
     return manifest
+
+
+def _difference(name: str, was: object, now: object) -> str:
+    """How one fingerprint field differs, in the words of the option that sets it where one does."""
+    if name in ("records", "records_sha256"):
+        return "another version of its dataset (the dataset's files or labels changed since)"
+    if name == "dataset_root":
+        return f"the dataset {was}, not {now}: give DATA_DIR {was} to continue it"
+    if name in OPTIONS:
+        return option_text(name, was, now)
+    if name == "preprocessing" and isinstance(was, dict) and isinstance(now, dict):
+        key = next(k for k in sorted({*was, *now}) if was.get(k) != now.get(k))
+        if key in ("crop", "flip"):
+            return option_text(key, was.get(key, False), now.get(key, False))
+        return f"preprocessing {key} {was.get(key)!r}, not {now.get(key)!r} (another carsearch version?)"
+    if name == "weights_sha256":
+        return f"other weights (sha256 {str(was)[:12]}..., now {str(now)[:12]}...): the weights file changed"
+    return f"{name} {was!r}, not {now!r}"
 
 
 @dataclass

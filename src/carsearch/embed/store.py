@@ -59,12 +59,46 @@ class EmbeddingSet(LabelLevels):
 
 
 def read_manifest(folder: Path) -> dict:
+    if not (folder / MANIFEST).is_file():
+        raise CarsearchError(not_embeddings(folder))
     return read_descriptor(
-        folder / MANIFEST,
-        MANIFEST_KIND,
-        "embeddings manifest",
-        "re-run embed with --overwrite.",
-        missing=f"{folder} has no {MANIFEST}; run `carsearch embed DATA_DIR --out {folder}` first.",
+        folder / MANIFEST, MANIFEST_KIND, "embeddings manifest", "re-run embed with --overwrite."
+    )
+
+
+def not_embeddings(folder: Path) -> str:
+    """What to do with a folder given as an embedding folder that has no manifest: a photo folder is
+    embedded into another folder first, an index folder is not its embeddings."""
+    from carsearch.datasets import holds_photos
+
+    make = f"make an embedding folder with `carsearch embed DATA_DIR --out {folder}`"
+    if not folder.is_dir():
+        return f"{folder} has no {MANIFEST} (the folder does not exist); {make}."
+    if (folder / "index.json").is_file():
+        return (
+            f"{folder} is an index, not an embedding folder: give the embedding folder it was built from "
+            f"(`carsearch index info {folder}` names it)."
+        )
+    if holds_photos(folder):
+        return (
+            f"{folder} holds photos, not embeddings: embed them first with `carsearch embed {folder} --out "
+            "EMB_DIR` (a new folder) and give EMB_DIR here."
+        )
+    return f"{folder} has no {MANIFEST}; {make}."
+
+
+def require_complete(folder: str | Path, allow_incomplete: bool = False) -> None:
+    """Refuse an embedding folder whose embed run has not finished (unless `allow_incomplete`), saying how
+    far it got and how to finish it."""
+    folder = Path(folder).expanduser().resolve()
+    manifest = read_manifest(folder)
+    if manifest.get("complete", False) or allow_incomplete:
+        return
+    records = manifest["dataset"]["records"]
+    raise CarsearchError(
+        f"{folder} is incomplete: {manifest.get('records_done', 0)} of {records} photos embedded in "
+        f"finished shards; run `carsearch embed {manifest['dataset']['root']} --out {folder}` again to "
+        "finish it, or pass --allow-incomplete to use what is there."
     )
 
 

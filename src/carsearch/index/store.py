@@ -201,14 +201,27 @@ def _files(info: dict) -> dict[str, dict]:
 
 
 def read_info(folder: Path) -> dict:
+    if not (folder / INFO_FILE).is_file():
+        raise CarsearchError(_not_an_index(folder))
     return read_descriptor(
-        folder / INFO_FILE,
-        INDEX_KIND,
-        "index description",
-        "rebuild the index with `carsearch index build`.",
-        missing=f"{folder} has no {INFO_FILE}; build one with "
-        f"`carsearch index build EMB_DIR --out {folder}`.",
+        folder / INFO_FILE, INDEX_KIND, "index description", "rebuild the index with `carsearch index build`."
     )
+
+
+def _not_an_index(folder: Path) -> str:
+    """What to do with a folder given as an index that has none: embeddings are built into an index in
+    another folder, photos are embedded first."""
+    from carsearch.datasets import holds_photos
+
+    build = "`carsearch index build {} --out INDEX_DIR` (a new folder) and give INDEX_DIR"
+    if (folder / "manifest.json").is_file():
+        return f"{folder} holds embeddings, not an index: build one from them with {build.format(folder)}."
+    if folder.is_dir() and holds_photos(folder):
+        return (
+            f"{folder} holds photos, not an index: embed them (`carsearch embed {folder} --out EMB_DIR`), "
+            f"then build {build.format('EMB_DIR')}."
+        )
+    return f"{folder} has no {INFO_FILE}; build one with `carsearch index build EMB_DIR --out {folder}`."
 
 
 _REBUILD = "rebuild the index with `carsearch index build`."
