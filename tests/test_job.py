@@ -167,6 +167,14 @@ def test_ctrl_c_keeps_what_was_embedded_with_the_default_shard_size(tmp_path: Pa
         with h5py.File(part) as f:
             kept += int(f.attrs["record_stop"]) - int(f.attrs["record_start"])
     assert 0 < kept < 64
+    # What the user may try next: index build says the folder is unfinished, and how far it got.
+    from click.testing import CliRunner
+
+    from carsearch.cli import cli
+
+    refused = CliRunner().invoke(cli, ["index", "build", str(out), "--out", str(tmp_path / "idx")])
+    assert refused.exit_code == 1, refused.output
+    assert f"0 of 64 photos embedded in finished shards (and {kept} more saved" in refused.stderr
     rerun = subprocess.run(
         [*cmd, "--out", str(out), *args, "--json"], capture_output=True, text=True, timeout=300
     )

@@ -21,6 +21,7 @@ import numpy as np
 
 from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard, write_shard
 from carsearch.errors import CarsearchError
+from carsearch.h5state import open_h5
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,16 @@ def _read_piece(path: Path, fingerprint_sha256: str) -> Piece | None:
         return None
     failures = [(int(i), str(r), str(d)) for i, r, d in attrs.get("failures", [])]
     return Piece(int(attrs["record_start"]), int(attrs["record_stop"]), rows, failures)
+
+
+def saved_images(out: Path) -> int:
+    """How many images the parts in `out` hold (what a rerun will not read again), from their attributes."""
+    n = 0
+    for files in part_files(out).values():
+        for _, path in files:
+            with contextlib.suppress(OSError, KeyError, CarsearchError), open_h5(path) as f:
+                n += int(f.attrs["record_stop"]) - int(f.attrs["record_start"])
+    return n
 
 
 def remove_parts(out: Path, shard: int) -> None:

@@ -94,11 +94,14 @@ def require_complete(folder: str | Path, allow_incomplete: bool = False) -> None
     manifest = read_manifest(folder)
     if manifest.get("complete", False) or allow_incomplete:
         return
-    records = manifest["dataset"]["records"]
+    from carsearch.embed.parts import saved_images
+
+    records, saved = manifest["dataset"]["records"], saved_images(folder)
+    more = f" (and {saved} more saved in an unfinished one)" if saved else ""
     raise CarsearchError(
         f"{folder} is incomplete: {manifest.get('records_done', 0)} of {records} photos embedded in "
-        f"finished shards; run `carsearch embed {manifest['dataset']['root']} --out {folder}` again to "
-        "finish it, or pass --allow-incomplete to use what is there."
+        f"finished shards{more}; run `carsearch embed {manifest['dataset']['root']} --out {folder}` again "
+        "to finish it, or pass --allow-incomplete to index the finished shards."
     )
 
 
