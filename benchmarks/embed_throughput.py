@@ -7,12 +7,20 @@ the ImageNet file cannot be downloaded offline). The FLOP limit is measured in t
 throughput of a large fp32 / bf16 matrix product, and each run's achieved GFLOP/s is put against it.
 
     python benchmarks/embed_throughput.py [--images 256] [--backbones resnet50,efficientnet_lite0] [--json]
+
+`--save-overhead` measures instead what saving the shard in progress costs (`embed --save-every`, parts
+written durably so that an interrupted run resumes inside its shard): the same `embed` job over the same
+images with saving off (the baseline), at the default interval, and after every batch (the worst case),
+interleaved round by round; each round's rate over that round's baseline, the median of --repeats rounds:
+
+    python benchmarks/embed_throughput.py --save-overhead --images 5491 --backbones efficientnet_lite0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+import carsearch.embed.shard_work as shard_work
+from carsearch import defaults
 from carsearch.datasets import read_dataset
 from carsearch.embed import embed_dataset
 from carsearch.embed.encoder import cpu_has_native_bf16
@@ -85,7 +95,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 4) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def carsearch_rate(backbone: str, weights: str, n: int, batch_size: int, precision: str) -> float:
+def carsearch_rate(
+    backbone: str,
+    weights: str,
+    n: int,
+    batch_size: int,
+    precision: str = defaults.PRECISION,
+    save_every: float = defaults.SAVE_EVERY,
+) -> float:
     with tempfile.TemporaryDirectory() as out:
         r = embed_dataset(
             DEV,
@@ -95,9 +112,49 @@ def carsearch_rate(backbone: str, weights: str, n: int, batch_size: int, precisi
             limit=n,
             batch_size=batch_size,
             precision=precision,
+            save_every=save_every,
             progress=False,
         )
         return r.images_per_second
+
+
+def save_overhead(backbone: str, n: int, batch_size: int, repeats: int) -> list[dict]:
+    """images/s of `embed` with the shard in progress saved never, every SAVE_EVERY s, after every batch."""
+    weights = "none" if backbone.startswith("resnet") else "imagenet"
+    runs = {
+        "never saved (baseline)": float("inf"),
+        f"--save-every {defaults.SAVE_EVERY:g} (default)": defaults.SAVE_EVERY,
+        "--save-every 0 (after every batch)": 0.0,
+    }
+    written = [0]  # parts this run wrote: shard_work's write_part, counted
+    write_part = shard_work.write_part
+
+    def counted(*args: object, **kwargs: object) -> object:
+        written[0] += 1
+        return write_part(*args, **kwargs)
+
+    shard_work.write_part = counted
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    parts = dict.fromkeys(runs, 0)
+    for _ in range(repeats):  # round by round, so that a busy minute of the machine hits every setting
+        for name, every in runs.items():
+            written[0] = 0
+            rates[name].append(carsearch_rate(backbone, weights, n, batch_size, save_every=every))
+            parts[name] = written[0]
+    shard_work.write_part = write_part
+    base = rates["never saved (baseline)"]
+    return [
+        {
+            "backbone": backbone,
+            "run": name,
+            "images_per_second": max(got),
+            # Each round's rate over the same round's baseline; the median of the rounds.
+            "ratio_vs_baseline": round(statistics.median(r / b for r, b in zip(got, base, strict=True)), 3),
+            "round_ratios": [round(r / b, 3) for r, b in zip(got, base, strict=True)],
+            "parts_written": parts[name],
+        }
+        for name, got in rates.items()
+    ]
 
 
 def main() -> None:
@@ -107,7 +164,26 @@ def main() -> None:
     ap.add_argument("--backbones", default="resnet50,efficientnet_lite0")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every configuration")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save-overhead", action="store_true", help="measure --save-every instead (see above)")
     args = ap.parse_args()
+    if args.save_overhead:
+        rows = [
+            r
+            for b in args.backbones.split(",")
+            for r in save_overhead(b, args.images, args.batch_size, args.repeats)
+        ]
+        if args.json:
+            json.dump({"images": args.images, "rows": rows}, sys.stdout, indent=2)
+            print()
+            return
+        print(f"{args.images} images of stanford-cars-dev, batch {args.batch_size}, {args.repeats} rounds")
+        print(f"{'backbone':<20}{'run':<40}{'best img/s':>11}{'x base':>8}{'parts':>7}  rounds")
+        for r in rows:
+            print(
+                f"{r['backbone']:<20}{r['run']:<40}{r['images_per_second']:>11.1f}"
+                f"{r['ratio_vs_baseline']:>8.3f}{r['parts_written']:>7}  {r['round_ratios']}"
+            )
+        return
 
     records = read_dataset(DEV).records[: args.images]
     paths = [DEV / r.path for r in records]
