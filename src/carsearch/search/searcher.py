@@ -359,7 +359,7 @@ class Searcher:
             )
             reason = None
             if unknown:
-                which = "nearest" if k_os == 1 else f"{k_os}th nearest"
+                which = "nearest" if k_os == 1 else f"k-th nearest (k {k_os})"
                 reason = (
                     f"similarity {score:.3f} to the {which} indexed photo is below the open-set threshold "
                     f"{cal['threshold']:.3f}"

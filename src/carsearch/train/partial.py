@@ -31,7 +31,7 @@ from carsearch.models.cut import cut, resolve_trained
 from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
 from carsearch.train.data import framings, split_classes
 from carsearch.train.loop import fit, network_run
-from carsearch.train.phase import Phase, refit
+from carsearch.train.phase import Phase, Placement, refit
 from carsearch.train.settings import MIRROR, PLAIN, TrainSettings
 from carsearch.train.state import TrainResult, prepare_out
 from carsearch.train.validation import recall_at_1, require_validation
@@ -156,7 +156,8 @@ def train_partial(
     val_pos = np.flatnonzero(np.isin(other_idx, val_idx) & ok_other)
     x_val, c_val = x_other[torch.from_numpy(val_pos)], data.class_ids[other_idx[val_pos]]
     require_validation(len(val_pos), how)
-    phase = Phase(net, split, s, x_train, c_train, dev, bf16, progress)
+    where = Placement(dev, bf16, progress)
+    phase = Phase(net, split, s, x_train, c_train, where)
 
     # Validation as the product is used: held-out images classified by the weighted kNN vote over the
     # training images (which become the gallery). With validation classes of their own (zero-shot), there
@@ -250,7 +251,6 @@ def train_partial(
         held = np.flatnonzero(vmask)
         x_held, ok_held = load(cache, prep, "held-out", held, s.views())
         result.refit = refit(
-            out,
             run,
             s,
             settings,
@@ -258,9 +258,7 @@ def train_partial(
             (x_train, c_train),
             (x_held, data.class_ids[held], ok_held),
             test_prep,
-            dev,
-            bf16,
-            progress,
+            where,
         )
     elif s.refit:
         log.info("refit: not done (validation on classes of their own: no held-out images to add).")

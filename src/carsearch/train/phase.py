@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +26,15 @@ from carsearch.train.state import prepare_out
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a phase runs: the training device, bf16 autocast, progress bars."""
+
+    device: torch.device
+    bf16: bool
+    progress: bool
+
+
 class Phase:
     """One training run of the suffix (BatchNorm kept as pretrained), the projection head and the loss's
     class weights on cached views: AdamW, timm's warm-up cosine schedule and EMA, and one epoch's steps.
@@ -39,16 +48,14 @@ class Phase:
         s: TrainSettings,
         x: torch.Tensor,
         classes: np.ndarray,
-        dev: torch.device,
-        bf16: bool,
-        progress: bool,
+        where: Placement,
     ) -> None:
-        self.net, self.split, self.s, self.x, self.dev, self.bf16 = net, split, s, x, dev, bf16
-        self.progress = progress
+        self.net, self.split, self.s, self.x = net, split, s, x
+        self.dev, self.bf16, self.progress = where.device, where.bf16, where.progress
         ids = sorted(set(classes.tolist()))
         self.n_classes = len(ids)
         lookup = {c: i for i, c in enumerate(ids)}
-        self.y = torch.tensor([lookup[int(c)] for c in classes]).to(dev)
+        self.y = torch.tensor([lookup[int(c)] for c in classes]).to(self.dev)
         for p in net.parameters():
             p.requires_grad_(False)
         for m in [split.suffix, net.head]:
@@ -56,7 +63,7 @@ class Phase:
                 p.requires_grad_(True)
         freeze_batchnorm(split.suffix)
         self.loss_fn = make_loss(s.loss, self.n_classes, net.dim, s.scale, s.margin, s.label_smoothing)
-        self.loss_fn.to(dev)  # before the optimizer and the EMA copy are made
+        self.loss_fn.to(self.dev)  # before the optimizer and the EMA copy are made
         suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
         head_lr = s.lr * s.head_lr_mult
         self.opt = torch.optim.AdamW(
@@ -138,7 +145,6 @@ REFIT_DIR = "refit"
 
 
 def refit(
-    out: Path,
     run: Run,
     s: TrainSettings,
     settings: dict,
@@ -146,9 +152,7 @@ def refit(
     train: tuple[torch.Tensor, np.ndarray],
     held: tuple[torch.Tensor, np.ndarray, np.ndarray],
     test_prep: Preprocessing,
-    dev: torch.device,
-    bf16: bool,
-    progress: bool,
+    where: Placement,
 ) -> dict:
     """Train again from the same start on the training and the held-out images together, for the epochs the
     held-out images picked (the same schedule, stopped there: scikit-learn's `refit`), and make that network
@@ -160,10 +164,10 @@ def refit(
     classes = np.concatenate([train[1], c_held[ok_held]])
     base = load_backbone(s.backbone, s.weights)
     torch.manual_seed(s.seed)  # the network starts where the first run's did
-    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(dev)
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(where.device)
     split = cut(net.backbone, resolve_trained(base.model, s.train_blocks))
-    phase = Phase(net, split, s, x, classes, dev, bf16, progress)
-    folder = out / REFIT_DIR
+    phase = Phase(net, split, s, x, classes, where)
+    folder = run.out / REFIT_DIR
     refit_settings = {**settings, "refit_epochs": epochs, "validation": "none (refit on every image)"}
     resume = (folder / ckpt.INFO_FILE).is_file() and (folder / ckpt.STATE_FILE).is_file()
     state = prepare_out(folder, refit_settings, resume=resume, overwrite=not resume)
