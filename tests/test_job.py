@@ -152,6 +152,9 @@ def test_ctrl_c_keeps_what_was_embedded_with_the_default_shard_size(tmp_path: Pa
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A terminal's foreground job has Ctrl-C at its default; a shell's background job (CI started with
+        # `&` or nohup) inherits it ignored, and then Python rightly never sees the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not list(out.glob("*.part-*")) and proc.poll() is None and time.time() < deadline:
