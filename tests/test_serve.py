@@ -305,6 +305,8 @@ def test_empty_and_unvoted_lists_say_why(client: TestClient, unlabelled_index: P
     none = one_answer(_post(client, PHOTO.read_bytes(), "?make=Trabant"))
     assert none["neighbors"] == [] and none["label"] is None and none["top5"] == []
     assert none["note"] == "no indexed car passes the filter (make Trabant): widen or clear it."
+    # No car to compare with is not an unknown model: nothing is rejected, no score is made up.
+    assert none["unknown"] is False and none["openset_score"] is None and none["reason"] is None
     few = one_answer(_post(client, PHOTO.read_bytes(), "?k=200&make=audi"))
     assert 0 < len(few["neighbors"]) < 200 and "pass the filter" in few["note"]
     info = client.get("/api/info").json()

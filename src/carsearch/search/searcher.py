@@ -314,8 +314,10 @@ class Searcher:
         if found >= k:
             return None
         if where:
-            return f"only {found} indexed images pass the filter (asked for {k})."
-        return f"the index holds only {found} images (asked for {k})."
+            if not found:
+                return "no indexed car passes the filter: widen or clear it."
+            return f"only {found} indexed {_images(found)} pass the filter (asked for {k})."
+        return f"the index holds only {found} {_images(found)} (asked for {k})."
 
     # --- classification --------------------------------------------------------------------------------
 
@@ -349,17 +351,26 @@ class Searcher:
             if err is not None:
                 out.append(Classification(name, None, 0.0, [], False, None, None, level, [], err))
                 continue
-            ranked = ranked_votes(labels, sims[j], self.bundle.gallery.rows(ids[j]), k, temperature)
-            score = float(kth_similarity(sims[j], k_os)[0]) if cal else None
-            unknown = bool(reject and cal is not None and score < cal["threshold"])
+            rows = self.bundle.gallery.rows(ids[j])
+            ranked = ranked_votes(labels, sims[j], rows, k, temperature)
+            # A filter may leave fewer than k_os neighbours: then the farthest one that passed stands in for
+            # the k_os-th (closer, so the test is lenient), and with none there is nothing to reject.
+            k_test = min(k_os, int((rows >= 0).sum()))
+            score = float(kth_similarity(sims[j], k_test)[0]) if cal and k_test else None
+            unknown = bool(reject and score is not None and score < cal["threshold"])
             top = ranked[0] if ranked else (None, 0.0)
             share_cut = ((cal or {}).get("uncertain") or {}).get("share_threshold")
             uncertain = bool(
-                reject and not unknown and level == "model" and share_cut is not None and top[1] < share_cut
+                reject
+                and not unknown
+                and top[0] is not None
+                and level == "model"
+                and share_cut is not None
+                and top[1] < share_cut
             )
             reason = None
             if unknown:
-                which = "nearest" if k_os == 1 else f"k-th nearest (k {k_os})"
+                which = "nearest" if k_test == 1 else f"k-th nearest (k {k_test})"
                 reason = (
                     f"similarity {score:.3f} to the {which} indexed photo is below the open-set threshold "
                     f"{cal['threshold']:.3f}"
@@ -389,3 +400,7 @@ class Searcher:
             )
             j += 1
         return out
+
+
+def _images(n: int) -> str:
+    return "image" + ("" if n == 1 else "s")
