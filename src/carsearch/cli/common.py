@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import click
@@ -86,10 +88,34 @@ def runtime_option(f: Callable) -> Callable:
         "--runtime",
         default=defaults.RUNTIME,
         show_default=True,
-        type=click.Choice(["auto", "torch", "openvino"]),
-        help="auto: OpenVINO on the CPU when installed (the openvino extra; faster there), else PyTorch; "
-        "CARSEARCH_RUNTIME sets what auto means. Embeddings of either runtime agree.",
+        type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
+        help="auto: OpenVINO on the CPU when installed (the openvino extra; fastest there), else PyTorch; "
+        "onnxruntime: ONNX Runtime on the CPU, fp32 (the onnxruntime extra). CARSEARCH_RUNTIME sets what "
+        "auto means. Embeddings of every runtime agree.",
     )(f)
+
+
+@contextmanager
+def prefix_runtime(runtime: str, device: str) -> Iterator[None]:
+    """train's and index build's --runtime: it reaches the cached-prefix step (train/activations.Prefix,
+    whose runtime is `auto`) as CARSEARCH_RUNTIME, what `auto` means, for the command's duration. A
+    runtime the machine cannot run is refused now, before any training."""
+    if runtime == "auto":
+        yield
+        return
+    from carsearch.embed.encoder import resolve_device
+    from carsearch.embed.runtimes import ENV_RUNTIME, resolve_runtime
+
+    resolve_runtime(runtime, resolve_device(device))
+    before = os.environ.get(ENV_RUNTIME)
+    os.environ[ENV_RUNTIME] = runtime
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_RUNTIME, None)
+        else:
+            os.environ[ENV_RUNTIME] = before
 
 
 def dataset_options(f: Callable) -> Callable:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import BYTES, emit, json_option
+from carsearch.cli.common import BYTES, emit, json_option, prefix_runtime, runtime_option
 from carsearch.train.settings import PRESETS
 
 ALLOW_DUPLICATES = click.option(
@@ -111,6 +111,7 @@ def index() -> None:
     "with >= 5 photos per class, else none. `carsearch train --list-presets` shows each preset.",
 )
 @click.option("--frozen", is_flag=True, help="Index the embeddings as they are (no tuning).")
+@runtime_option
 @click.option("--tune-head", is_flag=True, hidden=True, help="Old name of --tune head.")
 @click.option(
     "--tune-holdout",
@@ -158,6 +159,7 @@ def index_build(
     tune_head: bool,
     tune_holdout: float,
     tune_epochs: int | None,
+    runtime: str,
     exclude: tuple[str, ...],
     allow_duplicates: bool,
     drop_uploads: bool,
@@ -189,20 +191,22 @@ def index_build(
         from carsearch.train.settings import get_preset
         from carsearch.train.tuned import build_tuned_index
 
-        info = build_tuned_index(
-            emb_dirs[0],
-            out,
-            preset=tune,
-            settings=get_preset(tune).settings.override(epochs=tune_epochs),
-            factory=factory,
-            memory_budget=memory_budget,
-            target_recall=target_recall,
-            holdout=tune_holdout,
-            calibrate=calibrate,
-            openset_k=openset_k,
-            tpr=tpr,
-            seed=seed,
-        )
+        settings = get_preset(tune).settings.override(epochs=tune_epochs)
+        with prefix_runtime(runtime, settings.device):  # --tune cpu-hour's cached-prefix step
+            info = build_tuned_index(
+                emb_dirs[0],
+                out,
+                preset=tune,
+                settings=settings,
+                factory=factory,
+                memory_budget=memory_budget,
+                target_recall=target_recall,
+                holdout=tune_holdout,
+                calibrate=calibrate,
+                openset_k=openset_k,
+                tpr=tpr,
+                seed=seed,
+            )
     else:
         from carsearch.index.build import build_index
 

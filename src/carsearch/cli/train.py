@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option
+from carsearch.cli.common import (
+    WORKERS,
+    dataset_options,
+    device_options,
+    emit,
+    json_option,
+    prefix_runtime,
+    runtime_option,
+)
 from carsearch.errors import CarsearchError
-from carsearch.train.settings import DEFAULT_PRESET, LOSSES, PRESETS
+from carsearch.train.settings import DEFAULT_PRESET, LOSSES, PRESETS, TrainSettings
 
 PRESET_NAMES = list(PRESETS)
 
@@ -138,6 +147,7 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
 )
 @click.option("--crop", type=click.Choice(["center", "squash", "pad"]), help=f"[default: {defaults.CROP}]")
 @device_options
+@runtime_option
 @click.option("--workers", default="auto", show_default=True, type=WORKERS)
 @click.option("--seed", default=defaults.SEED, show_default=True, type=int)
 @click.option(
@@ -185,6 +195,7 @@ def train(
     if train_blocks is not None and base.mode != "head":
         mode = "full" if train_blocks == "all" else "partial"
     embed_dim = options.pop("embed_dim")
+    runtime = str(options.pop("runtime"))  # the cached-prefix step's (partial presets such as cpu-hour)
     s = base.override(
         **options,
         mode=mode,
@@ -198,11 +209,27 @@ def train(
         _refuse_image_options(ctx)
     logging.getLogger("carsearch").info("%s", describe(s, name))
     run = dict(resume=resume, overwrite=overwrite)
+    with prefix_runtime(runtime, s.device):
+        result = _run(s, data_dir, out, format, labels, split, cache, run)
+    emit(result.to_json(), as_json, _human_train)
+
+
+def _run(
+    s: TrainSettings,
+    data_dir: str,
+    out: str,
+    format: str,
+    labels: str | None,
+    split: str,
+    cache: str | None,
+    run: dict,
+) -> Any:
+    """The training `s.mode` asks for, and its result."""
     if s.mode == "head":
         from carsearch.train import train_head
 
-        result = train_head(data_dir, out, s, **run)
-    elif s.mode == "partial":
+        return train_head(data_dir, out, s, **run)
+    if s.mode == "partial":
         import numpy as np
 
         from carsearch.datasets import read_dataset
@@ -217,12 +244,10 @@ def train(
             np.array([r.class_id for r in ds.records]),
             ds.records_sha256(),
         )
-        result = train_partial(data, out, s, cache_dir=cache, **run).result
-    else:
-        from carsearch.train import train_model
+        return train_partial(data, out, s, cache_dir=cache, **run).result
+    from carsearch.train import train_model
 
-        result = train_model(data_dir, out, s, format=format, labels_file=labels, split=split, **run)
-    emit(result.to_json(), as_json, _human_train)
+    return train_model(data_dir, out, s, format=format, labels_file=labels, split=split, **run)
 
 
 # Options that shape how images become features: a head trained on cached embeddings has none of them.
@@ -238,6 +263,7 @@ _IMAGE_OPTIONS = (
     "refit",
     "device",
     "precision",
+    "runtime",
     "workers",
     "freeze_epochs",
     "warmup_epochs",

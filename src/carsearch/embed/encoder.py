@@ -58,8 +58,8 @@ class Encoder:
 
     `Encoder.load(backbone, weights, ...)` builds one from the registry; `Encoder(loaded, ...)` wraps a
     network in hand (training's validation wraps the network it trains, with `freeze=False`). `runtime`
-    (embed/runtimes.py) runs it in PyTorch or converted to OpenVINO; `Encoder(...)` keeps PyTorch unless
-    told, `Encoder.load` picks (`auto`)."""
+    (embed/runtimes.py) runs it in PyTorch, converted to OpenVINO or exported to ONNX Runtime; `Encoder(...)`
+    keeps PyTorch unless told, `Encoder.load` picks (`auto`)."""
 
     def __init__(
         self,
@@ -85,16 +85,23 @@ class Encoder:
                 p.requires_grad_(False)
         self.runtime = runtimes.resolve_runtime(runtime, self.device)
         own = getattr(self.model, "runtime", None)  # a network that brings its runtime: an ONNX file's
-        if own and runtime == "openvino":
+        if own and runtime not in ("auto", "torch", own):
             raise CarsearchError(f"{backbone} runs in {own}, not {runtime}; use --runtime auto.")
         if own:
             self.runtime, self.precision = own, "fp32"  # (ONNX Runtime on the CPU: fp32)
-        self._ov = None
-        if self.runtime == "openvino":
+        self._net: runtimes.CompiledNetwork | None = None
+        if self.runtime in runtimes.CONVERTERS and not own:  # (an ONNX file is run as it is)
             try:
-                self._ov = runtimes.load_openvino(
-                    self.model, backbone, self.weights.sha256, self.dim, self.preprocessing, self.precision
+                self._net = runtimes.load_converted(
+                    self.runtime,
+                    self.model,
+                    backbone,
+                    self.weights.sha256,
+                    self.dim,
+                    self.preprocessing,
+                    self.precision,
                 )
+                self.precision = self._net.precision  # ONNX Runtime: fp32 whatever was asked
             except runtimes.ConversionFailed as e:
                 if runtime != "auto":
                     raise CarsearchError(f"{e}; use --runtime torch.") from None
@@ -184,8 +191,8 @@ class Encoder:
         """uint8 NHWC batch -> float32 (n, dim), each row L2-normalised."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
-        if self._ov is not None:
-            return self._ov.embed(pixels.numpy(), self.preprocessing.flip)
+        if self._net is not None:
+            return self._net.embed(pixels.numpy(), self.preprocessing.flip)
         x = pixels.to(self.device, non_blocking=True)
         x = self.preprocessing.normalize(x)
         normalize = torch.nn.functional.normalize

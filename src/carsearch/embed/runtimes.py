@@ -1,63 +1,82 @@
-"""Inference runtimes: the network built in PyTorch runs as it is (`torch`) or converted to OpenVINO.
+"""Inference runtimes: the network built in PyTorch runs as it is (`torch`), converted to OpenVINO, or
+exported to ONNX and run by ONNX Runtime.
 
-A conversion is an artifact like the others: converted once from the torch module (uint8 NHWC pixels
-in, normalisation folded into the graph), cached on disk under `cache_root()/openvino/<key>/` keyed by
-the weights' sha256, the network input's preprocessing (size, mean, std) and the runtime and torch
-versions, written durably (temporary folder, fsync, rename) and checked by sha256 each time it is read.
-`auto` picks OpenVINO on the CPU when it is installed (faster than eager PyTorch there: docs/benchmarks.md),
-PyTorch elsewhere; CARSEARCH_RUNTIME decides what `auto` means for every command.
+A conversion is an artifact like the others: made once from the torch module (uint8 NHWC pixels in,
+normalisation folded into the graph), cached on disk under `cache_root()/<runtime>/<key>/` keyed by the
+weights' sha256, the network input's preprocessing (size, mean, std) and the runtime's, exporter's and
+torch versions, written durably (temporary folder, fsync, rename) and checked by sha256 each time it is
+read. One code path serves both runtimes; a `Converter` holds what differs (the files, how they are
+written, how they are run). `auto` is decided in `auto_runtime` alone; CARSEARCH_RUNTIME decides what
+`auto` means for every command.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import uuid
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from carsearch.embed.compiled import CompiledNetwork, OnnxRuntimeNetwork, OpenVINONetwork
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import fsync_dir, sha256_file
 from carsearch.models import Preprocessing
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino")
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 ENV_RUNTIME = "CARSEARCH_RUNTIME"  # what `auto` means, for every command and the Python API
 ENV_CACHE = "CARSEARCH_CACHE"  # where conversions are kept (default ~/.cache/carsearch)
 CONVERSION_FORMAT = 1  # bumped when what a conversion holds changes
+ONNX_OPSET = 17
 _INFO = "conversion.json"
-_FILES = ("model.xml", "model.bin")
-_INSTALL = "pip install 'carsearch[openvino]'"
+_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime", "onnx": "onnx"}  # distributions, as said
 
 
-def openvino_version() -> str | None:
-    """The installed OpenVINO's version, None when it is not installed."""
+def _version(distribution: str) -> str | None:
     try:
-        return metadata.version("openvino")
+        return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
 
 
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, None when it is not installed."""
+    return _version("openvino")
+
+
+def onnxruntime_version() -> str | None:
+    """The installed ONNX Runtime's version, None when it is not installed."""
+    return _version("onnxruntime")
+
+
 def runtime_version(runtime: str) -> str:
-    if runtime == "onnxruntime":  # the runtime an ONNX backbone brings (models/file_nets.py)
-        return metadata.version("onnxruntime")
-    return (openvino_version() or "") if runtime == "openvino" else str(torch.__version__)  # not TorchVersion
+    if runtime == "torch":
+        return str(torch.__version__)  # a str, not a TorchVersion
+    return _version(runtime) or ""  # also an ONNX backbone's own runtime (models/file_nets.py)
+
+
+def auto_runtime(device: torch.device) -> str:
+    """What `auto` runs (when CARSEARCH_RUNTIME does not say), decided here alone: OpenVINO on the CPU when
+    installed, PyTorch elsewhere. Measured (docs/benchmarks.md, inference runtimes; issue 21): OpenVINO
+    bf16 embeds 1.7-1.8x as fast as eager PyTorch bf16; ONNX Runtime runs fp32 only on the CPU, faster than
+    PyTorch for efficientnet_lite0 (1.1x) but slower for resnet50 (0.7x), so `auto` never picks it."""
+    return "openvino" if device.type == "cpu" and openvino_version() else "torch"
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
-    """`auto`: CARSEARCH_RUNTIME when set, else OpenVINO on the CPU when installed, else PyTorch.
-    An explicit choice the machine cannot run is refused in one sentence."""
+    """`auto`: CARSEARCH_RUNTIME when set, else `auto_runtime`. An explicit choice the machine cannot run
+    is refused in one sentence."""
     if runtime not in RUNTIMES:
         raise CarsearchError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
     if runtime == "auto":
@@ -67,17 +86,19 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
                 f"{ENV_RUNTIME}={runtime!r} is not a runtime; set it to one of {', '.join(RUNTIMES)}."
             )
     if runtime == "auto":
-        return "openvino" if device.type == "cpu" and openvino_version() else "torch"
-    if runtime == "openvino":
+        return auto_runtime(device)
+    if runtime in CONVERTERS:
         if device.type != "cpu":
             raise CarsearchError(
-                f"--runtime openvino runs on the CPU, not {device.type}; use --device cpu, or --runtime "
+                f"--runtime {runtime} runs on the CPU, not {device.type}; use --device cpu, or --runtime "
                 "torch on the GPU."
             )
-        if not openvino_version():
+        missing = [_NAMES[d] for d in CONVERTERS[runtime].packages if not _version(d)]
+        if missing:
             raise CarsearchError(
-                f"--runtime openvino needs OpenVINO, which is not installed: {_INSTALL} (or use --runtime "
-                "torch)."
+                f"--runtime {runtime} needs {' and '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'carsearch[{runtime}]' "
+                "(or use --runtime torch)."
             )
     return runtime
 
@@ -105,8 +126,58 @@ class FromPixels(nn.Module):
         return self.model((x - self.mean) * self.inv_std).float()
 
 
+# --- the two conversions: what differs ----------------------------------------------------------------
+
+
+def _write_openvino(net: nn.Module, example: torch.Tensor, xml: Path) -> None:
+    import openvino as ov
+
+    s = example.shape[1]
+    # Traced here without the tracer's own re-run check (2/3 of the conversion's time): the runtime's
+    # agreement with PyTorch is what tests/test_runtimes.py checks.
+    traced = torch.jit.trace(net, example, check_trace=False)
+    converted = ov.convert_model(
+        traced, example_input=example, input=[(ov.PartialShape([-1, s, s, 3]), ov.Type.u8)]
+    )
+    ov.save_model(converted, str(xml), compress_to_fp16=False)  # fp32 weights: fp32 runs match torch's
+
+
+def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # The TorchScript-based exporter (torch.export's needs onnxscript, and fails on more networks); the
+    # batch is dynamic, the image size fixed.
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=ONNX_OPSET,
+        input_names=["pixels"],
+        output_names=["features"],
+        dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+    )
+
+
+@dataclass(frozen=True)
+class Converter:
+    """One runtime's conversion: the distributions it needs (the first is the runtime, whose version the
+    provenance records), the files a conversion holds (the first is written by `write`), and the class
+    that runs them."""
+
+    runtime: str
+    label: str
+    packages: tuple[str, ...]
+    files: tuple[str, ...]
+    write: Callable[[nn.Module, torch.Tensor, Path], None]
+    network: Callable[[Path, str], CompiledNetwork]
+
+
 def conversion_key(
-    model: nn.Module, backbone: str, weights_sha256: str | None, dim: int, prep: Preprocessing
+    model: nn.Module,
+    backbone: str,
+    weights_sha256: str | None,
+    dim: int,
+    prep: Preprocessing,
+    runtime: str = "openvino",
 ) -> dict:
     """What a conversion depends on. Weights without a file (random init) are named by their values."""
     if weights_sha256 is None:
@@ -115,10 +186,12 @@ def conversion_key(
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         weights_sha256 = "state:" + h.hexdigest()
+    packages = CONVERTERS[runtime].packages
     return {
         "format": CONVERSION_FORMAT,
-        "runtime": "openvino",
-        "runtime_version": openvino_version(),
+        "runtime": runtime,
+        "runtime_version": _version(packages[0]),
+        **{f"{d}_version": _version(d) for d in packages[1:]},  # the exporter's (onnx)
         "torch": str(torch.__version__),
         "backbone": backbone,
         "weights_sha256": weights_sha256,
@@ -131,27 +204,28 @@ def conversion_key(
 def cache_folder(key: dict) -> Path:
     """Where the conversion for `key` is kept."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_root() / "openvino" / digest
+    return cache_root() / key["runtime"] / digest
 
 
 def cached_conversion(model: nn.Module, key: dict, prep: Preprocessing) -> Path:
     """The folder holding `model` converted for `key`: reused when there, converted (and kept) when not,
     refused when damaged."""
+    conv = CONVERTERS[key["runtime"]]
     folder = cache_folder(key)
     if folder.exists():
-        _check(folder, key)
-        log.debug("OpenVINO conversion reused from %s", folder)
+        _check(conv, folder, key)
+        log.debug("%s conversion reused from %s", conv.label, folder)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        log.info("converting the %s network to OpenVINO (once; kept in %s)", key["backbone"], folder)
-        _convert(model, prep, tmp / _FILES[0])
-        info = {**key, "files": {name: sha256_file(tmp / name) for name in _FILES}}
+        log.info("converting the %s network for %s (once; kept in %s)", key["backbone"], conv.label, folder)
+        _convert(conv, model, prep, tmp / conv.files[0])
+        info = {**key, "files": {name: sha256_file(tmp / name) for name in conv.files}}
         (tmp / _INFO).write_text(json.dumps(info, indent=2) + "\n")
-        for name in (*_FILES, _INFO):
+        for name in (*conv.files, _INFO):
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         fsync_dir(tmp)
@@ -164,52 +238,44 @@ def cached_conversion(model: nn.Module, key: dict, prep: Preprocessing) -> Path:
         fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _check(folder, key)
+    _check(conv, folder, key)
     return folder
 
 
-def _convert(model: nn.Module, prep: Preprocessing, xml: Path) -> None:
-    import openvino as ov
-
+def _convert(conv: Converter, model: nn.Module, prep: Preprocessing, path: Path) -> None:
     s = prep.size
     net = FromPixels(model, prep).eval()
     example = torch.zeros((1, s, s, 3), dtype=torch.uint8)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's deprecation and constant-folding notes
-            # Traced here without the tracer's own re-run check (2/3 of the conversion's time): the
-            # runtime's agreement with PyTorch is what tests/test_runtimes.py checks.
-            traced = torch.jit.trace(net, example, check_trace=False)
-            converted = ov.convert_model(
-                traced, example_input=example, input=[(ov.PartialShape([-1, s, s, 3]), ov.Type.u8)]
-            )
+            conv.write(net, example, path)
+    except OSError:
+        raise  # the disk's errors are no converter's
     except Exception as e:  # the converter's own errors: an operation it does not know, a trace failure
-        raise ConversionFailed(f"OpenVINO cannot convert this network ({type(e).__name__}: {e})") from e
-    ov.save_model(converted, str(xml), compress_to_fp16=False)  # fp32 weights: fp32 runs match torch's
+        raise ConversionFailed(f"{conv.label} cannot convert this network ({type(e).__name__}: {e})") from e
 
 
 class ConversionFailed(CarsearchError):
     """The converter refused the network (`auto` then stays with PyTorch)."""
 
 
-def _check(folder: Path, key: dict) -> None:
+def _check(conv: Converter, folder: Path, key: dict) -> None:
     remedy = "delete that folder and run again to convert the network anew."
+    what = f"the {conv.label} conversion cached in {folder}"
     try:
         info = json.loads((folder / _INFO).read_text())
         files = info["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise CarsearchError(
-            f"the OpenVINO conversion cached in {folder} is damaged (no readable {_INFO}); {remedy}"
-        ) from None
-    for name in _FILES:
+        raise CarsearchError(f"{what} is damaged (no readable {_INFO}); {remedy}") from None
+    for name in conv.files:
         path = folder / name
         if not path.is_file() or sha256_file(path) != files.get(name):
             raise CarsearchError(
-                f"the OpenVINO conversion cached in {folder} is damaged ({name} is missing or does not "
-                f"match its sha256); {remedy}"
+                f"{what} is damaged ({name} is missing or does not match its sha256); {remedy}"
             )
     if {k: v for k, v in info.items() if k != "files"} != key:
-        raise CarsearchError(f"the OpenVINO conversion cached in {folder} is for another network; {remedy}")
+        raise CarsearchError(f"{what} is for another network; {remedy}")
 
 
 def _remove_stale(folder: Path) -> None:
@@ -224,46 +290,34 @@ def _remove_stale(folder: Path) -> None:
             continue
 
 
-@functools.cache
-def _core():  # one OpenVINO Core per process
-    import openvino as ov
-
-    return ov.Core()
-
-
-class OpenVINONetwork:
-    """A cached conversion compiled for the CPU at `precision` (bf16 only where the CPU runs it)."""
-
-    def __init__(self, folder: Path, precision: str) -> None:
-        core = _core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise CarsearchError(
-                "OpenVINO runs bf16 only on CPUs with AVX-512 BF16 or AMX, which this one lacks; use "
-                "--precision fp32, or --runtime torch."
-            )
-        hint = {"bf16": "bf16", "fp32": "f32"}[precision]
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = core.compile_model(core.read_model(str(folder / _FILES[0])), "CPU", config)
-        self._request = self.compiled.create_infer_request()
-        self._lock = threading.Lock()  # one infer request: one batch at a time
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> float32 (n, dim), not normalised."""
-        with self._lock:
-            out = self._request.infer([np.ascontiguousarray(pixels)])
-            return np.array(out[0], dtype=np.float32)  # a copy: the request reuses its output buffer
-
-    def embed(self, pixels: np.ndarray, flip: bool) -> np.ndarray:
-        """L2-normalised embeddings; with `flip`, the image's and its mirror image's summed, as
-        `Encoder.encode` does with PyTorch."""
-        y = _unit(self.features(pixels))
-        if flip:
-            y = y + _unit(self.features(pixels[:, :, ::-1]))
-        return _unit(y)
+CONVERTERS = {
+    "openvino": Converter(
+        "openvino", "OpenVINO", ("openvino",), ("model.xml", "model.bin"), _write_openvino, OpenVINONetwork
+    ),
+    "onnxruntime": Converter(
+        "onnxruntime",
+        "ONNX Runtime",
+        ("onnxruntime", "onnx"),  # onnx: torch's exporter writes the file with it
+        ("model.onnx",),
+        _write_onnx,
+        OnnxRuntimeNetwork,
+    ),
+}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # as torch's F.normalize
+def load_converted(
+    runtime: str,
+    model: nn.Module,
+    backbone: str,
+    weights_sha256: str | None,
+    dim: int,
+    prep: Preprocessing,
+    precision: str,
+) -> CompiledNetwork:
+    """`model` converted for `runtime` (or found converted) and loaded; its `precision` says what it runs
+    at (ONNX Runtime: fp32 whatever was asked)."""
+    key = conversion_key(model, backbone, weights_sha256, dim, prep, runtime)
+    return CONVERTERS[runtime].network(cached_conversion(model, key, prep), precision)
 
 
 def load_openvino(
@@ -273,7 +327,6 @@ def load_openvino(
     dim: int,
     prep: Preprocessing,
     precision: str,
-) -> OpenVINONetwork:
-    """`model` converted (or found converted) and compiled."""
-    key = conversion_key(model, backbone, weights_sha256, dim, prep)
-    return OpenVINONetwork(cached_conversion(model, key, prep), precision)
+) -> CompiledNetwork:
+    """`load_converted` for OpenVINO (the name callers had before ONNX Runtime joined)."""
+    return load_converted("openvino", model, backbone, weights_sha256, dim, prep, precision)

@@ -172,7 +172,7 @@ class ActivationCache:
                 len(group.views),
                 len(chunks) - len(missing),
                 len(chunks),
-                "OpenVINO" if compiled is not None else "PyTorch",
+                compiled.label if compiled is not None else "PyTorch",
             )
             with (
                 decoding_workers("cached chunks are kept: run the same command again"),
@@ -194,15 +194,17 @@ def _chunk_path(gdir: Path, start: int) -> Path:
     return gdir / f"chunk-{start // CHUNK:05d}.npz"
 
 
-def _compiled(prefix: Prefix) -> runtimes.OpenVINONetwork | None:
-    """The prefix compiled by OpenVINO when its runtime resolves to it (None: PyTorch runs it). Converted
+def _compiled(prefix: Prefix) -> runtimes.CompiledNetwork | None:
+    """The prefix converted for its runtime, OpenVINO or ONNX Runtime (None: PyTorch runs it). Converted
     once and cached like an encoder's network, keyed by the prefix's own weights and input."""
     runtime = runtimes.resolve_runtime(prefix.runtime, prefix.device)
-    if runtime != "openvino":
+    if runtime == "torch":
         return None
     precision = "bf16" if prefix.bf16 else "fp32"
     try:
-        return runtimes.load_openvino(prefix.module, "frozen prefix", None, 0, prefix.prep, precision)
+        return runtimes.load_converted(
+            runtime, prefix.module, "frozen prefix", None, 0, prefix.prep, precision
+        )
     except runtimes.ConversionFailed as e:
         if prefix.runtime != "auto":
             raise CarsearchError(f"{e}; use CARSEARCH_RUNTIME=torch.") from None
@@ -218,7 +220,7 @@ def _write_chunk(
     root: Path,
     prefix: Prefix,
     bar: Progress,
-    compiled: runtimes.OpenVINONetwork | None = None,
+    compiled: runtimes.CompiledNetwork | None = None,
 ) -> None:
     start, end = span
     prep, device = prefix.prep, prefix.device
