@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.eval.class_cosine import ClassCosine
 from carsearch.eval.knn import knn_metrics
 from carsearch.index.core import Index
 from carsearch.models import load_backbone
 from carsearch.models.cut import cut, resolve_trained, stage_names
+from carsearch.search import Searcher
 from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
 from carsearch.train.partial import Collection, train_partial
 from carsearch.train.settings import PRESETS, get_preset
@@ -154,6 +157,24 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(
         ],
     )
     assert r.exit_code == 0, r.output
+    # The unknown-model score: the largest cosine to the class weights saved with the delivered epoch
+    # (computed here from the file), calibrated on the held-out images; a refit has none (its network is
+    # not the one the held-out images were scored by), and keeps the neighbour score.
+    answer = json.loads(r.output)[0]
+    cc = info["openset"].get("class_cosine")
+    if refit:
+        assert cc is None and not (model / "class_weights.safetensors").exists()
+        assert "indexed photo" in (answer["reason"] or "indexed photo")
+        return
+    w = load_file(str(model / "class_weights.safetensors"))
+    assert w["weights"].shape == (len(CLASSES), 512) and sorted(cc["labels"]) == sorted(set(derived.labels))
+    expected = float((w["weights"].numpy() @ redone.vectors[0]).max())
+    assert answer["openset_score"] == pytest.approx(expected, abs=2e-3)
+    assert answer["threshold"] == cc["threshold"] and 0.9 <= cc["tpr"] <= 1.0
+    # A photo of a model the weights do not know, added to the index, ends their use: neighbour score.
+    assert Searcher.open(tmp_path / "index").class_cosine is not None
+    stranger = ClassCosine(w["weights"].numpy(), frozenset(cc["labels"]), cc["threshold"])
+    assert not stranger.covers(np.array([*cc["labels"], "Tesla Model S 2012"]))
 
 
 _KILL_SCRIPT = """

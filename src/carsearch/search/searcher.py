@@ -15,10 +15,11 @@ from carsearch.datasets.records import display_name
 from carsearch.datasets.scan import image_files, left_out_files
 from carsearch.embed.images import BadImage, load_image, safe_join
 from carsearch.errors import CarsearchError
-from carsearch.eval.openset import kth_similarity
+from carsearch.eval.class_cosine import ClassCosine
 from carsearch.eval.vote import ranked_votes
 from carsearch.index.store import IndexBundle, is_image_id, open_bundle
 from carsearch.search.filters import Filter, filtered_search
+from carsearch.search.verdict import judge
 
 MAX_K = defaults.MAX_K
 
@@ -128,6 +129,7 @@ class Searcher:
         self._encoder = None
         self._lock = threading.Lock()  # one forward pass at a time; faiss search itself is read-only
         self._allowed: dict[Filter, np.ndarray] = {}
+        self._class_cosine: tuple[IndexBundle | None, ClassCosine | None] = (None, None)
 
     @classmethod
     def open(
@@ -259,7 +261,7 @@ class Searcher:
 
     def _run(
         self, queries: Sequence[Query] | np.ndarray, k: int, where: Filter | None = None
-    ) -> tuple[list[str], list[str | None], np.ndarray, np.ndarray]:
+    ) -> tuple[list[str], list[str | None], np.ndarray, np.ndarray, np.ndarray]:
         if isinstance(queries, np.ndarray):
             vectors, errors = np.atleast_2d(queries), [None] * len(np.atleast_2d(queries))
             names = [f"<vector {i}>" for i in range(len(vectors))]
@@ -271,14 +273,14 @@ class Searcher:
             if len(vectors)
             else (np.zeros((0, k)), np.zeros((0, k), int))
         )
-        return names, errors, sims, ids
+        return names, errors, sims, ids, vectors
 
     def search(
         self, queries: Sequence[Query] | np.ndarray, k: int = defaults.K_SEARCH, where: Filter | None = None
     ) -> list[SearchResult]:
         """The k most similar indexed images of each query (image files, bytes, PIL images or vectors),
         among those passing `where` (make / model / year) when given."""
-        names, errors, sims, ids = self._run(queries, k, where)
+        names, errors, sims, ids, _ = self._run(queries, k, where)
         out, j = [], 0
         for name, err in zip(names, errors, strict=True):
             if err is not None:
@@ -325,6 +327,17 @@ class Searcher:
     def openset(self) -> dict | None:
         return self.bundle.info.get("openset")
 
+    @property
+    def class_cosine(self) -> ClassCosine | None:
+        """The tuned network's class weights as the unknown-model score, while they cover every labelled
+        class of the index (eval/class_cosine.py; photos of a new model added live end that); else None (the
+        neighbour score). Decided once per version of the index."""
+        bundle = self.bundle
+        if self._class_cosine[0] is not bundle:
+            cc = ClassCosine.from_openset(bundle.info.get("openset"), bundle.provenance.get("weights"))
+            self._class_cosine = (bundle, cc if cc is not None and cc.covers(bundle.gallery.labels) else None)
+        return self._class_cosine[1]
+
     def classify(
         self,
         queries: Sequence[Query] | np.ndarray,
@@ -336,16 +349,17 @@ class Searcher:
     ) -> list[Classification]:
         """Label each query by the weighted vote of its k nearest indexed images, or say "unknown".
 
-        A query is unknown when its similarity to its k_openset-th neighbour (k_openset recorded at
-        calibration) is below the calibrated threshold; `reject=False` never says unknown. With `where`, the
-        vote (and the unknown test) runs over the neighbours that pass the filter.
+        A query is unknown when its unknown-model score is below the calibrated threshold (search/verdict.py:
+        the similarity to its k_openset-th neighbour, or with a tuned network's class weights its largest
+        cosine to them); `reject=False` never says unknown. With `where`, the vote (and the neighbour
+        score) runs over the neighbours that pass the filter.
         """
         labels = self.bundle.gallery.level(level)  # an unknown level fails here, before any search
         if temperature <= 0:
             raise CarsearchError("the temperature must be positive.")
         cal = self.openset
         k_os = int(cal["k"]) if cal else 0
-        names, errors, sims, ids = self._run(queries, max(k, k_os), where)
+        names, errors, sims, ids, vectors = self._run(queries, max(k, k_os), where)
         out, j = [], 0
         for name, err in zip(names, errors, strict=True):
             if err is not None:
@@ -353,33 +367,8 @@ class Searcher:
                 continue
             rows = self.bundle.gallery.rows(ids[j])
             ranked = ranked_votes(labels, sims[j], rows, k, temperature)
-            # A filter may leave fewer than k_os neighbours: then the farthest one that passed stands in for
-            # the k_os-th (closer, so the test is lenient), and with none there is nothing to reject.
-            k_test = min(k_os, int((rows >= 0).sum()))
-            score = float(kth_similarity(sims[j], k_test)[0]) if cal and k_test else None
-            unknown = bool(reject and score is not None and score < cal["threshold"])
             top = ranked[0] if ranked else (None, 0.0)
-            share_cut = ((cal or {}).get("uncertain") or {}).get("share_threshold")
-            uncertain = bool(
-                reject
-                and not unknown
-                and top[0] is not None
-                and level == "model"
-                and share_cut is not None
-                and top[1] < share_cut
-            )
-            reason = None
-            if unknown:
-                which = "nearest" if k_test == 1 else f"k-th nearest (k {k_test})"
-                reason = (
-                    f"similarity {score:.3f} to the {which} indexed photo is below the open-set threshold "
-                    f"{cal['threshold']:.3f}"
-                )
-            elif uncertain:
-                reason = (
-                    f"its vote share {top[1]:.0%} is below {share_cut:.0%}, the share that "
-                    f"{cal.get('tpr_target', defaults.TPR):.0%} of right answers on held-out photos reached"
-                )
+            v = judge(cal, self.class_cosine, vectors[j], sims[j], int((rows >= 0).sum()), top, level, reject)
             parts = self._parts(level, top[0])
             out.append(
                 Classification(
@@ -387,14 +376,14 @@ class Searcher:
                     label=top[0],
                     confidence=round(top[1], 6),
                     top5=[Vote(lab, round(share, 6)) for lab, share in ranked[:5]],
-                    unknown=unknown,
-                    openset_score=None if score is None else round(score, 6),
-                    threshold=cal["threshold"] if cal else None,
+                    unknown=v.unknown,
+                    openset_score=None if v.score is None else round(v.score, 6),
+                    threshold=v.threshold,
                     level=level,
                     neighbors=(found := self.neighbors(sims[j][:k], ids[j][:k])),
                     note=self.shortfall(len(found), k, where),
-                    uncertain=uncertain,
-                    reason=reason,
+                    uncertain=v.uncertain,
+                    reason=v.reason,
                     **parts,
                 )
             )

@@ -116,13 +116,18 @@ class Run:
             self.best[0],
         )
 
-    def deliver(self, epoch: int, model: dict, best: dict | None) -> None:
-        """Write model.safetensors (and best.safetensors when `best` is given), then checkpoint.json, which
-        records their sha256s: a crash at any point leaves the previous description valid."""
+    def deliver(
+        self, epoch: int, model: dict, best: dict | None, best_extra: dict[str, dict] | None = None
+    ) -> None:
+        """Write model.safetensors (and best.safetensors when `best` is given, with `best_extra`: file name
+        -> tensors that belong to that epoch, e.g. the class weights), then checkpoint.json, which records
+        their sha256s: a crash at any point leaves the previous description valid."""
         files = dict(self.info.get("files", {}))
         files[ckpt.MODEL_FILE] = ckpt.save_weights(self.out, model)
         if best is not None:
             files[ckpt.BEST_FILE] = ckpt.save_weights(self.out, best, ckpt.BEST_FILE)
+            for name, tensors in (best_extra or {}).items():
+                files[name] = ckpt.save_weights(self.out, tensors, name)
         self.info.update(
             {
                 "epoch": epoch,
@@ -139,8 +144,14 @@ class Run:
         `extra` in checkpoint.json, written last, as `deliver` does."""
         files = dict(self.info.get("files", {}))
         files[ckpt.BEST_FILE] = ckpt.save_weights(self.out, model, ckpt.BEST_FILE)
+        # What belonged to the replaced epoch (its class weights) does not describe the new network.
+        stale = [name for name in files if name not in (ckpt.MODEL_FILE, ckpt.BEST_FILE)]
+        for name in stale:
+            del files[name]
         self.info.update({**extra, "files": files})
         ckpt.save_info(self.out, self.info)
+        for name in stale:
+            (self.out / name).unlink(missing_ok=True)
 
 
 def fit(

@@ -106,3 +106,14 @@ def make_loss(
             num_classes=n_classes, embedding_size=dim, scale=scale, **({"margin": margin} if margin else {})
         )
     raise CarsearchError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}.")
+
+
+def class_weights(loss: nn.Module) -> torch.Tensor | None:
+    """The loss's class weights (proxies) as unit rows, (n_classes, dim) float32 on the CPU; None for a
+    loss without one weight per class. PML's CosFace / ArcFace keep theirs as `W` (dim, n_classes)."""
+    w = getattr(loss, "proxies", None)
+    if w is None and isinstance(getattr(loss, "W", None), torch.Tensor):
+        w = loss.W.T
+    if w is None:
+        return None
+    return F.normalize(w.detach().float(), dim=1).cpu()

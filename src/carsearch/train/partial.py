@@ -209,7 +209,10 @@ def train_partial(
         lambda: score(phase.evaluated, phase.eval_suffix),
         on_improved=lambda _epoch: None,
         checkpoint=lambda epoch, improved: run.deliver(
-            epoch, phase.evaluated.state_dict(), phase.evaluated.state_dict() if improved else None
+            epoch,
+            phase.evaluated.state_dict(),
+            phase.evaluated.state_dict() if improved else None,
+            phase.class_weights(),
         ),
         report=report,
         on_epoch=on_epoch,

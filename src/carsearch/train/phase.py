@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from carsearch.eval.class_cosine import CLASS_WEIGHTS_FILE
 from carsearch.models import EmbeddingNet, Preprocessing, load_backbone
 from carsearch.models import checkpoint as ckpt
 from carsearch.models.cut import cut, resolve_trained
@@ -19,7 +20,7 @@ from carsearch.models.network import freeze_batchnorm
 from carsearch.progress import Progress
 from carsearch.train.data import BalancedBatches
 from carsearch.train.loop import Run, fit, mean_loss, network_run, schedule_and_ema
-from carsearch.train.losses import CLASSIFIER_LOSSES, make_loss
+from carsearch.train.losses import CLASSIFIER_LOSSES, class_weights, make_loss
 from carsearch.train.settings import TrainSettings
 from carsearch.train.state import prepare_out
 
@@ -53,7 +54,7 @@ class Phase:
         self.net, self.split, self.s, self.x = net, split, s, x
         self.dev, self.bf16, self.progress = where.device, where.bf16, where.progress
         ids = sorted(set(classes.tolist()))
-        self.n_classes = len(ids)
+        self.class_ids, self.n_classes = ids, len(ids)
         lookup = {c: i for i, c in enumerate(ids)}
         self.y = torch.tensor([lookup[int(c)] for c in classes]).to(self.dev)
         for p in net.parameters():
@@ -90,6 +91,16 @@ class Phase:
         }
         if self.ema is not None:
             self.parts["ema"] = self.ema
+
+    def class_weights(self) -> dict[str, dict] | None:
+        """The loss's class weights with their class ids, as the checkpoint keeps them beside the network
+        (eval/class_cosine.py); None for a loss without them."""
+        w = class_weights(self.loss_fn)
+        if w is None:
+            return None
+        return {
+            CLASS_WEIGHTS_FILE: {"weights": w, "class_ids": torch.tensor(self.class_ids, dtype=torch.int64)}
+        }
 
     def timed(self, first: int, last: int) -> Callable[[int], dict]:
         """`train_epoch` for `fit`: an epoch's loss and speed, and the ETA of epochs first..last."""

@@ -24,7 +24,10 @@ from carsearch import defaults
 from carsearch.embed.project import derive_embeddings, project_embeddings
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
+from carsearch.eval.class_cosine import CLASS_WEIGHTS_FILE, load_class_weights, max_class_cosine
+from carsearch.eval.openset import threshold_for_tpr
 from carsearch.eval.splits import stratified_split
+from carsearch.fsutil import sha256_file
 from carsearch.index.build import build_index, calibrate_on_members, save_info_extra
 from carsearch.models.checkpoint import read_info
 from carsearch.models.preprocess import Preprocessing
@@ -130,6 +133,8 @@ def build_tuned_index(
         k=openset_k,
         reference=reference,
     )
+    if reference is None:  # a refit's network was not what the held-out images were scored by
+        info = _calibrate_class_cosine(out, network_dir, emb, calibration, tpr, info)
     log.info(
         "tuned: validation Recall@1 %.3f (frozen %.3f) in %.1f s; index over the projected vectors in %s",
         trained.best_recall_at_1,
@@ -138,6 +143,31 @@ def build_tuned_index(
         out,
     )
     return info
+
+
+def _calibrate_class_cosine(
+    out: Path, network_dir: Path, emb: EmbeddingSet, held: EmbeddingSet, tpr: float, info: dict
+) -> dict:
+    """index.json's openset.class_cosine: the tuned network's class weights as the unknown-model score
+    (eval/class_cosine.py), its threshold kept by `tpr` of the held-out images (`held`, the tuned vectors of
+    images the network never trained on), as the neighbour score's is."""
+    loaded = load_class_weights(network_dir)
+    if loaded is None:  # a loss without class weights (proxy-anchor heads)
+        return info
+    weights, class_ids = loaded
+    label_of = dict(zip(emb.class_ids.tolist(), emb.labels.tolist(), strict=True))
+    scores = max_class_cosine(held.vectors, weights)
+    threshold = threshold_for_tpr(scores, tpr)
+    cc = {
+        "threshold": round(threshold, 6),
+        "tpr_target": tpr,
+        "tpr": round(float(np.mean(scores >= threshold)), 4),
+        "queries": len(scores),
+        "method": "largest cosine to the tuned network's class weights (Vaze et al., ICLR 2022)",
+        "sha256": sha256_file(network_dir / CLASS_WEIGHTS_FILE),
+        "labels": [label_of[c] for c in class_ids.tolist()],
+    }
+    return save_info_extra(out, {"openset": {**info["openset"], "class_cosine": cc}})
 
 
 def _tune_partial(
