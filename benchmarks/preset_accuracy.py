@@ -18,6 +18,10 @@ training wall time so far; that evaluation's own time is subtracted from the min
     carsearch embed ../shared/data/stanford-cars-dev --out emb/lite0 --backbone efficientnet_lite0
     python benchmarks/preset_accuracy.py emb/lite0 --preset cpu-hour --work /tmp/preset-acc
     python benchmarks/preset_accuracy.py emb/lite0 --preset cpu-hour --known 1-98 --work /tmp/preset-os
+
+`--quick` (the recipe table): the delivered checkpoint is scored from cached activations, as the curve is,
+instead of embedding every dev photo again (the two agree within bf16 rounding: tests/test_partial.py);
+`--set FIELD=VALUE` overrides any TrainSettings field (`--set loss=arcface --set margin=0.2`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 from carsearch.embed import embed_dataset
 from carsearch.embed.store import load_embeddings, write_embedding_set
 from carsearch.eval.splits import class_range, stratified_split
-from carsearch.train.settings import get_preset
+from carsearch.train.settings import TrainSettings, get_preset
 from carsearch.train.tuned import build_tuned_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,21 +87,25 @@ class Curve:
             out.append(x)
         return out
 
-    def __call__(self, entry: dict) -> None:
-        if entry["epoch"] % self.every:
-            return
-        t = time.perf_counter()
+    def score(self, best: bool) -> dict:
+        """Closed-set figures of the checkpoint (the delivered one, or the current epoch's)."""
         from carsearch.models.checkpoint import load_checkpoint
         from carsearch.models.cut import cut
         from carsearch.train.partial import embed_cached
 
         if self.x_gal is None:
             self.x_gal, self.x_qry = self._activations()
-        net = load_checkpoint(self.model_dir, best=False).model
+        net = load_checkpoint(self.model_dir, best=best).model
         suffix = cut(net.backbone, self.trained).suffix
         g = embed_cached(net, suffix, self.x_gal, True)
         q = embed_cached(net, suffix, self.x_qry, True)
-        r = closed_set(g, self.emb.subset(self.gal), q, self.emb.subset(self.qry))
+        return closed_set(g, self.emb.subset(self.gal), q, self.emb.subset(self.qry))
+
+    def __call__(self, entry: dict) -> None:
+        if entry["epoch"] % self.every:
+            return
+        t = time.perf_counter()
+        r = self.score(best=False)
         self.spent += time.perf_counter() - t
         minutes = (time.perf_counter() - self.t0 - self.spent) / 60
         self.points.append({"epoch": entry["epoch"], "minutes": round(minutes, 1), "top1": r["top1"]})
@@ -136,8 +144,15 @@ def openset_scores(tuned, gal: np.ndarray, known: np.ndarray, unknown: np.ndarra
         "sim@20": sims[:, 19],
         "vote share (k=20)": share,
     }
+    from carsearch.eval.class_cosine import load_class_weights
+
+    saved = load_class_weights(model_dir)  # the delivered epoch's (what index build --tune calibrates)
     state = model_dir / "train_state.pt"
-    if state.is_file():
+    if saved is not None:
+        cos = tuned.vectors[queries] @ saved[0].T
+        scores["max cosine to a class weight"] = cos.max(1)
+        scores["energy (s=16)"] = np.log(np.exp(16 * cos).sum(1)) / 16
+    elif state.is_file():
         loss = torch.load(state, map_location="cpu", weights_only=True)["loss"]
         if "proxies" in loss:
             w = torch.nn.functional.normalize(loss["proxies"].float(), dim=1).numpy()
@@ -154,6 +169,37 @@ def openset_scores(tuned, gal: np.ndarray, known: np.ndarray, unknown: np.ndarra
     return out
 
 
+def product_verdicts(index_dir: Path, tuned, known: np.ndarray, unknown: np.ndarray) -> dict:
+    """What `classify --index` says with the index's own calibrated threshold (held-out images, TPR 95%):
+    the share of known-model queries kept and of unknown-model queries wrongly accepted, and the score."""
+    from carsearch.search import Searcher
+
+    searcher = Searcher.open(index_dir)
+    out = {"score": "class weights" if searcher.class_cosine is not None else "neighbour similarity"}
+    for name, rows in (("known_accepted", known), ("unknown_accepted", unknown)):
+        answers = searcher.classify(np.ascontiguousarray(tuned.vectors[rows]))
+        out[name] = round(float(np.mean([not a.unknown for a in answers])), 4)
+    return out
+
+
+def _field(text: str) -> tuple[str, object]:
+    """`FIELD=VALUE` as a TrainSettings field and a value of the field's type."""
+    name, _, value = text.partition("=")
+    default = getattr(TrainSettings(), name, None)
+    if name not in TrainSettings.__dataclass_fields__:
+        raise SystemExit(f"--set {text}: no TrainSettings field {name!r}")
+    if isinstance(default, bool):
+        return name, value.lower() in ("1", "true", "yes")
+    if isinstance(default, (int, float)):
+        return name, type(default)(value)
+    for kind in (int, float) if default is None else ():  # an optional number (image_size)
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("emb_dir", type=Path, help="frozen embeddings of the whole dev folder")
@@ -167,6 +213,18 @@ def main() -> None:
     ap.add_argument("--test-image-size", type=int, help="override the preset's test resolution")
     ap.add_argument("--no-refit", action="store_true", help="deliver the network the held-out 20%% picked")
     ap.add_argument("--known", help="open-set protocol: the collection holds these classes only (1-98)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any TrainSettings field (repeatable): --set margin=0.2",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="score the delivered checkpoint from cached activations instead of embedding every photo",
+    )
     ap.add_argument("--curve-every", type=int, default=10)
     ap.add_argument(
         "--cache", type=Path, help="activation cache to reuse (a variant with the same views and cut)"
@@ -176,15 +234,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     emb = load_embeddings(a.emb_dir)
     gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
-    settings = get_preset(a.preset).settings.override(
-        epochs=a.epochs,
-        train_blocks=a.train_blocks,
-        augmented_views=a.views,
-        loss=a.loss,
-        lr=a.lr,
-        ema_decay=a.ema,
-        test_image_size=a.test_image_size,
-        refit=False if a.no_refit else None,
+    settings = (
+        get_preset(a.preset)
+        .settings.override(
+            epochs=a.epochs,
+            train_blocks=a.train_blocks,
+            augmented_views=a.views,
+            loss=a.loss,
+            lr=a.lr,
+            ema_decay=a.ema,
+            test_image_size=a.test_image_size,
+            refit=False if a.no_refit else None,
+        )
+        .override(**dict(_field(settings_text) for settings_text in a.set))
     )
     if a.known:
         gal = np.intersect1d(gal, np.flatnonzero(np.isin(emb.class_ids, sorted(class_range(a.known)))))
@@ -202,6 +264,21 @@ def main() -> None:
     )
     wall = time.perf_counter() - t0 - curve.spent
     tuning = info["tuning"]
+    row = {
+        "preset": a.preset,
+        "settings": settings.to_dict(),
+        "wall_minutes": round(wall / 60, 1),
+        "cache_reused": a.cache is not None,
+        "best_epoch": tuning["best_epoch"],
+        "refit": tuning.get("refit"),
+        "openset_threshold": info.get("openset"),
+        "validation_recall_at_1": tuning["validation_recall_at_1"],
+        "curve": curve.points,
+    }
+    if a.quick and not a.known:
+        row.update(curve.score(best=True), scored="from cached activations")
+        print(json.dumps(row, indent=2))
+        return
     # Every dev photo through the index's checkpoint, as `classify --index` embeds a query.
     prov = load_embeddings(a.work / "index" / "embeddings").provenance
     data = Path(emb.manifest["dataset"]["root"])
@@ -217,17 +294,6 @@ def main() -> None:
     )
     tuned = load_embeddings(a.work / "all")
     assert (tuned.ids == emb.ids).all()
-    row = {
-        "preset": a.preset,
-        "settings": settings.to_dict(),
-        "wall_minutes": round(wall / 60, 1),
-        "cache_reused": a.cache is not None,
-        "best_epoch": tuning["best_epoch"],
-        "refit": tuning.get("refit"),
-        "openset_threshold": info.get("openset"),
-        "validation_recall_at_1": tuning["validation_recall_at_1"],
-        "curve": curve.points,
-    }
     if a.known:
         row.update(zero_shot_open_set(a.work / "all", a.work / "bench"))
         member = np.isin(emb.class_ids, sorted(class_range(a.known)))
@@ -235,6 +301,7 @@ def main() -> None:
         row["openset_scores"] = openset_scores(
             tuned, gal, known_q, np.flatnonzero(~member), a.work / "index" / "model"
         )
+        row["product"] = product_verdicts(a.work / "index", tuned, known_q, np.flatnonzero(~member))
     else:
         row.update(closed_set(tuned.vectors[gal], emb.subset(gal), tuned.vectors[qry], emb.subset(qry)))
     print(json.dumps(row, indent=2))
