@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,10 +22,24 @@ from carsearch.eval.splits import class_range, stratified_split
 FACTORIES = ["Flat", "HNSW32", "IVF16,Flat", "IVF16,PQ40"]
 
 
+def _kernel_peak_rss() -> int:
+    """The kernel's own high-water mark of this process's resident memory (VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+PEAKS: dict[str, int] = {}  # the kernel's peak resident memory just before and just after the bench
+
+
 @pytest.fixture(scope="module")
 def bench(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    return run_bench(dev_embeddings, out, BenchSettings(factories=FACTORIES), progress=False), out
+    PEAKS["before"] = _kernel_peak_rss()
+    report = run_bench(dev_embeddings, out, BenchSettings(factories=FACTORIES), progress=False)
+    PEAKS["after"] = _kernel_peak_rss()
+    return report, out
 
 
 def _vote_oracle(labels: list[str], sims: np.ndarray, t: float = 0.07) -> list[str]:
@@ -99,14 +114,34 @@ def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
         recall1 = np.mean(found[:, 0] == truth[:, 0])
         assert r["recall@10"] == pytest.approx(recall10, abs=1e-9)
         assert r["recall@1"] == pytest.approx(recall1, abs=2 / len(qry))
+    from carsearch.bench.indexes import SINGLE_QUERIES
+
+    n, d = len(gal), emb.dim
+    timed = 0.0  # seconds the timed searches took, by the reported figures
     for r in report["index"].values():
-        assert r["qps_batched"] > 0 and r["qps_single"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
-        assert r["memory_bytes"] > 0 and r["build_seconds"] > 0 and r["build_seconds"] >= r["train_seconds"]
-        assert r["build_rss_growth_bytes"] >= 0
-    assert report["peak_rss_bytes"] > 0
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["build_seconds"] >= r["train_seconds"] >= 0
+        assert r["build_seconds"] > 0
+        # Half the single queries took at least the median, so their mean latency is at least half of it.
+        assert r["qps_single"] <= 2e3 / r["p50_ms"], r
+        timed += r["build_seconds"] + min(SINGLE_QUERIES, len(qry)) / r["qps_single"]
+        timed += len(qry) / r["qps_batched"]
+    # The builds and the timed searches (the single queries, one batched call) took no longer than the
+    # whole bench.
+    assert timed <= report["seconds"], (timed, report["seconds"])
+    # Exact search does n x d multiply-adds a query: no CPU core does 2e11 of them a second.
+    assert report["index"]["Flat"]["qps_batched"] * n * d <= 2e11 * report["machine"]["cpus"]
+    # Memory: the peak the report gives lies between the kernel's high-water marks before and after the
+    # bench (getrusage and /proc count a few pages differently); a build's growth is whole pages, under it.
+    assert 0.99 * PEAKS["before"] <= report["peak_rss_bytes"] <= 1.01 * PEAKS["after"], (report, PEAKS)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for r in report["index"].values():
+        assert 0 <= r["build_rss_growth_bytes"] <= report["peak_rss_bytes"]
+        assert r["build_rss_growth_bytes"] % page == 0, r["build_rss_growth_bytes"]
+    # Each index holds at least its vectors: whole for Flat, IVF-Flat and HNSW (with 2 x 32 links each).
+    for factory, least in (("Flat", 4 * d), ("IVF16,Flat", 4 * d), ("HNSW32", 4 * d + 2 * 32 * 4)):
+        assert report["index"][factory]["memory_bytes"] >= n * least, factory
     pq = report["index"]["IVF16,PQ40"]
     # 40-byte codes + 8-byte ids per vector, plus the fixed PQ codebooks and IVF centroids.
-    n, d = len(gal), emb.dim
     expected = n * (40 + 8) + 4 * 256 * d + 4 * 16 * d
     assert expected * 0.95 <= pq["memory_bytes"] <= expected * 1.1, (pq["memory_bytes"], expected)
     assert flat["memory_bytes"] >= n * d * 4
