@@ -4,6 +4,7 @@ Every loop here is bounded in count and time, and only talks to this machine's l
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -55,6 +56,33 @@ def _server(index_dir: Path, log: Path, *extra: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+def wait_for(condition, what: str, seconds: float = TIMEOUT, every: float = 0.05):
+    """Poll `condition()` until it returns something true (returned), failing after `seconds`: a generous
+    deadline for a slow machine, never a fixed sleep that a slow machine can outrun."""
+    deadline = time.monotonic() + seconds
+    while not (got := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(every)
+    return got
+
+
+def started_upload(port: int, length: int) -> socket.socket:
+    """A connection whose POST /api/search headers (Content-Length `length`) the server has read and whose
+    body the app has begun to read: it answers `Expect: 100-continue` when the app first asks for the body."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    s.sendall(
+        b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % length
+    )
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(1024)
+        assert chunk, got
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 100 "), got
+    return s
+
+
 @pytest.fixture(scope="module")
 def server(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     log = tmp_path_factory.mktemp("serverlog") / "stderr.log"
@@ -86,32 +114,38 @@ def test_head_and_huge_ids(server: tuple[str, Path]) -> None:
 
 
 def test_a_client_that_leaves_mid_upload_costs_one_log_line(server: tuple[str, Path]) -> None:
+    """The server is reading the upload (it answered 100-continue) when the client leaves: one line says
+    so, beside the request's access line (same request id), and no traceback."""
     url, log = server
     port = int(url.rsplit(":", 1)[1])
     body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + b"x" * 5000
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(
-            b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 100000\r\n\r\n" + body
-        )
-        time.sleep(0.3)
-    time.sleep(1.0)
-    assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).status_code == 200  # still serving
+    with started_upload(port, 100_000) as s:
+        s.sendall(body)
+    went = re.compile(r"client 127\.0\.0\.1 went away during its upload \[(\w+)\]")
+    line = wait_for(lambda: went.search(log.read_text()), "the log line of the client that went away")
+    rid = line.group(1)
+    # The access line comes once the request is over: then this request's lines are all written.
+    wait_for(lambda: "POST /api/search 400" in log.read_text(), "the request's access line")
     text = log.read_text()
-    assert "Traceback" not in text and "ERROR" not in text, text
+    mine = [ln for ln in text.splitlines() if ln.endswith(f" [{rid}]")]
+    assert len(mine) == 2 and mine[0] == line.group(0), mine
+    assert re.fullmatch(rf"POST /api/search 400 [\d.]+ ms \[{rid}\]", mine[1]), mine
+    assert len(went.findall(text)) == 1 and "Traceback" not in text and "ERROR" not in text, text
+    assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).status_code == 200  # still serving
 
 
 def test_slow_clients_are_timed_out(server: tuple[str, Path]) -> None:
     """30 clients dribbling their headers one byte at a time, and one dribbling its body, are cut off
-    after the deadlines (1 s headers, 2 s body here) instead of holding their connections. The bounds
-    below leave room for a loaded machine; without the deadlines these clients are never cut off."""
+    after the deadlines (1 s headers, 2 s body here) instead of holding their connections. The waits below
+    end as soon as that happens, or after a minute: without the deadlines these clients are never cut off
+    (a loaded machine is slow, not broken; how fast the cut comes is not measured here)."""
     url, _ = server
     port = int(url.rsplit(":", 1)[1])
     slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
     start = time.time()
     closed = set()
     try:
-        while time.time() - start < 20 and len(closed) < len(slow):
+        while time.time() - start < TIMEOUT and len(closed) < len(slow):
             for i, s in enumerate(slow):
                 if i in closed:
                     continue
@@ -126,7 +160,7 @@ def test_slow_clients_are_timed_out(server: tuple[str, Path]) -> None:
                         closed.add(i)
                 s.setblocking(True)
             time.sleep(0.1)
-        assert len(closed) == len(slow) and time.time() - start < 20
+        assert len(closed) == len(slow)
     finally:
         for s in slow:
             s.close()
@@ -138,12 +172,11 @@ def test_slow_clients_are_timed_out(server: tuple[str, Path]) -> None:
         )
         s.settimeout(0.5)
         start, answer = time.time(), b""
-        while time.time() - start < 20 and b"HTTP/1.1" not in answer:
+        while time.time() - start < TIMEOUT and b"HTTP/1.1" not in answer:
             with contextlib.suppress(OSError):
                 s.sendall(b"x" * 10)
             with contextlib.suppress(TimeoutError):
                 answer += s.recv(4096)
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
-        assert time.time() - start < 15
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]  # only the body deadline answers 408
     r = httpx.post(f"{url}/api/search", files={"image": PHOTO.read_bytes()}, timeout=TIMEOUT)
     assert r.status_code == 200
