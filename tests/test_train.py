@@ -37,6 +37,9 @@ TINY = TrainSettings(
     lr=3e-4,
     weight_decay=1e-4,
     embed_dim=32,
+    # fp32 everywhere: `auto` would train in bf16 on a CPU with native bf16 (AVX-512 BF16, AMX) and in fp32
+    # on the others, so the same test would run two different computations.
+    precision="fp32",
 )
 RUN = {"progress": False}  # what a run takes besides its settings
 HEAD = get_preset("head").settings
@@ -68,6 +71,7 @@ def test_short_run_lowers_the_loss_and_embed_loads_it(tiny_data: Path, tmp_path:
     info = json.loads((out / "checkpoint.json").read_text())
     assert info["backbone"] == "efficientnet_lite0" and info["preprocessing"]["size"] == 64
     assert info["training"]["validation"] == "held-out classes" and info["epoch"] == 4
+    assert info["training"]["precision"] == "fp32"  # what ran: the pinned precision, whatever the CPU
     assert set(info["files"]) == {"model.safetensors", "best.safetensors"}
     # The checkpoint is a registry entry: embed, index and classify use it unchanged.
     emb_dir = tmp_path / "emb"
