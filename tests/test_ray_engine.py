@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -92,26 +94,45 @@ def _worker_pids() -> list[int]:
 def test_worker_killed_mid_run_changes_nothing(
     cluster: object, data: Path, local_run: Path, tmp_path: Path
 ) -> None:
-    killed: list[int] = []
+    """The process killed is one of this run's workers: a ShardWorker process that was there before the run
+    (the previous test's actor, still exiting, or here a stand-in that only bears its title) is left
+    alone."""
+    stand_in = subprocess.Popen(["bash", "-c", "exec -a 'ray::ShardWorker.embed' sleep 600"])
+    try:
+        wait_for_title(stand_in.pid)
+        before = set(_worker_pids())
+        killed: list[int] = []
 
-    def kill_one(done: int, total: int) -> None:
-        if not killed:  # after the first reported shard; each worker still holds queued shards
-            pid = _worker_pids()[0]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        def kill_one(done: int, total: int) -> None:
+            if not killed:  # after the first reported shard; each worker still holds queued shards
+                pid = next(p for p in _worker_pids() if p not in before)  # a worker of this run
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
 
-    r = embed_dataset(
-        data,
-        tmp_path / "emb",
-        backbone="efficientnet_lite0",
-        shard_size=SHARD,
-        workers=2,
-        engine=RAY,
-        progress=False,
-        on_batch=kill_one,
-    )
+        r = embed_dataset(
+            data,
+            tmp_path / "emb",
+            backbone="efficientnet_lite0",
+            shard_size=SHARD,
+            workers=2,
+            engine=RAY,
+            progress=False,
+            on_batch=kill_one,
+        )
+        assert stand_in.poll() is None  # not killed
+    finally:
+        stand_in.kill()
+        stand_in.wait()
     assert killed and r.workers_lost == 1 and r.complete
     same_output(local_run, tmp_path / "emb")
+
+
+def wait_for_title(pid: int) -> None:
+    """Until the process `pid` bears its `exec -a` title (bash replaces itself with it)."""
+    deadline = time.monotonic() + 60
+    while not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ShardWorker"):
+        assert time.monotonic() < deadline, "the stand-in process never took its title"
+        time.sleep(0.01)
 
 
 def test_resume_and_fingerprint_refusal(cluster: object, data: Path, local_run: Path, tmp_path: Path) -> None:
