@@ -29,11 +29,32 @@ def _shard_hashes(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("shard-*.h5"))}
 
 
+@pytest.fixture(scope="module")
+def _embedded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The 24-image dataset (4 classes x 6 images), a pristine copy of it, and one uninterrupted run over
+    it: embedded once for the module, handed to each test afresh by the two fixtures below."""
+    base = tmp_path_factory.mktemp("job")
+    pristine = write_csv_dataset(base / "pristine", pick([1, 14, 50, 151], 6))
+    shutil.copytree(pristine, base / "data")
+    embed_dataset(base / "data", base / "ref", workers=1, **SETTINGS)
+    return pristine, base / "data", base / "ref"
+
+
 @pytest.fixture
-def reference(small_dataset: Path, tmp_path: Path) -> Path:
-    """An uninterrupted run over the 24-image dataset."""
+def small_dataset(_embedded_once: tuple[Path, Path, Path]) -> Path:
+    """The 24-image dataset, as new, at the path the reference run read it from (a run records its
+    dataset's root): a test may change it."""
+    pristine, data, _ = _embedded_once
+    shutil.rmtree(data)
+    shutil.copytree(pristine, data)
+    return data
+
+
+@pytest.fixture
+def reference(small_dataset: Path, _embedded_once: tuple[Path, Path, Path], tmp_path: Path) -> Path:
+    """An uninterrupted run over the 24-image dataset (a copy of the module's: a test may change it)."""
     out = tmp_path / "ref"
-    embed_dataset(small_dataset, out, workers=1, **SETTINGS)
+    shutil.copytree(_embedded_once[2], out)
     return out
 
 
