@@ -133,7 +133,10 @@ AUDIT_MISLABEL_FLAG = 0.99
 # labelled neighbour votes; otherwise the audit says "too few examples to judge" instead of "suspect".
 AUDIT_MIN_CLASS = 3
 AUDIT_OUTLIER_K = 10  # outlier score: similarity to this neighbour
-AUDIT_EXACT_LIMIT = 50_000  # up to this many vectors, exact (Flat) search; above, IVF
+# Up to this many vectors exact (Flat) search costs a few ms per query on a CPU: no reason to approximate
+# (index build's automatic choice, and the audit's neighbour search; above it, IVF).
+EXACT_SEARCH_MAX = 50_000
+AUDIT_EXACT_LIMIT = EXACT_SEARCH_MAX
 AUDIT_NPROBE = 16  # IVF cells searched above AUDIT_EXACT_LIMIT
 AUDIT_LIST = 50  # photos listed per ranked section (mislabelled, outliers) and groups shown on the page
 AUDIT_OUTLIER_IQR = 3.0  # outlier: k-th neighbour similarity below Q1 - 3 IQR (Tukey's far-out fence)

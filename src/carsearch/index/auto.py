@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from carsearch import defaults
 from carsearch.errors import CarsearchError
 
-FLAT_MAX = 50_000  # below this, exact search costs a few ms per query on a CPU: no reason to approximate
+FLAT_MAX = defaults.EXACT_SEARCH_MAX
 HNSW_MAX = 2_000_000  # above this HNSW's build time (hours on a few cores) stops being reasonable
 HNSW_M = 32
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from carsearch import defaults
 from carsearch.errors import CarsearchError
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,11 @@ def train(index: faiss.Index, sample: np.ndarray, seed: int = 0) -> float:
 
 
 def train_and_add(
-    index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, seed: int = 0, max_train: int = 200_000
+    index: faiss.Index,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    seed: int = 0,
+    max_train: int = defaults.MAX_TRAIN_VECTORS,
 ) -> tuple[float, float]:
     """Train (on at most `max_train` sampled vectors) and add with ids. Returns (train_s, add_s)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)

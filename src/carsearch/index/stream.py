@@ -19,6 +19,7 @@ import numpy as np
 
 from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard_ids, read_shard_ids_and_sha256
 from carsearch.embed.store import read_listed_shard, read_manifest
+from carsearch.eval.neighbors import exact_search
 from carsearch.index.store import Gallery
 from carsearch.provenance import check_compatible
 
@@ -151,14 +152,7 @@ class ShardStream:
             # rotated vectors); a whole 16k-row shard of 2048-d vectors would cost a gigabyte at once.
             for s in range(0, len(x), ADD_BATCH):
                 index.add_with_ids(x[s : s + ADD_BATCH], ids[s : s + ADD_BATCH])
-            flat = faiss.IndexFlatIP(self.d)
-            flat.add(x)
-            sims, local = flat.search(q, min(k, len(x)))
-            found = np.where(local >= 0, ids[local.clip(min=0)], -1)
-            pad = k - sims.shape[1]
-            if pad:
-                sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
-                found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+            sims, found = exact_search(x, ids, q, k, pad=True)  # the oracle, shard by shard
             heap.add_result(np.ascontiguousarray(sims, np.float32), np.ascontiguousarray(found, np.int64))
         heap.finalize()
         return heap.D, heap.I
