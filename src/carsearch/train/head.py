@@ -21,7 +21,7 @@ from carsearch.models import checkpoint as ckpt
 from carsearch.progress import Progress
 from carsearch.provenance import library_versions
 from carsearch.train.data import BalancedBatches, split_classes
-from carsearch.train.loop import Run, fit, mean_loss, schedule_and_ema
+from carsearch.train.loop import Run, fit, lr_lambda, mean_loss
 from carsearch.train.losses import make_loss
 from carsearch.train.settings import TrainSettings
 from carsearch.train.state import TrainResult, prepare_out
@@ -100,7 +100,7 @@ def train_head(
         weight_decay=s.weight_decay,
     )
     sampler = BalancedBatches(y_train.tolist(), s.per_class, s.batch_size, s.seed)
-    sched, _ = schedule_and_ema(opt, head, s.override(ema_decay=0.0), len(sampler))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.epochs * len(sampler), len(sampler)))
     baseline = recall_at_1(x_val, c_val)
     # The network the embeddings came from, with the head stacked on its (normalised) output.
     base = load_backbone(prov["backbone"], prov["weights"], prov.get("weights_sha256"))
@@ -126,12 +126,12 @@ def train_head(
         sampler.set_epoch(epoch)
         t0, losses = time.perf_counter(), []
         head.train()
-        for i, batch in enumerate(sampler):
+        for batch in sampler:
             value = loss_fn(head(x_train[batch]), y_train[batch])
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-            sched.step_update((epoch - 1) * len(sampler) + i + 1)
+            sched.step()
             losses.append(value.item())
         return {"loss": mean_loss(losses), "seconds": time.perf_counter() - t0}
 
