@@ -43,9 +43,8 @@ def _human_search(results: list[dict]) -> str:
         if r.get("note"):
             out.append(f"   note: {r['note']}")
         for i, n in enumerate(r["neighbors"], 1):
-            out.append(
-                f"  {i:>3}. {n['score']:.3f}  {n['label'] or '(unlabeled)':<40} {n['path']}  (id {n['id']})"
-            )
+            name = n.get("display") or n["label"] or "(unlabeled)"
+            out.append(f"  {i:>3}. {n['score']:.3f}  {name:<40} {n['path']}  (id {n['id']})")
     return "\n".join(out)
 
 
@@ -112,7 +111,8 @@ def _human_classify(results: list[dict]) -> str:
             verdict = f"{name} ({r['confidence']:.0%} of the vote)"
         out.append(f"{r['query']}: {verdict}")
         if r["top5"]:
-            out.append("   votes: " + " | ".join(f"{v['label']} {v['share']:.0%}" for v in r["top5"]))
+            votes = (f"{v.get('display') or v['label']} {v['share']:.0%}" for v in r["top5"])
+            out.append("   votes: " + " | ".join(votes))
         if r.get("note"):
             out.append(f"   note: {len(r['neighbors'])} neighbours voted; {r['note']}")
     return "\n".join(out)

@@ -101,12 +101,24 @@ def record_for(
     return Record(path=path, label=label, make=make, model=model, year=year, class_id=class_id, bbox=bbox)
 
 
+# Makes that title-casing spells wrong, as Stanford Cars writes them ("am general" -> "AM General", not
+# "Am General"); the other makes of a lower-case name are title-cased ("mercedes-benz" -> "Mercedes-Benz").
+MAKE_SPELLINGS: dict[str, str] = {m.lower(): m for m in ("AM General", "BMW", "GMC", "McLaren")}
+
+
+def _title(words: str, sep: str = " ") -> str:
+    return sep.join(w[:1].upper() + w[1:] for w in words.split(sep))
+
+
 def display_name(make: str, model: str, year: str) -> str:
     """A class as a person reads it: "land rover", "range rover", "2012" -> "Land Rover Range Rover 2012".
-    Names written all in lower case (VMMRdb's folders) are title-cased word by word; names that carry any
-    capitals of their own (Stanford Cars: "BMW M3", "smart fortwo Convertible") are kept as written."""
+    Names written all in lower case (VMMRdb's folders) are title-cased word by word, known makes spelled as
+    the makers do ("am general" -> "AM General", "bmw" -> "BMW"); names that carry any capitals of their
+    own (Stanford Cars: "BMW M3", "smart fortwo Convertible") are kept as written."""
 
     words = " ".join(part for part in (make, model, year) if part)
     if words != words.lower():  # the dataset wrote its own capitals somewhere: keep every word as written
         return words
-    return " ".join(w[:1].upper() + w[1:] for w in words.split())
+    make = " ".join(make.split())
+    make = MAKE_SPELLINGS.get(make) or " ".join(_title(w, "-") for w in make.split())
+    return " ".join(part for part in (make, _title(" ".join(f"{model} {year}".split()))) if part)

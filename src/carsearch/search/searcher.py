@@ -35,6 +35,7 @@ class Neighbor:
     model: str
     year: str
     score: float  # cosine similarity
+    display: str = ""  # the class as a person reads it ("Land Rover Range Rover 2012"); "" when unlabelled
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SearchResult:
 class Vote:
     label: str
     share: float
+    display: str | None = None  # the voted class as a person reads it (`label` is the raw class)
 
 
 @dataclass
@@ -246,15 +248,11 @@ class Searcher:
         for sim, row in zip(sims, g.rows(ids), strict=True):
             if row < 0:
                 continue
+            make, model, year, label = (str(a[row]) for a in (g.make, g.model, g.year, g.labels))
+            shown = display_name(make, model, year) or label
             out.append(
                 Neighbor(
-                    int(g.ids[row]),
-                    str(g.paths[row]),
-                    str(g.labels[row]),
-                    str(g.make[row]),
-                    str(g.model[row]),
-                    str(g.year[row]),
-                    round(float(sim), 6),
+                    int(g.ids[row]), str(g.paths[row]), label, make, model, year, round(float(sim), 6), shown
                 )
             )
         return out
@@ -370,17 +368,20 @@ class Searcher:
             top = ranked[0] if ranked else (None, 0.0)
             v = judge(cal, self.class_cosine, vectors[j], sims[j], int((rows >= 0).sum()), top, level, reject)
             parts = self._parts(level, top[0])
+            found = self.neighbors(sims[j][:k], ids[j][:k])  # the voters name the classes they voted for
+            shown = {n.label: n.display for n in found} if level == "model" else {}
+            shown.update({n.make: display_name(n.make, "", "") for n in found} if level == "make" else {})
             out.append(
                 Classification(
                     query=name,
                     label=top[0],
                     confidence=round(top[1], 6),
-                    top5=[Vote(lab, round(share, 6)) for lab, share in ranked[:5]],
+                    top5=[Vote(lab, round(share, 6), shown.get(lab, lab)) for lab, share in ranked[:5]],
                     unknown=v.unknown,
                     openset_score=None if v.score is None else round(v.score, 6),
                     threshold=v.threshold,
                     level=level,
-                    neighbors=(found := self.neighbors(sims[j][:k], ids[j][:k])),
+                    neighbors=found,
                     note=self.shortfall(len(found), k, where),
                     uncertain=v.uncertain,
                     reason=v.reason,

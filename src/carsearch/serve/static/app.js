@@ -94,7 +94,7 @@ function showPrediction(r, query) {
     const li = document.createElement("li");
     li.className = "vote";
     li.innerHTML = `<div></div><div class="bar"><span></span></div>`;
-    li.firstChild.textContent = `${v.label} · ${pct(v.share)}`;
+    li.firstChild.textContent = `${v.display || v.label} · ${pct(v.share)}`;
     li.querySelector(".bar span").style.width = pct(v.share);
     return li;
   }));
@@ -112,7 +112,7 @@ function showResults(r) {
     const thumb = new URL(n.image_url, location.href);  // image_url carries the content version (?v=)
     thumb.searchParams.set("size", "256");
     card.querySelector("img").src = thumb.pathname + thumb.search;
-    const name = n.label || baseName(n.path);  // an unlabelled photo is named by its file
+    const name = n.display || n.label || baseName(n.path);  // an unlabelled photo is named by its file
     card.querySelector(".label").textContent = name;
     card.querySelector(".score").textContent = `similarity ${n.score.toFixed(3)}`;
     card.addEventListener("click", () => searchById(n.image_url, name));
