@@ -100,8 +100,13 @@ def _human_classify(results: list[dict]) -> str:
             out.append(f"{r['query']}: error: {r['error']}")
             continue
         name = r.get("display") or r["label"]
-        if r["label"] is None:
-            verdict = "no labelled neighbours"
+        if r["label"] is None and not r["neighbors"]:
+            verdict = "no answer: no indexed car to vote"  # the note says why (a filter nothing passes)
+        elif r["label"] is None:
+            n, level = len(r["neighbors"]), r["level"]
+            verdict = (
+                f"no vote: none of its {n} nearest cars has a {level} label (`carsearch search` lists them)"
+            )
         elif r["unknown"]:
             what = {"model": "model", "make": "make", "year": "year"}.get(r["level"], "model")
             verdict = f"unknown {what} (closest: {name}, {r['confidence']:.0%} of the vote; {r['reason']})"
@@ -113,8 +118,9 @@ def _human_classify(results: list[dict]) -> str:
         if r["top5"]:
             votes = (f"{v.get('display') or v['label']} {v['share']:.0%}" for v in r["top5"])
             out.append("   votes: " + " | ".join(votes))
-        if r.get("note"):
-            out.append(f"   note: {len(r['neighbors'])} neighbours voted; {r['note']}")
+        if r.get("note"):  # "N neighbours voted" only when some did
+            voted = f"{len(r['neighbors'])} neighbours voted; " if r["label"] is not None else ""
+            out.append(f"   note: {voted}{r['note']}")
     return "\n".join(out)
 
 
