@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -35,11 +35,23 @@ class Filter:
     make: tuple[str, ...] = ()
     model: tuple[str, ...] = ()
     years: tuple[tuple[int, int], ...] = ()
+    # What the user typed ("make Tesla; year 2010-"), for messages; not part of what the filter is.
+    text: str = field(default="", compare=False)
 
     @classmethod
     def parse(cls, make: str | None = None, model: str | None = None, year: str | None = None) -> Filter:
         """From the texts users type: "BMW,Audi", "2010-", "-2005", "2008,2012-2014"."""
-        return cls(_names(make), _names(model), _years(year))
+        asked = (("make", make), ("model", model), ("year", year))
+        text = "; ".join(f"{f} {v.strip()}" for f, v in asked if v and v.strip())
+        return cls(_names(make), _names(model), _years(year), text)
+
+    def describe(self) -> str:
+        """The filter in words: what was typed, else its fields ("make bmw; year 2010-2012")."""
+        if self.text:
+            return self.text
+        years = ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in self.years)
+        asked = (("make", ",".join(self.make)), ("model", ",".join(self.model)), ("year", years))
+        return "; ".join(f"{f} {v}" for f, v in asked if v)
 
     def __bool__(self) -> bool:
         return bool(self.make or self.model or self.years)

@@ -315,7 +315,7 @@ class Searcher:
             return None
         if where:
             if not found:
-                return "no indexed car passes the filter: widen or clear it."
+                return f"no indexed car passes the filter ({where.describe()}): widen or clear it."
             return f"only {found} indexed {_images(found)} pass the filter (asked for {k})."
         return f"the index holds only {found} {_images(found)} (asked for {k})."
 

@@ -177,9 +177,7 @@ def create_app(
         await form.close()
         from starlette.concurrency import run_in_threadpool
 
-        asked = (("make", make), ("model", model), ("year", year))
-        wanted = "; ".join(f"{f} {v.strip()}" for f, v in asked if v and v.strip())  # for the note
-        results = await run_in_threadpool(_classify_many, files, k, level, where, wanted)
+        results = await run_in_threadpool(_classify_many, files, k, level, where)
         if all(r["error"] for r in results):
             if len(results) == 1:
                 raise HTTPException(400, results[0]["error"])
@@ -222,7 +220,7 @@ def create_app(
     def embed_one(data: bytes) -> np.ndarray:
         return embed_async(data).result()
 
-    def _answer(vector: np.ndarray, name: str, k: int, level: str, where: Filter | None, wanted: str) -> dict:
+    def _answer(vector: np.ndarray, name: str, k: int, level: str, where: Filter | None) -> dict:
         with live.lock.read():
             result = s.classify(vector[None], k=k, level=level, where=where)[0]
             urls = [image_url(n.id) for n in result.neighbors]  # the same version of the index
@@ -232,9 +230,7 @@ def create_app(
         body["query"] = name
         for n, url in zip(body["neighbors"], urls, strict=True):
             n["image_url"] = url
-        if not result.neighbors and where:
-            body["note"] = f"no indexed car passes the filter ({wanted}): widen or clear it."
-        elif unvoted:
+        if unvoted:
             why = (
                 f"none of these {len(result.neighbors)} cars has a {level} label, so none is voted."
                 if labelled
@@ -244,7 +240,7 @@ def create_app(
         return body
 
     def _classify_many(
-        files: list[tuple[bytes, str]], k: int, level: str, where: Filter | None, wanted: str
+        files: list[tuple[bytes, str]], k: int, level: str, where: Filter | None
     ) -> list[dict]:
         # All submitted before any is awaited: a request's images share forward passes too.
         pending: list[Future | str] = []
@@ -258,7 +254,7 @@ def create_app(
             if isinstance(p, str):
                 out.append({"query": name, "error": p})
             else:
-                out.append(_answer(p.result(), name, k, level, where, wanted))
+                out.append(_answer(p.result(), name, k, level, where))
         return out
 
     add_write_routes(app, live, token, embed=embed_one, max_upload_bytes=max_upload_bytes)
