@@ -318,15 +318,3 @@ def load_converted(
     at (ONNX Runtime: fp32 whatever was asked)."""
     key = conversion_key(model, backbone, weights_sha256, dim, prep, runtime)
     return CONVERTERS[runtime].network(cached_conversion(model, key, prep), precision)
-
-
-def load_openvino(
-    model: nn.Module,
-    backbone: str,
-    weights_sha256: str | None,
-    dim: int,
-    prep: Preprocessing,
-    precision: str,
-) -> CompiledNetwork:
-    """`load_converted` for OpenVINO (the name callers had before ONNX Runtime joined)."""
-    return load_converted("openvino", model, backbone, weights_sha256, dim, prep, precision)
