@@ -1,5 +1,8 @@
 """Open-set scores and metrics against direct computations."""
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -70,3 +73,22 @@ def test_low_vote_shares_are_uncertain_with_a_reason(dev_embeddings, dev_heldout
     out = CliRunner().invoke(cli, ["-q", "classify", "--index", str(tmp_path / "idx"), str(photo)])
     assert out.exit_code == 0, out.output
     assert "uncertain:" in out.output and "vote share" in out.output
+
+
+def test_a_threshold_on_few_held_out_photos_is_said_to_be_rough(
+    dev_embeddings: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A small tuned collection holds out ten photos: the threshold is then little more than the lowest score
+    seen, and index build says so; on a hundred it does not."""
+    from carsearch import defaults
+    from carsearch.embed import load_embeddings
+    from carsearch.index.build import build_index, calibrate_on_members
+
+    emb = load_embeddings(dev_embeddings)
+    build_index([dev_embeddings], tmp_path / "idx", factory="Flat", calibrate=False)
+    for n, said in ((10, True), (defaults.MIN_CALIBRATION_PHOTOS, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="carsearch.index.build"):
+            info = calibrate_on_members(tmp_path / "idx", emb.ids[:n], emb.vectors[:n], "a test")
+        assert info["openset"]["queries"] == n
+        assert ("rests on only 10 held-out photos" in caplog.text) is said, caplog.text

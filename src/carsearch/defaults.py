@@ -38,6 +38,9 @@ LEVELS = ("model", "make", "year")
 # --- open set ------------------------------------------------------------------------------------------
 OPENSET_K = 1  # score = similarity to this neighbour (1 = the nearest): measured best (docs/benchmarks.md)
 TPR = 0.95  # share of known-model images the threshold keeps
+# Fewer held-out photos than this and a threshold at the 95% point is little more than the lowest score seen:
+# index build says the unknown-model answers are rough.
+MIN_CALIBRATION_PHOTOS = 100
 CALIBRATION_SAMPLE = 2000  # collection images scored leave-one-out when an index is built
 
 # --- index ---------------------------------------------------------------------------------------------

@@ -348,6 +348,15 @@ def _calibrate(
     if known.sum() == 0:
         raise CarsearchError("none of the calibration images has a class that is in the index.")
     openset = _openset(scores[known], k, tpr, method, scores[~known])
+    if known.sum() < defaults.MIN_CALIBRATION_PHOTOS:
+        log.warning(
+            "the unknown-model threshold rests on only %d held-out photos (%s): take 'unknown' and "
+            "'uncertain' as rough; %d or more make them trustworthy (more photos per class, or index "
+            "calibrate with a held-out folder).",
+            int(known.sum()),
+            method,
+            defaults.MIN_CALIBRATION_PHOTOS,
+        )
     openset["uncertain"] = uncertain_threshold(
         sims[known], found[known], np.asarray(labels)[known], bundle.gallery, tpr
     )
