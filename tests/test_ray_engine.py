@@ -64,18 +64,24 @@ def same_output(a: Path, b: Path) -> None:
 def test_ray_shards_byte_identical_to_local(
     cluster: object, data: Path, local_run: Path, tmp_path: Path
 ) -> None:
-    r = embed_dataset(
+    r = _ray_run(data, tmp_path / "emb")
+    assert (r.engine, r.workers, r.complete, r.rows) == ("ray", 2, True, 20)
+    assert r.failed == {"missing": 1, "truncated": 1}
+    same_output(local_run, tmp_path / "emb")
+
+
+def _ray_run(data: Path, out: Path, **extra: object) -> object:
+    """The whole collection embedded by two Ray workers, shards as the local reference run made them."""
+    return embed_dataset(
         data,
-        tmp_path / "emb",
+        out,
         backbone="efficientnet_lite0",
         shard_size=SHARD,
         workers=2,
         engine=RAY,
         progress=False,
+        **extra,
     )
-    assert (r.engine, r.workers, r.complete, r.rows) == ("ray", 2, True, 20)
-    assert r.failed == {"missing": 1, "truncated": 1}
-    same_output(local_run, tmp_path / "emb")
 
 
 def _worker_pids() -> list[int]:
@@ -109,16 +115,7 @@ def test_worker_killed_mid_run_changes_nothing(
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-        r = embed_dataset(
-            data,
-            tmp_path / "emb",
-            backbone="efficientnet_lite0",
-            shard_size=SHARD,
-            workers=2,
-            engine=RAY,
-            progress=False,
-            on_batch=kill_one,
-        )
+        r = _ray_run(data, tmp_path / "emb", on_batch=kill_one)
         assert stand_in.poll() is None  # not killed
     finally:
         stand_in.kill()
@@ -140,26 +137,13 @@ def test_resume_and_fingerprint_refusal(cluster: object, data: Path, local_run: 
     # Started by the local engine under --limit, finished by the Ray engine: the shards are the same.
     first = embed_dataset(data, out, backbone="efficientnet_lite0", shard_size=SHARD, limit=7, progress=False)
     assert first.shards == 3 and not first.complete
-    r = embed_dataset(
-        data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2, engine=RAY, progress=False
-    )
+    r = _ray_run(data, out)
     assert (r.resumed_shards, r.new_shards, r.complete) == (2, 6, True)  # shard 2 was cut short by --limit
     same_output(local_run, out)
-    again = embed_dataset(
-        data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2, engine=RAY, progress=False
-    )
+    again = _ray_run(data, out)
     assert (again.images, again.resumed_shards) == (0, 8)
     with pytest.raises(ProvenanceMismatch, match="--max-pixels 89478485, not --max-pixels 1000"):
-        embed_dataset(
-            data,
-            out,
-            backbone="efficientnet_lite0",
-            shard_size=SHARD,
-            workers=2,
-            engine=RAY,
-            max_pixels=1000,
-            progress=False,
-        )
+        _ray_run(data, out, max_pixels=1000)
 
 
 def test_cli_engine_ray_and_refusals(cluster: object, data: Path, local_run: Path, tmp_path: Path) -> None:
