@@ -68,6 +68,16 @@ def small_dataset(tmp_path: Path) -> Path:
     return write_csv_dataset(tmp_path / "data", pick([1, 14, 50, 151], 6))
 
 
+def write_class_folders(root: Path, classes: dict[str, int], per_class: int) -> Path:
+    """A VMMRdb-style dataset under `root`: one folder per name in `classes`, holding the first `per_class`
+    real dev images of the class id it maps to (copied)."""
+    for folder, cls in classes.items():
+        (root / folder).mkdir(parents=True)
+        for row in pick([cls], per_class):
+            shutil.copyfile(DEV / row["image"], root / folder / Path(row["image"]).name)
+    return root
+
+
 def _subset_labels(path: Path, rows: list[dict[str, str]]) -> Path:
     """A labels.csv listing dev images by their path under DEV (nothing is copied)."""
     with open(path, "w", newline="") as f:

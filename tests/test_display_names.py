@@ -3,13 +3,12 @@ and in the CLI's words, with the raw class kept in `label` (issue 20 item 4)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from carsearch.datasets.records import display_name
 from carsearch.index.build import build_index
 from carsearch.search import Searcher
-from tests.conftest import DEV, pick
+from tests.conftest import write_class_folders
 
 CLASSES = {"am general_hummer_2000": 1, "bmw_m3_2012": 34, "land rover_range rover_2012": 154}
 SHOWN = {
@@ -37,11 +36,7 @@ def test_votes_and_neighbours_carry_display_names(tmp_path: Path) -> None:
     from carsearch.cli.search import _human_classify, _human_search
     from carsearch.embed import embed_dataset
 
-    root = tmp_path / "vmmrdb"
-    for folder, cls in CLASSES.items():
-        (root / folder).mkdir(parents=True)
-        for row in pick([cls], 3):
-            shutil.copyfile(DEV / row["image"], root / folder / row["image"].split("/")[-1])
+    root = write_class_folders(tmp_path / "vmmrdb", CLASSES, 3)
     embed_dataset(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0, progress=False)
     build_index([tmp_path / "emb"], tmp_path / "idx", factory="Flat", calibrate=False)
     s = Searcher.open(tmp_path / "idx")

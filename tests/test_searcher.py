@@ -12,7 +12,7 @@ from carsearch.embed import load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.index.build import build_index
 from carsearch.search import Searcher, expand_queries
-from tests.conftest import DEV
+from tests.conftest import DEV, write_class_folders
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +145,13 @@ def test_queries_are_decoded_one_batch_at_a_time(searcher: Searcher, dev_embeddi
 def test_answers_carry_make_model_year_and_a_display_name(tmp_path: Path) -> None:
     """A VMMRdb folder (`land rover_range rover_2012`): the prediction has make / model / year fields and
     a display name a person reads, while `label` keeps the raw class."""
-    import shutil
 
     from carsearch.datasets.records import display_name
     from carsearch.embed import embed_dataset
-    from tests.conftest import pick
 
-    root = tmp_path / "vmmrdb"
-    for folder, cls in (("land rover_range rover_2012", 1), ("audi_tts coupe_2012", 14)):
-        (root / folder).mkdir(parents=True)
-        for row in pick([cls], 4):
-            shutil.copyfile(DEV / row["image"], root / folder / row["image"].split("/")[-1])
+    root = write_class_folders(
+        tmp_path / "vmmrdb", {"land rover_range rover_2012": 1, "audi_tts coupe_2012": 14}, 4
+    )
     embed_dataset(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0, progress=False)
     build_index([tmp_path / "emb"], tmp_path / "idx", factory="Flat", calibrate=False)
     s = Searcher.open(tmp_path / "idx")
