@@ -148,17 +148,15 @@ def openset_scores(tuned, gal: np.ndarray, known: np.ndarray, unknown: np.ndarra
 
     saved = load_class_weights(model_dir)  # the delivered epoch's (what index build --tune calibrates)
     state = model_dir / "train_state.pt"
-    if saved is not None:
-        cos = tuned.vectors[queries] @ saved[0].T
-        scores["max cosine to a class weight"] = cos.max(1)
-        scores["energy (s=16)"] = np.log(np.exp(16 * cos).sum(1)) / 16
-    elif state.is_file():
+    weights = None if saved is None else saved[0]
+    if weights is None and state.is_file():  # a checkpoint from before the weights were saved with it
         loss = torch.load(state, map_location="cpu", weights_only=True)["loss"]
         if "proxies" in loss:
-            w = torch.nn.functional.normalize(loss["proxies"].float(), dim=1).numpy()
-            cos = tuned.vectors[queries] @ w.T
-            scores["max cosine to a class weight"] = cos.max(1)
-            scores["energy (s=16)"] = np.log(np.exp(16 * cos).sum(1)) / 16
+            weights = torch.nn.functional.normalize(loss["proxies"].float(), dim=1).numpy()
+    if weights is not None:
+        cos = tuned.vectors[queries] @ weights.T
+        scores["max cosine to a class weight"] = cos.max(1)
+        scores["energy (s=16)"] = np.log(np.exp(16 * cos).sum(1)) / 16
     out = {}
     for name, score in scores.items():
         fpr, tpr, _ = roc_curve(is_known, score)
