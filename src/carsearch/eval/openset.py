@@ -34,6 +34,23 @@ def threshold_for_tpr(known_scores: np.ndarray, tpr: float = TPR) -> float:
     return float(s[min(drop, len(s) - 1)])
 
 
+def calibrated(scores: np.ndarray, tpr: float, method: str, unknown: np.ndarray | None = None) -> dict:
+    """The threshold keeping `tpr` of `scores` (known queries, higher = known), what it kept, and the share
+    of `unknown` scores it still accepts: what index.json records of a calibration."""
+    threshold = threshold_for_tpr(scores, tpr)
+    out = {
+        "threshold": round(threshold, 6),
+        "tpr_target": tpr,
+        "tpr": round(float(np.mean(scores >= threshold)), 4),
+        "queries": len(scores),
+        "method": method,
+    }
+    if unknown is not None and len(unknown):
+        out["unknown_queries"] = len(unknown)
+        out["fpr"] = round(float(np.mean(unknown >= threshold)), 4)
+    return out
+
+
 def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     """P(score of a known query > score of an unknown one), ties counting one half (Mann-Whitney U)."""
     k = np.asarray(known_scores, dtype=np.float64)

@@ -14,9 +14,9 @@ from carsearch.embed.store import MANIFEST, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.neighbors import drop_self, sample_queries
 from carsearch.eval.openset import (
+    calibrated,
     kth_similarity,
     leave_one_out_neighbors,
-    threshold_for_tpr,
     uncertain_threshold,
 )
 from carsearch.fsutil import exclusive_lock, sha256_file
@@ -97,19 +97,7 @@ def _trained_on_this_collection(sets: list[Source]) -> bool:
 
 
 def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.ndarray | None = None) -> dict:
-    threshold = threshold_for_tpr(scores, tpr)
-    out = {
-        "k": k,
-        "threshold": round(threshold, 6),
-        "tpr_target": tpr,
-        "tpr": round(float(np.mean(scores >= threshold)), 4),
-        "queries": len(scores),
-        "method": method,
-    }
-    if unknown is not None and len(unknown):
-        out["unknown_queries"] = len(unknown)
-        out["fpr"] = round(float(np.mean(unknown >= threshold)), 4)
-    return out
+    return {"k": k, **calibrated(scores, tpr, method, unknown)}
 
 
 def build_index(

@@ -25,7 +25,7 @@ from carsearch.embed.project import derive_embeddings, project_embeddings
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.class_cosine import CLASS_WEIGHTS_FILE, load_class_weights, max_class_cosine
-from carsearch.eval.openset import threshold_for_tpr
+from carsearch.eval.openset import calibrated
 from carsearch.eval.splits import stratified_split
 from carsearch.fsutil import sha256_file
 from carsearch.index.build import build_index, calibrate_on_members, save_info_extra
@@ -156,14 +156,9 @@ def _calibrate_class_cosine(
         return info
     weights, class_ids = loaded
     label_of = dict(zip(emb.class_ids.tolist(), emb.labels.tolist(), strict=True))
-    scores = max_class_cosine(held.vectors, weights)
-    threshold = threshold_for_tpr(scores, tpr)
+    method = "largest cosine to the tuned network's class weights (Vaze et al., ICLR 2022)"
     cc = {
-        "threshold": round(threshold, 6),
-        "tpr_target": tpr,
-        "tpr": round(float(np.mean(scores >= threshold)), 4),
-        "queries": len(scores),
-        "method": "largest cosine to the tuned network's class weights (Vaze et al., ICLR 2022)",
+        **calibrated(max_class_cosine(held.vectors, weights), tpr, method),
         "sha256": sha256_file(network_dir / CLASS_WEIGHTS_FILE),
         "labels": [label_of[c] for c in class_ids.tolist()],
     }
