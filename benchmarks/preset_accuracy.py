@@ -12,8 +12,9 @@ seen), open-set AUROC and FPR@95%TPR (the index's scores: similarity to the near
 
 The curve: every `--curve-every` epochs the current checkpoint (model.safetensors, the EMA weights when the
 preset uses EMA) embeds the gallery and the queries from cached activations (the queries' cache is the
-benchmark's own, built before training starts and timed apart) and its closed-set top-1 is printed with the
-training wall time so far; that evaluation's own time is subtracted from the minutes shown.
+benchmark's own, built before training starts and timed apart) and its closed-set top-1 (under `--known`:
+zero-shot Recall@1 on the never-seen classes) is printed with the training wall time so far; that
+evaluation's own time is subtracted from the minutes shown.
 
     carsearch embed ../shared/data/stanford-cars-dev --out emb/lite0 --backbone efficientnet_lite0
     python benchmarks/preset_accuracy.py emb/lite0 --preset cpu-hour --work /tmp/preset-acc
@@ -37,6 +38,7 @@ import numpy as np
 
 from carsearch.embed import embed_dataset
 from carsearch.embed.store import load_embeddings, write_embedding_set
+from carsearch.eval.neighbors import retrieval_recall
 from carsearch.eval.splits import class_range, stratified_split
 from carsearch.train.settings import TrainSettings, get_preset
 from carsearch.train.tuned import build_tuned_index
@@ -46,12 +48,14 @@ from tuned_accuracy import closed_set, zero_shot_open_set
 
 
 class Curve:
-    """Closed-set top-1 of the current checkpoint every few epochs, from cached activations."""
+    """Closed-set top-1 of the current checkpoint every few epochs, from cached activations; under
+    `--known`, zero-shot Recall@1 over the photos of the classes never trained on (`unseen` rows)."""
 
-    def __init__(self, emb, gal, qry, model_dir: Path, work: Path, every: int, t0: float) -> None:
+    def __init__(self, emb, gal, qry, model_dir: Path, work: Path, every: int, t0: float, unseen=None):
         self.emb, self.gal, self.qry, self.model_dir, self.every = emb, gal, qry, model_dir, every
         self.work, self.t0, self.spent, self.points = work, t0, 0.0, []
-        self.x_gal = self.x_qry = None
+        self.groups = {"unseen": unseen} if unseen is not None else {"gallery": gal, "queries": qry}
+        self.x = None
 
     def _activations(self):
         import torch
@@ -75,8 +79,8 @@ class Curve:
         cache.prepare()
         self.trained = trained
         paths = [str(p) for p in self.emb.paths]
-        out = []
-        for name, rows in (("gallery", self.gal), ("queries", self.qry)):
+        out = {}
+        for name, rows in self.groups.items():
             x, ok = cache.load(
                 Group(name, tuple(paths[i] for i in rows), ("plain",)),
                 self.emb.root,
@@ -84,22 +88,26 @@ class Curve:
                 progress=False,
             )
             assert ok.all()
-            out.append(x)
+            out[name] = x
         return out
 
     def score(self, best: bool) -> dict:
-        """Closed-set figures of the checkpoint (the delivered one, or the current epoch's)."""
+        """Closed-set figures of the checkpoint (the delivered one, or the current epoch's); under
+        `--known`, {"zero_shot_recall@1": R@1 over the never-seen classes' photos}."""
         from carsearch.models.checkpoint import load_checkpoint
         from carsearch.models.cut import cut
         from carsearch.train.partial import embed_cached
 
-        if self.x_gal is None:
-            self.x_gal, self.x_qry = self._activations()
+        if self.x is None:
+            self.x = self._activations()
         net = load_checkpoint(self.model_dir, best=best).model
         suffix = cut(net.backbone, self.trained).suffix
-        g = embed_cached(net, suffix, self.x_gal, True)
-        q = embed_cached(net, suffix, self.x_qry, True)
-        return closed_set(g, self.emb.subset(self.gal), q, self.emb.subset(self.qry))
+        v = {name: embed_cached(net, suffix, x, True) for name, x in self.x.items()}
+        if "unseen" in v:
+            rows = self.groups["unseen"]
+            recall = retrieval_recall(v["unseen"], self.emb.class_ids[rows], (1,))["recall@1"]
+            return {"zero_shot_recall@1": recall}
+        return closed_set(v["gallery"], self.emb.subset(self.gal), v["queries"], self.emb.subset(self.qry))
 
     def __call__(self, entry: dict) -> None:
         if entry["epoch"] % self.every:
@@ -108,10 +116,11 @@ class Curve:
         r = self.score(best=False)
         self.spent += time.perf_counter() - t
         minutes = (time.perf_counter() - self.t0 - self.spent) / 60
-        self.points.append({"epoch": entry["epoch"], "minutes": round(minutes, 1), "top1": r["top1"]})
+        figure = "top1" if "top1" in r else "zero_shot_recall@1"
+        self.points.append({"epoch": entry["epoch"], "minutes": round(minutes, 1), figure: r[figure]})
         metric = "knn_top1" if "knn_top1" in entry else "recall@1"
         print(
-            f"curve: epoch {entry['epoch']}, {minutes:.1f} min, top-1 {100 * r['top1']:.1f}% "
+            f"curve: epoch {entry['epoch']}, {minutes:.1f} min, {figure} {100 * r[figure]:.1f}% "
             f"(validation {metric} {100 * entry[metric]:.1f}%)",
             flush=True,
         )
@@ -250,14 +259,17 @@ def main() -> None:
         gal = np.intersect1d(gal, np.flatnonzero(np.isin(emb.class_ids, sorted(class_range(a.known)))))
     collection = write_embedding_set(emb.subset(gal), a.work / "collection", "dev protocol gallery")
     t0 = time.perf_counter()
-    curve = Curve(emb, gal, qry, a.work / "index" / "model", a.work, a.curve_every, t0)
+    unseen = None
+    if a.known:
+        unseen = np.flatnonzero(~np.isin(emb.class_ids, sorted(class_range(a.known))))
+    curve = Curve(emb, gal, qry, a.work / "index" / "model", a.work, a.curve_every, t0, unseen)
     info = build_tuned_index(
         collection,
         a.work / "index",
         preset=a.preset,
         settings=settings,
         factory="Flat",
-        on_epoch=None if a.known else curve,
+        on_epoch=curve,
         cache_dir=a.cache,
     )
     wall = time.perf_counter() - t0 - curve.spent
@@ -273,7 +285,7 @@ def main() -> None:
         "validation_recall_at_1": tuning["validation_recall_at_1"],
         "curve": curve.points,
     }
-    if a.quick and not a.known:
+    if a.quick:
         row.update(curve.score(best=True), scored="from cached activations")
         print(json.dumps(row, indent=2))
         return
