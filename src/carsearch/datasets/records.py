@@ -110,15 +110,30 @@ def _title(words: str, sep: str = " ") -> str:
     return sep.join(w[:1].upper() + w[1:] for w in words.split(sep))
 
 
+def _model_word(word: str) -> str:
+    """One word of a lower-case model name as makers write it: letters then digits are a code ("xc90" ->
+    "XC90", "f-150" -> "F-150"), a short word with no vowel an abbreviation ("tts" -> "TTS", "srx" -> "SRX");
+    other words are title-cased ("range" -> "Range"); words starting with a digit are kept ("328i")."""
+    parts = word.split("-")
+    out = []
+    for w in parts:
+        code = w[:1].isalpha() and any(c.isdigit() for c in w)
+        abbreviation = w.isalpha() and len(w) <= 4 and not set(w) & set("aeiouy")
+        out.append(w.upper() if code or abbreviation else w[:1].upper() + w[1:])
+    return "-".join(out)
+
+
 def display_name(make: str, model: str, year: str) -> str:
     """A class as a person reads it: "land rover", "range rover", "2012" -> "Land Rover Range Rover 2012".
     Names written all in lower case (VMMRdb's folders) are title-cased word by word, known makes spelled as
     the makers do ("am general" -> "AM General", "bmw" -> "BMW"); names that carry any capitals of their
-    own (Stanford Cars: "BMW M3", "smart fortwo Convertible") are kept as written."""
+    own (Stanford Cars: "BMW M3", "smart fortwo Convertible") are kept as written. Model words are guessed
+    (`_model_word`): "audi", "tts", "2012" -> "Audi TTS 2012", "volvo", "xc90" -> "Volvo XC90"."""
 
     words = " ".join(part for part in (make, model, year) if part)
     if words != words.lower():  # the dataset wrote its own capitals somewhere: keep every word as written
         return words
     make = " ".join(make.split())
     make = MAKE_SPELLINGS.get(make) or " ".join(_title(w, "-") for w in make.split())
-    return " ".join(part for part in (make, _title(" ".join(f"{model} {year}".split()))) if part)
+    rest = " ".join(_model_word(w) for w in f"{model} {year}".split())
+    return " ".join(part for part in (make, rest) if part)
