@@ -261,11 +261,22 @@ def test_changed_dataset_refused_and_overwrite_restarts(small_dataset: Path, ref
     shutil.copyfile(DEV / "images" / "00001.jpg", small_dataset / "images" / "zz.jpg")
     with open(small_dataset / "labels.csv", "a") as f:
         f.write("images/zz.jpg,14,Audi TTS Coupe 2012\n")
-    with pytest.raises(ProvenanceMismatch, match="dataset's files or labels changed") as e:
+    with pytest.raises(ProvenanceMismatch) as e:
         embed_dataset(small_dataset, reference, **SETTINGS)
     assert e.value.field == "records"
+    # The refusal says what changed and how to embed only the new photo: ids 0-23 are taken.
+    assert "1 photo added since" in str(e.value) and "--id-start 24" in str(e.value), str(e.value)
+    assert "--overwrite" in str(e.value)
+    # A photo removed as well: no way to add only the new one; the whole folder again.
+    (small_dataset / "images" / "zz.jpg").rename(small_dataset / "images" / "zz2.jpg")
+    text = (small_dataset / "labels.csv").read_text().replace("images/zz.jpg", "images/zz2.jpg")
+    lines = text.splitlines(keepends=True)
+    (small_dataset / "labels.csv").write_text(lines[0] + "".join(lines[2:]))
+    with pytest.raises(ProvenanceMismatch, match="1 photo added and 1 removed since") as e:
+        embed_dataset(small_dataset, reference, **SETTINGS)
+    assert "--id-start" not in str(e.value) and "--overwrite" in str(e.value)
     result = embed_dataset(small_dataset, reference, overwrite=True, **SETTINGS)
-    assert result.rows == 25 and result.resumed_shards == 0 and result.complete
+    assert result.rows == 24 and result.resumed_shards == 0 and result.complete
 
 
 def _bad_dataset(root: Path) -> Path:

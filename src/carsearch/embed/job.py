@@ -173,7 +173,7 @@ def embed_dataset(
     with exclusive_lock(out):
         if overwrite:
             resume.clear(out)
-        manifest = resume.check_resume(out, fingerprint)
+        manifest = resume.check_resume(out, fingerprint, [r.path for r in dataset.records])
         remove_stale_tmp(out)
         plans = _plans(len(dataset.records), s["shard_size"], limit)
         resumed = resume.done_shards(out, manifest, plans, dataset.root, retry_failed, verify)

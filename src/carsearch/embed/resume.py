@@ -14,7 +14,7 @@ from pathlib import Path
 from carsearch import SCHEMA_VERSION, defaults
 from carsearch.datasets import Dataset
 from carsearch.embed.encoder import Encoder
-from carsearch.embed.shards import shard_name
+from carsearch.embed.shards import read_shard_ids_and, shard_name
 from carsearch.embed.store import FAILURES, MANIFEST, read_manifest
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.fsutil import remove_stale_tmp, sha256_file
@@ -193,8 +193,9 @@ def mismatch(field: str, what: str, out: Path | None = None) -> ProvenanceMismat
     )
 
 
-def check_resume(out: Path, fingerprint: dict) -> dict | None:
-    """The earlier manifest if this run may resume it; a refusal naming the first differing field if not."""
+def check_resume(out: Path, fingerprint: dict, paths: list[str] | None = None) -> dict | None:
+    """The earlier manifest if this run may resume it; a refusal naming the first differing field if not.
+    `paths`: this run's record paths, to say how the dataset changed when its records differ."""
     if not (out / MANIFEST).exists():
         return None
     manifest = read_manifest(out)
@@ -202,8 +203,38 @@ def check_resume(out: Path, fingerprint: dict) -> dict | None:
     for name in FINGERPRINT_FIELDS:
         was, now = old.get(name), fingerprint.get(name)
         if was != now:
+            if name in ("records", "records_sha256") and paths is not None and manifest.get("complete"):
+                raise ProvenanceMismatch(_dataset_change(out, manifest, paths), name)
             raise mismatch(name, _difference(name, was, now), out)
     return manifest
+
+
+def _dataset_change(out: Path, manifest: dict, paths: list[str]) -> str:
+    """How a finished folder's dataset changed since (photos added, removed; else labels), and the way to
+    embed only what was added: ids are record positions, so new photos get a folder (and ids) of their own."""
+    earlier: set[str] = {row["path"] for row in read_failures(out, {e["index"] for e in manifest["shards"]})}
+    for entry in manifest["shards"]:
+        earlier.update(read_shard_ids_and(out / entry["file"], "paths")[1].tolist())
+    added, removed = len(set(paths) - earlier), len(earlier - set(paths))
+    root, fp = manifest["dataset"]["root"], manifest["fingerprint"]
+    if not added and not removed:
+        return (
+            f"{out} was made from another version of {root}: the same photos, now with other labels or "
+            "another layout; pass --overwrite to embed them again."
+        )
+    change = f"{added} photo{'s' * (added != 1)} added" if added else ""
+    if removed:
+        change += f"{' and ' if change else ''}{removed} removed"
+    if removed:
+        way = "pass --overwrite to embed the folder again."
+    else:
+        next_id = fp["id_start"] + fp["records"]
+        way = (
+            "to embed only the new ones, move them into a folder of their own and run `carsearch embed NEW "
+            f"--out NEW_EMB --id-start {next_id}`, then `carsearch index add INDEX NEW_EMB`; or pass "
+            "--overwrite to embed the whole folder again."
+        )
+    return f"{out} was made from an earlier version of {root}: {change} since. {way[0].upper()}{way[1:]}"
 
 
 def _difference(name: str, was: object, now: object) -> str:
