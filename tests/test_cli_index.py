@@ -34,6 +34,9 @@ def test_info(index_dir: Path) -> None:
     assert info["ntotal"] == 1568 and info["dim"] == 1280
     human = _run("index", "info", str(index_dir)).stdout
     assert "HNSW32 index of 1568 vectors" in human and "unknown-model threshold" in human
+    # The vote-share threshold calibrated beside the similarity one is in the summary too.
+    share = info["openset"]["uncertain"]["share_threshold"]
+    assert f"answers under {share:.0%} of the vote are called uncertain" in human
 
 
 def test_search_json_shape(index_dir: Path) -> None:

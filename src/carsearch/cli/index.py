@@ -39,6 +39,19 @@ def _human_index(i: dict) -> str:
             f"  unknown-model threshold {os_['threshold']:.4f} (similarity to neighbour {os_['k']}), keeps "
             f"{os_['tpr']:.1%} of known images; calibrated by {os_['method']}"
         )
+        if os_.get("class_cosine"):
+            cc = os_["class_cosine"]
+            lines.append(
+                f"  classify's unknown-model score: largest cosine to the tuned network's class weights, "
+                f"threshold {cc['threshold']:.4f}, keeps {cc['tpr']:.1%} of known images"
+            )
+        if os_.get("uncertain"):
+            un = os_["uncertain"]
+            wrong = "" if un["wrong_flagged"] is None else f", {un['wrong_flagged']:.1%} of wrong ones"
+            lines.append(
+                f"  answers under {un['share_threshold']:.0%} of the vote are called uncertain "
+                f"({un['right_flagged']:.1%} of right held-out answers{wrong})"
+            )
     else:
         lines.append('  no open-set threshold: run `carsearch index calibrate` to enable "unknown" answers')
     for key, label in (
