@@ -433,7 +433,8 @@ def test_index_build_exclude_and_remove_ids_file(planted: tuple[Path, list], tmp
 
 
 def test_vectorised_vote_equals_the_classifiers_vote(planted: tuple[Path, list]) -> None:
-    """label_quality (all rows at once) against eval.vote.ranked_votes, row by row, some rows unlabelled."""
+    """label_quality (all rows at once) against eval.vote.ranked_votes, row by row, some rows unlabelled:
+    the same shares and the same winner."""
     from carsearch.audit.scores import label_quality, neighbours
     from carsearch.eval.vote import ranked_votes
 
@@ -449,6 +450,7 @@ def test_vectorised_vote_equals_the_classifiers_vote(planted: tuple[Path, list])
             continue
         assert q.own_share[i] == pytest.approx(dict(votes).get(labels[i], 0.0), abs=1e-9)
         assert q.voted_share[i] == pytest.approx(votes[0][1], abs=1e-9)
+        assert q.voted[i] == votes[0][0]  # one vote, one tie rule
         assert q.probs[i].sum() == pytest.approx(1.0)
 
 

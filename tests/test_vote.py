@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from carsearch.eval.vote import vote
+from carsearch.eval.vote import knn_votes, vote
 
 
 def test_hand_computed_vote() -> None:
@@ -59,3 +59,37 @@ def test_shares_sum_to_one_and_are_stable_for_large_similarities() -> None:
 def test_bad_temperature() -> None:
     with pytest.raises(ValueError):
         vote(["a"], np.array([0.5]), 0.0)
+
+
+def _oracle(labels: list[str], sims: list[float], t: float) -> list[tuple[str, float]]:
+    """The vote written the plain way, independently of eval.vote: per label the sum of exp(cos / T),
+    divided by the sum over voting neighbours; best share first, equal shares by the label's first rank."""
+    weights = [math.exp(s / t) for s in sims]
+    totals: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for rank, (lab, w) in enumerate(zip(labels, weights, strict=True)):
+        if lab:
+            totals[lab] = totals.get(lab, 0.0) + w
+            first.setdefault(lab, rank)
+    norm = sum(totals.values())
+    order = sorted(totals, key=lambda lab: (-round(totals[lab] / norm, 9), first[lab]))
+    return [(lab, totals[lab] / norm) for lab in order]
+
+
+def test_vectorised_vote_equals_an_independent_oracle() -> None:
+    """knn_votes over thousands of queries (more than one batch) against the plain-Python vote: random
+    labels with abstentions, repeated similarities (ties), and a row where nothing votes."""
+    rng = np.random.default_rng(3)
+    n, k, t = 2500, 12, 0.07
+    labels = rng.choice(["", "a", "b", "c", "d", "e"], size=(n, k), p=[0.15, 0.3, 0.2, 0.15, 0.1, 0.1])
+    sims = np.sort(rng.choice(np.linspace(0.3, 0.9, 7), size=(n, k)), axis=1)[:, ::-1]  # many equal
+    labels[5] = ""
+    votes = knn_votes(labels, sims, t)
+    for i in range(n):
+        want = _oracle(list(labels[i]), list(sims[i]), t)
+        got = votes.ranked(i)
+        assert [lab for lab, _ in got] == [lab for lab, _ in want], i
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-9)
+    assert votes.winner[5] == "" and votes.winner_share[5] == 0
+    own = labels[:, 0]
+    assert votes.share_of(own) == pytest.approx([dict(votes.ranked(i)).get(own[i], 0.0) for i in range(n)])

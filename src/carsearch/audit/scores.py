@@ -15,6 +15,7 @@ from scipy.sparse import coo_matrix
 
 from carsearch import defaults
 from carsearch.eval.neighbors import drop_self
+from carsearch.eval.vote import knn_votes, neighbour_labels
 
 
 @dataclass
@@ -76,39 +77,24 @@ def label_quality(
     temperature: float = defaults.TEMPERATURE,
     with_probs: bool = False,
 ) -> LabelQuality:
-    """The weighted kNN vote (eval.vote's: weight exp(cos / T), unlabelled neighbours abstain) of every
-    row's neighbours, for all rows at once; unlabelled rows score 0 and vote for "". A tie for the winning
-    label goes to the alphabetically first (eval.vote prefers the one ranked first)."""
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    n = len(labels)
-    names, codes = np.unique(labels.astype(str), return_inverse=True)
-    rows, sims = nb.rows[:, :k], nb.sims[:, :k].astype(np.float64)
-    valid = rows >= 0
-    ncode = np.where(valid, codes[rows.clip(min=0)], -1)
-    if len(names) and names[0] == "":  # "" sorts first: unlabelled neighbours do not vote
-        valid &= ncode != 0
-    top = np.where(valid, sims, -np.inf).max(axis=1, keepdims=True) if k else np.zeros((n, 1))
-    top = np.where(np.isfinite(top), top, 0.0)  # the shift leaves the shares unchanged, keeps exp() finite
-    w = np.where(valid, np.exp((np.where(valid, sims, 0.0) - top) / temperature), 0.0)
-    total = w.sum(axis=1)
-    has_vote = (total > 0) & (labels != "")
-    own = np.where(has_vote, (w * (ncode == codes[:, None])).sum(axis=1) / np.where(total > 0, total, 1), 0.0)
-    flat = valid.ravel()
-    sums = coo_matrix(
-        (w.ravel()[flat], (np.repeat(np.arange(n), rows.shape[1])[flat], ncode.ravel()[flat])),
-        shape=(n, max(1, len(names))),
-    ).tocsr()  # duplicates summed: per row, each label's weight
-    best = np.asarray(sums.argmax(axis=1)).ravel()
-    best_w = np.asarray(sums.max(axis=1).todense()).ravel()
-    voted = np.where(has_vote, names[best] if len(names) else "", "").astype(object)
-    voted_share = np.where(has_vote, best_w / np.where(total > 0, total, 1), 0.0)
+    """The classifier's weighted kNN vote (`eval.vote.knn_votes`: weight exp(cos / T), unlabelled
+    neighbours abstain, ties to the label ranked first) of every row's neighbours; unlabelled rows score 0
+    and vote for "". Raises ValueError for a temperature <= 0."""
+    labels = np.asarray(labels).astype(str)
+    votes = knn_votes(neighbour_labels(labels, nb.rows[:, :k]), nb.sims[:, :k], temperature)
+    has_vote = (votes.winner != "") & (labels != "")
+    own = np.where(has_vote, votes.share_of(labels), 0.0)
+    voted = np.where(has_vote, votes.winner, "").astype(object)
+    voted_share = np.where(has_vote, votes.winner_share, 0.0)
     probs = classes = None
     if with_probs:
-        keep = names != ""
-        classes = names[keep]
-        probs = sums.toarray()[:, keep] / np.where(total > 0, total, 1)[:, None]
+        classes = np.unique(labels[labels != ""])
+        got = votes.labels != ""
+        r, c = np.nonzero(got)
+        col = np.searchsorted(classes, votes.labels[r, c].astype(str))
+        probs = coo_matrix((votes.shares[r, c], (r, col)), shape=(len(labels), len(classes))).toarray()
         probs[~has_vote] = 0.0
+    names, codes = np.unique(labels, return_inverse=True)
     class_size = np.bincount(codes, minlength=len(names))[codes]
     judgeable = (labels == "") | (has_vote & (class_size >= defaults.AUDIT_MIN_CLASS))
     return LabelQuality(own, voted, voted_share, probs, classes, judgeable)
