@@ -171,6 +171,8 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(
     expected = float((w["weights"].numpy() @ redone.vectors[0]).max())
     assert answer["openset_score"] == pytest.approx(expected, abs=2e-3)
     assert answer["threshold"] == cc["threshold"] and 0.9 <= cc["tpr"] <= 1.0
+    summary = CliRunner().invoke(cli, ["-q", "index", "info", str(tmp_path / "index")]).output
+    assert f"class weights, threshold {cc['threshold']:.4f}" in summary
     # A photo of a model the weights do not know, added to the index, ends their use: neighbour score.
     assert Searcher.open(tmp_path / "index").class_cosine is not None
     stranger = ClassCosine(w["weights"].numpy(), frozenset(cc["labels"]), cc["threshold"])
