@@ -98,7 +98,7 @@ def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
     report = bench[0]
     assert set(report["index"]) == set(FACTORIES)
     flat = report["index"]["Flat"]
-    assert flat["recall@1"] == 1.0 and flat["recall@10"] == 1.0 and flat["params"] == ""
+    assert flat["1-recall@1"] == 1.0 and flat["10-recall@10"] == 1.0 and flat["params"] == ""
     emb = load_embeddings(dev_embeddings)
     gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
     truth = np.argsort(-(emb.vectors[qry] @ emb.vectors[gal].T), axis=1)[:, :10]
@@ -112,8 +112,8 @@ def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
         _, found = index.search(emb.vectors[qry], 10)
         recall10 = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
         recall1 = np.mean(found[:, 0] == truth[:, 0])
-        assert r["recall@10"] == pytest.approx(recall10, abs=1e-9)
-        assert r["recall@1"] == pytest.approx(recall1, abs=2 / len(qry))
+        assert r["10-recall@10"] == pytest.approx(recall10, abs=1e-9)
+        assert r["1-recall@1"] == pytest.approx(recall1, abs=2 / len(qry))
     from carsearch.bench.indexes import SINGLE_QUERIES
 
     n, d = len(gal), emb.dim
@@ -149,9 +149,9 @@ def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
         p["param"] for p in report["index"]["IVF16,Flat"]["sweep"]
     ] == [f"nprobe={v}" for v in (1, 2, 4, 8, 16)]
     numpy_peer = next(p for p in report["peers"] if p["name"].startswith("numpy"))
-    assert numpy_peer["recall@10"] == 1.0
+    assert numpy_peer["10-recall@10"] == 1.0
     hnswlib_peer = next(p for p in report["peers"] if p["name"].startswith("hnswlib"))
-    assert hnswlib_peer["sweep"] and hnswlib_peer["recall@10"] > 0.8
+    assert hnswlib_peer["sweep"] and hnswlib_peer["10-recall@10"] > 0.8
 
 
 def test_zero_shot_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
@@ -282,7 +282,7 @@ def test_unlabelled_embeddings_allow_only_the_index_protocol(tmp_path: Path) -> 
         BenchSettings(factories=["Flat"], protocols=("index",), peers=False, plots=False),
         progress=False,
     )
-    assert report["index"]["Flat"]["recall@10"] == 1.0 and "top1" not in report["index"]["Flat"]
+    assert report["index"]["Flat"]["10-recall@10"] == 1.0 and "top1" not in report["index"]["Flat"]
 
 
 def test_split_of_a_class_does_not_depend_on_the_other_classes() -> None:
@@ -413,7 +413,7 @@ def test_bench_of_a_small_vmmrdb_collection_with_default_types_and_classes(
     assert report["openset"]["gallery"] == (~in_test[gal]).sum()
 
     rec = report["recommendation"]
-    assert rec["factory"] in report["index"] and report["index"][rec["factory"]]["recall@10"] >= 0.95
+    assert rec["factory"] in report["index"] and report["index"][rec["factory"]]["10-recall@10"] >= 0.95
     assert md.rstrip().split("\n")[-3:-1] == ["## Recommendation", ""]
     assert md.rstrip().endswith(rec["why"]) and f"recommended: {rec['factory']}" in result.stdout
 
@@ -474,7 +474,7 @@ def test_class_spec_and_numbering() -> None:
 
 def _measured(recall: float, p50: float, top1: float, mib: float = 2.0) -> dict:
     return {
-        "recall@10": recall,
+        "10-recall@10": recall,
         "p50_ms": p50,
         "top1": top1,
         "qps_batched": 1000 / p50,

@@ -55,11 +55,11 @@ def default_factories(n: int, d: int) -> tuple[list[str], dict[str, str]]:
 def recommend(measured: dict[str, dict], target_recall: float) -> dict[str, str]:
     """The index type to use for this collection, chosen from the measured figures, and why.
 
-    Candidates reach the target recall@10 on the held-out queries and lose at most
+    Candidates reach the target 10-recall@10 on the held-out queries and lose at most
     defaults.RECOMMEND_MAX_TOP1_LOSS of kNN top-1 to the best type measured; the pick is the candidate
     with the lowest median single-query latency (search and serve ask one photo at a time). Exact search
     (Flat) stays the pick unless that one answers defaults.RECOMMEND_MIN_SPEEDUP times faster: it needs no
-    training and no tuning, and its recall is 1. No candidate: the type with the highest recall@10."""
+    training and no tuning, and its recall is 1. No candidate: the type with the highest 10-recall@10."""
     if not measured:
         return {}
     best_top1 = max((x["top1"] for x in measured.values() if "top1" in x), default=None)
@@ -71,16 +71,16 @@ def recommend(measured: dict[str, dict], target_recall: float) -> dict[str, str]
         x = measured[f]
         top1 = f", kNN top-1 {x['top1']:.1%}" if "top1" in x else ""
         return (
-            f"recall@10 {x['recall@10']:.3f}{top1}, {x['p50_ms']:.2f} ms per query (p50), "
+            f"recall@10 {x['10-recall@10']:.3f}{top1}, {x['p50_ms']:.2f} ms per query (p50), "
             f"{x['qps_batched']:,.0f} QPS batched, {human_bytes(x['memory_bytes'])}, built in "
             f"{x['build_seconds']:.1f} s"
         )
 
-    candidates = [f for f, x in measured.items() if x["recall@10"] >= target_recall and accurate(x)]
+    candidates = [f for f, x in measured.items() if x["10-recall@10"] >= target_recall and accurate(x)]
     if not candidates:
-        pick = max(measured, key=lambda f: measured[f]["recall@10"])
+        pick = max(measured, key=lambda f: measured[f]["10-recall@10"])
         why = (
-            f"no type measured reaches recall@10 {target_recall} with kNN top-1 within "
+            f"no type measured reaches 10-recall@10 {target_recall} with kNN top-1 within "
             f"{defaults.RECOMMEND_MAX_TOP1_LOSS:.0%} of the best; `{pick}` comes closest ({figures(pick)})."
         )
         return {"factory": pick, "why": why}
@@ -88,7 +88,7 @@ def recommend(measured: dict[str, dict], target_recall: float) -> dict[str, str]
     if fastest == "Flat" or "Flat" not in candidates:
         others = ", ".join(f"`{f}`" for f in measured if f not in candidates)
         why = (
-            f"`{fastest}` is the fastest one query at a time of the types that reach recall@10 "
+            f"`{fastest}` is the fastest one query at a time of the types that reach 10-recall@10 "
             f"{target_recall} and keep kNN top-1 within {defaults.RECOMMEND_MAX_TOP1_LOSS:.0%} of the best: "
             f"{figures(fastest)}." + (f" Short of that: {others}." if others else "")
         )
@@ -96,14 +96,14 @@ def recommend(measured: dict[str, dict], target_recall: float) -> dict[str, str]
     speedup = measured["Flat"]["p50_ms"] / measured[fastest]["p50_ms"]
     if speedup >= defaults.RECOMMEND_MIN_SPEEDUP:
         why = (
-            f"`{fastest}` answers {speedup:.1f}x faster than exact search at the target recall@10 "
+            f"`{fastest}` answers {speedup:.1f}x faster than exact search at the target 10-recall@10 "
             f"{target_recall} with kNN top-1 within {defaults.RECOMMEND_MAX_TOP1_LOSS:.0%} of the best: "
             f"{figures(fastest)}; `Flat`: {figures('Flat')}."
         )
         return {"factory": fastest, "why": why}
     why = (
         f"exact search is as good a choice here: `Flat` ({figures('Flat')}) is within "
-        f"{defaults.RECOMMEND_MIN_SPEEDUP}x of the fastest type that reaches recall@10 {target_recall}, "
+        f"{defaults.RECOMMEND_MIN_SPEEDUP}x of the fastest type that reaches 10-recall@10 {target_recall}, "
         f"`{fastest}` ({figures(fastest)}), and needs no training or tuning."
     )
     return {"factory": "Flat", "why": why}
@@ -151,8 +151,8 @@ def measure(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> 
     """Recall@1 / @10 against exact search, batched and single-query speed."""
     _, found = run.search(queries, k)
     return {
-        "recall@1": recall_at_k(found, truth, 1),
-        "recall@10": recall_at_k(found, truth, k),
+        "1-recall@1": recall_at_k(found, truth, 1),
+        "10-recall@10": recall_at_k(found, truth, k),
         "qps_batched": time_batched(run.search, queries, k),
         **time_single(run.search, queries, k),
     }
@@ -171,7 +171,7 @@ def sweep(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> li
         points.append(
             {
                 "param": f"{knob.name}={v}" if knob.name else "",
-                "recall@10": recall_at_k(found, truth, k),
+                "10-recall@10": recall_at_k(found, truth, k),
                 "qps_batched": time_batched(run.search, queries, k, min_seconds=0.2, repeats=2),
             }
         )

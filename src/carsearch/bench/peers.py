@@ -59,8 +59,8 @@ def _peer(
         "params": params,
         "build_seconds": build_s,
         "memory_bytes": memory,
-        "recall@1": recall_at_k(found, truth, 1),
-        "recall@10": recall_at_k(found, truth, k),
+        "1-recall@1": recall_at_k(found, truth, 1),
+        "10-recall@10": recall_at_k(found, truth, k),
         "qps_batched": time_batched(search, queries, k),
         **time_single(search, queries, k),
     }
@@ -130,7 +130,7 @@ def measure_peers(
         curve.append(
             {
                 "param": f"ef={ef}",
-                "recall@10": recall_at_k(search(queries, k)[1], truth, k),
+                "10-recall@10": recall_at_k(search(queries, k)[1], truth, k),
                 "qps_batched": time_batched(search, queries, k, min_seconds=0.2, repeats=2),
             }
         )

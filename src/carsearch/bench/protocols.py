@@ -131,7 +131,7 @@ def zero_shot(emb: EmbeddingSet, test_classes: set[int], ks: tuple[int, ...] = (
 def open_set(
     emb: EmbeddingSet,
     known_classes: set[int],
-    k_openset: int,
+    openset_k: int,
     factory: str = "Flat",
     k: int = defaults.K_VOTE,
     temperature: float = defaults.TEMPERATURE,
@@ -141,7 +141,7 @@ def open_set(
 ) -> dict:
     """Gallery: part of the known classes. Queries: the held-out part of known and unknown classes.
 
-    Score = similarity to the k_openset-th neighbour. AUROC and FPR@TPR use the query scores directly
+    Score = similarity to the openset_k-th neighbour. AUROC and FPR@TPR use the query scores directly
     (the standard OOD metrics); the open-set accuracy uses the threshold `carsearch index build`
     would deploy, calibrated leave-one-out on the gallery alone, so no query informs it.
     """
@@ -155,12 +155,12 @@ def open_set(
             "unknown query images."
         )
     index = Index.build(factory, emb.vectors[gal], seed=seed, target_recall=defaults.TARGET_RECALL)
-    depth = max(k, k_openset)
+    depth = max(k, openset_k)
     sims_k, rows_k = index.search(emb.vectors[q_known], depth)
     sims_u, _ = index.search(emb.vectors[q_unknown], depth)
-    s_known, s_unknown = kth_similarity(sims_k, k_openset), kth_similarity(sims_u, k_openset)
+    s_known, s_unknown = kth_similarity(sims_k, openset_k), kth_similarity(sims_u, openset_k)
     # The deployable threshold: leave-one-out over the gallery.
-    loo = leave_one_out_scores(index, emb.vectors[gal], np.arange(len(gal)), k_openset, len(gal), seed)
+    loo = leave_one_out_scores(index, emb.vectors[gal], np.arange(len(gal)), openset_k, len(gal), seed)
     threshold = threshold_for_tpr(loo, tpr)
     labels = emb.labels
     pred, _ = vote_details(labels[gal], sims_k, rows_k, k, temperature)
@@ -168,7 +168,7 @@ def open_set(
     right_known = correct & (s_known >= threshold)
     rejected_unknown = s_unknown < threshold
     return {
-        "k_openset": k_openset,
+        "openset_k": openset_k,
         "auroc": auroc(s_known, s_unknown),
         f"fpr@{round(tpr * 100)}tpr": fpr_at_tpr(s_known, s_unknown, tpr),
         "threshold": threshold,

@@ -28,8 +28,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 SPEED_COLUMNS = [
     "tuned",
-    "R@1",
-    "R@10",
+    "1-recall@1",
+    "10-recall@10",
     "QPS batched",
     "QPS single",
     "p50 ms",
@@ -44,8 +44,8 @@ def _speed_cells(x: dict) -> list[str]:
     """The cells of SPEED_COLUMNS for one index type or peer."""
     return [
         x["params"] or "exact",
-        f"{x['recall@1']:.3f}",
-        f"{x['recall@10']:.3f}",
+        f"{x['1-recall@1']:.3f}",
+        f"{x['10-recall@10']:.3f}",
         f"{x['qps_batched']:,.0f}",
         f"{x['qps_single']:,.0f}",
         f"{x['p50_ms']:.2f}",
@@ -137,7 +137,7 @@ def markdown(r: dict) -> str:
         lines += [
             "",
             f"## Open set (known classes {_classes(o['known_classes'])}; score = similarity to neighbour "
-            f"{o['k_openset']})",
+            f"{o['openset_k']})",
             "",
             *_table(
                 [

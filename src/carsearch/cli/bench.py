@@ -31,7 +31,7 @@ def _human_bench(r: dict) -> str:
         )
     for f, x in (r.get("index") or {}).items():
         lines.append(
-            f"  {f:<28} R@10 {x['recall@10']:.3f}  {x['qps_batched']:,.0f} QPS batched  "
+            f"  {f:<28} 10-recall@10 {x['10-recall@10']:.3f}  {x['qps_batched']:,.0f} QPS batched  "
             f"p99 {x['p99_ms']:.2f} ms  {x['memory_bytes'] / 2**20:.1f} MiB"
         )
     for f, why in (r.get("index_left_out") or {}).items():

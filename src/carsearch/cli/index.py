@@ -91,7 +91,8 @@ def index() -> None:
     default=defaults.TARGET_RECALL,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
-    help="Tune efSearch / nprobe to the cheapest value reaching this recall@10 against exact search.",
+    help="Tune efSearch / nprobe to the cheapest value reaching this 10-recall@10 (the share of the 10 "
+    "nearest neighbours of exact search that it finds).",
 )
 @click.option(
     "--calibrate/--no-calibrate",

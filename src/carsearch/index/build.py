@@ -192,7 +192,7 @@ def build_index(
     tuned = index.tuned
     if not tuned.reached:
         log.warning(
-            "%s reaches recall@10 %.3f at best (%s), below the target %.2f.",
+            "%s reaches 10-recall@10 %.3f at best (%s), below the target %.2f.",
             factory,
             tuned.recall,
             tuned.params,

@@ -348,7 +348,7 @@ class Searcher:
         """Label each query by the weighted vote of its k nearest indexed images, or say "unknown".
 
         A query is unknown when its unknown-model score is below the calibrated threshold (search/verdict.py:
-        the similarity to its k_openset-th neighbour, or with a tuned network's class weights its largest
+        the similarity to its openset_k-th neighbour, or with a tuned network's class weights its largest
         cosine to them); `reject=False` never says unknown. With `where`, the vote (and the neighbour
         score) runs over the neighbours that pass the filter.
         """
@@ -356,8 +356,8 @@ class Searcher:
         if temperature <= 0:
             raise CarsearchError("the temperature must be positive.")
         cal = self.openset
-        k_os = int(cal["k"]) if cal else 0
-        names, errors, sims, ids, vectors = self._run(queries, max(k, k_os), where)
+        openset_k = int(cal["k"]) if cal else 0
+        names, errors, sims, ids, vectors = self._run(queries, max(k, openset_k), where)
         out, j = [], 0
         for name, err in zip(names, errors, strict=True):
             if err is not None:
