@@ -13,15 +13,23 @@ BACKBONE = "resnet50"  # the design card's default
 TRAIN_BACKBONE = "efficientnet_lite0"  # the backbone with real ImageNet weights offline
 WEIGHTS = "imagenet"
 CROP = "squash"  # measured best for wide car photos (docs/benchmarks.md)
+CROP_MODES = ("center", "squash", "pad")
+# Dataset layouts (datasets/) and Stanford Cars' splits: the choices the CLI offers.
+FORMATS = ("auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled")
+SPLITS = ("train", "test", "all")
+ENGINES = ("local", "ray")
 BATCH_SIZE = 32
 SHARD_SIZE = 4096
 # The shard in progress is saved (as a part) this often, and on Ctrl-C: a killed job loses at most this much
 # work, an interrupted one none. Overhead measured in docs/benchmarks.md (embedding throughput).
 SAVE_EVERY = 30.0  # seconds
 DEVICE = "auto"
+DEVICES = ("auto", "cpu", "cuda")
 PRECISION = "auto"
+PRECISIONS = ("auto", "fp32", "bf16")
 # auto: OpenVINO on the CPU when installed (the `openvino` extra), PyTorch elsewhere (embed/runtimes.py).
 RUNTIME = "auto"
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 # Seconds a weights download waits for its server to answer a connection before saying it is offline
 # (instead of the library's own minute of retries).
 DOWNLOAD_PROBE_TIMEOUT = 3.0
@@ -121,12 +129,19 @@ NEAR_DUPLICATE_THRESHOLD = 0.90  # cosine; measured on planted pairs, docs/bench
 # threshold, confirmed by local features (eval/edited_copies.py; measured on planted re-posts,
 # docs/benchmarks.md, audit): candidates are each photo's first EDITED_COPY_K neighbours at cosine
 # >= EDITED_COPY_MIN_COSINE, a copy has >= EDITED_COPY_MIN_INLIERS RANSAC inliers of ORB features
-# (EDITED_COPY_FEATURES per photo, scaled to EDITED_COPY_SIDE px).
+# (EDITED_COPY_FEATURES per photo, scaled to EDITED_COPY_SIDE px)...
 EDITED_COPY_K = 3
 EDITED_COPY_MIN_COSINE = 0.70
 EDITED_COPY_MIN_INLIERS = 30
 EDITED_COPY_FEATURES = 500
 EDITED_COPY_SIDE = 256
+# ... and its pixels agree once aligned: normalised cross-correlation >= EDITED_COPY_MIN_NCC of the two
+# grey photos (blurred, at half EDITED_COPY_SIDE) where they overlap. Another photo of the same car from
+# the same shoot shares corners (30-100 inliers) but not pixels (NCC 0.4-0.9); an edited copy, 0.99+
+# (seed 1 of the planted benchmark).
+EDITED_COPY_MIN_NCC = 0.90
+# Photos whose features the matcher keeps (least recently used dropped): ~30 KB each.
+EDITED_COPY_CACHE = 8192
 AUDIT_VOTE_K = 50  # neighbours voting on a photo's label (AUROC of flipped labels rises with k up to
 # ~50 on the dev set, flip seed 0: k 10 0.848, 30 0.916, 50 0.940, 60 0.944; docs/benchmarks.md (audit))
 # Flagged as likely mislabelled (suspects.txt): mislabel score >= this. Dev set, 5% flipped (seed 0), frozen

@@ -76,7 +76,7 @@ def device_options(f: Callable) -> Callable:
         "--precision",
         default=defaults.PRECISION,
         show_default=True,
-        type=click.Choice(["auto", "fp32", "bf16"]),
+        type=click.Choice(defaults.PRECISIONS),
         help="auto: bf16 autocast where the hardware runs it natively (CUDA, AVX-512-BF16/AMX CPUs).",
     )(f)
     return click.option("--device", default=defaults.DEVICE, show_default=True, help="auto, cpu or cuda.")(f)
@@ -88,7 +88,7 @@ def runtime_option(f: Callable) -> Callable:
         "--runtime",
         default=defaults.RUNTIME,
         show_default=True,
-        type=click.Choice(["auto", "torch", "openvino", "onnxruntime"]),
+        type=click.Choice(defaults.RUNTIMES),
         help="auto: OpenVINO on the CPU when installed (the openvino extra; fastest there), else PyTorch; "
         "onnxruntime: ONNX Runtime on the CPU, fp32 (the onnxruntime extra). CARSEARCH_RUNTIME sets what "
         "auto means. Embeddings of every runtime agree.",
@@ -124,7 +124,7 @@ def dataset_options(f: Callable) -> Callable:
         "--split",
         default="all",
         show_default=True,
-        type=click.Choice(["train", "test", "all"]),
+        type=click.Choice(defaults.SPLITS),
         help="stanford layout: which split.",
     )(f)
     f = click.option(
@@ -137,7 +137,7 @@ def dataset_options(f: Callable) -> Callable:
         "format",
         default="auto",
         show_default=True,
-        type=click.Choice(["auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled"]),
+        type=click.Choice(defaults.FORMATS),
         help="Dataset layout.",
     )(f)
 

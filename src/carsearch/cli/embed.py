@@ -77,7 +77,7 @@ def _on(r: dict) -> str:
     "--crop",
     default=defaults.CROP,
     show_default=True,
-    type=click.Choice(["center", "squash", "pad"]),
+    type=click.Choice(defaults.CROP_MODES),
     help="squash: resize to a square (best for wide cars, docs/benchmarks.md); center: resize + centre "
     "crop; pad: letterbox.",
 )
@@ -100,7 +100,7 @@ def _on(r: dict) -> str:
     "--engine",
     default="local",
     show_default=True,
-    type=click.Choice(["local", "ray"]),
+    type=click.Choice(defaults.ENGINES),
     help="local: this machine; ray: workers on a Ray cluster (README: Running on a cluster).",
 )
 @click.option(

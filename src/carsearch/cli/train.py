@@ -145,7 +145,7 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     help="Partial: once the held-out images picked the epoch, train again on every image for that many "
     "epochs (the threshold still calibrated by the network before). Not measured yet: off in every preset.",
 )
-@click.option("--crop", type=click.Choice(["center", "squash", "pad"]), help=f"[default: {defaults.CROP}]")
+@click.option("--crop", type=click.Choice(defaults.CROP_MODES), help=f"[default: {defaults.CROP}]")
 @device_options
 @runtime_option
 @click.option("--workers", default="auto", show_default=True, type=WORKERS)

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from carsearch import defaults
 from carsearch.datasets.csv_layout import read_csv
 from carsearch.datasets.folders import (
     VMMRDB_FOLDER,
@@ -19,7 +20,7 @@ from carsearch.datasets.scan import class_folders, left_out_files, top_level_ima
 from carsearch.datasets.stanford import SPLITS, devkit_dir, read_stanford
 from carsearch.errors import CarsearchError
 
-FORMATS = ("auto", "csv", "folders", "stanford", "vmmrdb", "unlabeled")
+FORMATS = defaults.FORMATS
 
 __all__ = [
     "FORMATS",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from carsearch import defaults
 from carsearch.datasets.records import Record, record_for
 from carsearch.errors import CarsearchError
 
-SPLITS = ("train", "test", "all")
+SPLITS = defaults.SPLITS
 
 
 def devkit_dir(root: Path) -> Path | None:

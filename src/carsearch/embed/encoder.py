@@ -20,8 +20,8 @@ from carsearch.models import CROP_MODES, Loaded, Preprocessing, get_backbone, lo
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = defaults.DEVICES
+PRECISIONS = defaults.PRECISIONS
 
 
 def resolve_device(device: str) -> torch.device:

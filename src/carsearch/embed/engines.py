@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from carsearch import faults
+from carsearch import defaults, faults
 from carsearch.embed.parts import remove_parts
 from carsearch.embed.resume import ShardPlan
 from carsearch.embed.shard_work import ShardDone
@@ -19,7 +19,7 @@ from carsearch.errors import CarsearchError
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.progress import Progress
 
-ENGINES = ("local", "ray")
+ENGINES = defaults.ENGINES
 
 
 @dataclass(frozen=True)

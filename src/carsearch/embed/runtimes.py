@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from carsearch import defaults
 from carsearch.embed.compiled import CompiledNetwork, OnnxRuntimeNetwork, OpenVINONetwork
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import fsync_dir, sha256_file
@@ -34,7 +35,7 @@ from carsearch.models import Preprocessing
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+RUNTIMES = defaults.RUNTIMES
 ENV_RUNTIME = "CARSEARCH_RUNTIME"  # what `auto` means, for every command and the Python API
 ENV_CACHE = "CARSEARCH_CACHE"  # where conversions are kept (default ~/.cache/carsearch)
 CONVERSION_FORMAT = 1  # bumped when what a conversion holds changes

@@ -9,13 +9,16 @@ geometry: the copy and its original share hundreds of corner features related by
 near-duplicate threshold)) are checked with OpenCV's ORB (Rublee et al., "ORB: an efficient alternative to
 SIFT or SURF", ICCV 2011) on both photos scaled to `defaults.EDITED_COPY_SIDE` px, Lowe's ratio test (0.8,
 Lowe, IJCV 2004) and a RANSAC fit of a partial affine transform (`cv2.estimateAffinePartial2D`); a pair
-with at least `defaults.EDITED_COPY_MIN_INLIERS` inliers is an edited copy. A mirrored copy is not (its
-features do not match), but its cosine is above the threshold anyway (0.95-0.98 measured).
+with at least `defaults.EDITED_COPY_MIN_INLIERS` inliers whose pixels also agree once aligned
+(normalised cross-correlation >= `defaults.EDITED_COPY_MIN_NCC`: other photos of the same car from the
+same shoot share corners, not pixels) is an edited copy. A mirrored copy is not (its features do not
+match), but its cosine is above the threshold anyway (0.95-0.98 measured).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +35,32 @@ _RATIO = 0.8  # Lowe's ratio test
 _RANSAC_PX = 4.0  # reprojection error allowed, in pixels of the scaled photo
 
 
+@dataclass(frozen=True)
+class Match:
+    """How photo `a` maps onto photo `b`: RANSAC inliers of their ORB features under one similarity
+    transform, and the normalised cross-correlation (-1..1) of their grey pixels once `a` is warped onto
+    `b` by it (-1 when no transform was found or they barely overlap)."""
+
+    inliers: int
+    ncc: float
+
+
+_NO_MATCH = Match(0, -1.0)
+
+
 @dataclass
 class LocalMatcher:
-    """ORB features of photos (computed once each) and the RANSAC inlier count of a pair.
+    """ORB features of photos (computed once each, the last `cache` photos kept) and how a pair matches.
 
-    `path_of(row)` gives the photo file of a row; rows whose photo cannot be read count as 0 inliers and
-    are counted in `unreadable`."""
+    `path_of(row)` gives the photo file of a row; rows whose photo cannot be read never match and are
+    counted in `unreadable`."""
 
     path_of: Callable[[int], Path]
     side: int = defaults.EDITED_COPY_SIDE
     features: int = defaults.EDITED_COPY_FEATURES
+    cache: int = defaults.EDITED_COPY_CACHE
     unreadable: set[int] = field(default_factory=set)
-    _cache: dict[int, tuple] = field(default_factory=dict, repr=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def __post_init__(self) -> None:
         import cv2
@@ -53,11 +70,16 @@ class LocalMatcher:
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
 
     def _features(self, row: int) -> tuple:
-        if row not in self._cache:
+        if row in self._cache:
+            self._cache.move_to_end(row)
+        else:
             self._cache[row] = self._compute(row)
+            if len(self._cache) > self.cache:
+                self._cache.popitem(last=False)
         return self._cache[row]
 
     def _compute(self, row: int) -> tuple:
+        """(points (n, 2) float32, ORB descriptors (n, 32) uint8 or None, grey photo at half size)."""
         from PIL import Image, ImageOps
 
         cv2 = self._cv2
@@ -68,32 +90,56 @@ class LocalMatcher:
         except (OSError, ValueError) as e:
             log.debug("edited copies: %s unreadable (%s)", self.path_of(row), e)
             self.unreadable.add(row)
-            return (), None
+            return np.zeros((0, 2), np.float32), None, None
         # Every photo at the same scale: a downscaled copy is enlarged back, so that its corners are found
         # at the scales of its original's.
         scale = self.side / max(gray.shape)
         gray = cv2.resize(
             gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
         )
-        return self._orb.detectAndCompute(gray, None)
+        keypoints, descriptors = self._orb.detectAndCompute(gray, None)
+        points = np.float32([k.pt for k in keypoints]).reshape(-1, 2)
+        # The pixels are compared at half size, blurred: JPEG blocks and resampling differ between copies.
+        half = cv2.resize(gray, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        return points, descriptors, cv2.GaussianBlur(half.astype(np.float32), (0, 0), 0.75)
 
-    def inliers(self, a: int, b: int) -> int:
-        """Features of photo `a` matched in photo `b` consistently with one similarity transform."""
+    def match(self, a: int, b: int) -> Match:
+        """How photo `a` maps onto photo `b` (features matched with Lowe's ratio test, RANSAC)."""
         cv2 = self._cv2
-        (ka, da), (kb, db) = self._features(a), self._features(b)
-        if da is None or db is None or len(ka) < 2 or len(kb) < 2:
-            return 0
+        (pa, da, ga), (pb, db, gb) = self._features(a), self._features(b)
+        if da is None or db is None or len(pa) < 2 or len(pb) < 2:
+            return _NO_MATCH
         good = [
             m[0]
             for m in self._matcher.knnMatch(da, db, k=2)
             if len(m) == 2 and m[0].distance < _RATIO * m[1].distance
         ]
         if len(good) < 3:
-            return 0
-        src = np.float32([ka[m.queryIdx].pt for m in good])
-        dst = np.float32([kb[m.trainIdx].pt for m in good])
-        _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=_RANSAC_PX)
-        return int(mask.sum()) if mask is not None else 0
+            return _NO_MATCH
+        src = pa[[m.queryIdx for m in good]]
+        dst = pb[[m.trainIdx for m in good]]
+        warp, mask = cv2.estimateAffinePartial2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=_RANSAC_PX
+        )
+        if warp is None or mask is None:
+            return _NO_MATCH
+        return Match(int(mask.sum()), self._ncc(ga, gb, warp))
+
+    def _ncc(self, ga: np.ndarray, gb: np.ndarray, warp: np.ndarray) -> float:
+        """Normalised cross-correlation of `ga` warped onto `gb` (half-size photos: the transform's shift
+        halves) over the pixels both cover, the border of the overlap left out (-1 under 500 pixels)."""
+        cv2 = self._cv2
+        half = warp.copy()
+        half[:, 2] *= 0.5
+        h, w = gb.shape
+        warped = cv2.warpAffine(ga, half, (w, h), flags=cv2.INTER_LINEAR)
+        cover = cv2.warpAffine(np.ones(ga.shape, np.uint8), half, (w, h), flags=cv2.INTER_NEAREST)
+        inside = cv2.erode(cover, np.ones((3, 3), np.uint8)) > 0
+        if inside.sum() < 500:
+            return -1.0
+        x, y = warped[inside], gb[inside]
+        x, y = (x - x.mean()) / (x.std() + 1e-6), (y - y.mean()) / (y.std() + 1e-6)
+        return float(np.mean(x * y))
 
 
 def candidate_pairs(
@@ -116,15 +162,19 @@ def edited_copies(
     i: np.ndarray,
     j: np.ndarray,
     min_inliers: int = defaults.EDITED_COPY_MIN_INLIERS,
+    min_ncc: float = defaults.EDITED_COPY_MIN_NCC,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Which candidate pairs (i[n], j[n]) are edited copies: (mask, inlier counts), both of length n."""
+    """Which candidate pairs (i[n], j[n]) are edited copies: at least `min_inliers` inliers and pixels
+    that agree once aligned (NCC >= `min_ncc`). Returns (mask (n,) bool, inlier counts (n,) int32)."""
     counts = np.zeros(len(i), dtype=np.int32)
+    ncc = np.full(len(i), -1.0)
     with Progress(len(i), "edited copies", "pair", enabled=progress) as bar:
         for n, (a, b) in enumerate(zip(i.tolist(), j.tolist(), strict=True)):
-            counts[n] = matcher.inliers(a, b)
+            m = matcher.match(a, b)
+            counts[n], ncc[n] = m.inliers, m.ncc
             bar.update(1)
-    return counts >= min_inliers, counts
+    return (counts >= min_inliers) & (ncc >= min_ncc), counts
 
 
 def photo_lookup(emb: EmbeddingSet, rows: np.ndarray | None = None) -> Callable[[int], Path] | None:

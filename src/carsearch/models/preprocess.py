@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-CROP_MODES = ("center", "squash", "pad")
+from carsearch import defaults
+
+CROP_MODES = defaults.CROP_MODES
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
