@@ -625,7 +625,7 @@ def test_reposted_copies_leak_and_unreadable_photos_are_counted(
     from carsearch.eval.edited_copies import LocalMatcher
 
     m = LocalMatcher(lambda r: tmp_path / f"missing{r}.jpg")
-    assert m.inliers(0, 1) == 0 and m.unreadable == {0, 1}
+    assert m.match(0, 1).inliers == 0 and m.unreadable == {0, 1}
     moved = tmp_path / "moved"
     shutil.copytree(tmp / "emb", moved)
     manifest = json.loads((moved / "manifest.json").read_text())
@@ -633,3 +633,34 @@ def test_reposted_copies_leak_and_unreadable_photos_are_counted(
     (moved / "manifest.json").write_text(json.dumps(manifest))
     r = audit(moved, tmp_path / "m", progress=False, page=False)
     assert "gone" in r["summary"]["edited_copies_not_checked"]
+
+
+def test_a_photo_sharing_corners_but_not_pixels_is_not_an_edited_copy(tmp_path: Path) -> None:
+    """Another photo of the same car from the same shoot shares many corners with the original (the car)
+    but not its pixels elsewhere; an edited copy shares both. Built here: each dev photo, its re-posted
+    copy, and a 'sibling' whose right 45% shows another photo (the corners of the rest still match)."""
+    from carsearch.eval.edited_copies import LocalMatcher, edited_copies
+
+    photos = [DEV / "images" / f"{n:05d}.jpg" for n in (1, 40, 80, 120)]
+    files = []
+    for k, src in enumerate(photos):
+        copy, sibling = tmp_path / f"copy{k}.jpg", tmp_path / f"sibling{k}.jpg"
+        _repost(src, copy, REPOSTS[k % len(REPOSTS)])
+        with Image.open(src) as im, Image.open(photos[(k + 2) % len(photos)]) as other:
+            img = ImageOps.exif_transpose(im).convert("RGB")
+            w, h = img.size
+            cut = int(w * 0.55)
+            img.paste(other.convert("RGB").resize((w, h)).crop((cut, 0, w, h)), (cut, 0))
+            img.save(sibling, quality=90)
+        files += [src, copy, sibling]
+    matcher = LocalMatcher(lambda r: files[r])
+    originals = np.arange(0, len(files), 3)
+    i = np.concatenate([originals, originals])
+    j = np.concatenate([originals + 1, originals + 2])
+    copy, inliers = edited_copies(matcher, i, j)
+    n = len(originals)
+    assert copy[:n].all()  # every edited copy is one
+    # The siblings share enough corners to have passed the inlier rule alone; their pixels tell them apart.
+    shared = inliers[n:] >= 30
+    assert shared.sum() >= n // 2, inliers
+    assert not copy[n:].any(), [matcher.match(a, b) for a, b in zip(i[n:], j[n:], strict=True)]

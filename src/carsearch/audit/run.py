@@ -36,6 +36,7 @@ from carsearch.eval.edited_copies import (
     LocalMatcher,
     candidate_pairs,
     confirm_leaks,
+    cosine_threshold,
     edited_copies,
     photo_lookup,
 )
@@ -81,7 +82,7 @@ def audit(
     out: str | Path,
     queries_dir: str | Path | None = None,
     *,
-    threshold: float = defaults.NEAR_DUPLICATE_THRESHOLD,
+    threshold: float | None = None,
     k: int = defaults.AUDIT_VOTE_K,
     outlier_k: int = defaults.AUDIT_OUTLIER_K,
     exact: bool | None = None,
@@ -92,10 +93,12 @@ def audit(
 ) -> dict:
     """Audit `emb_dir` (and the leakage of `queries_dir` into it); write the report into `out`.
 
-    `local_features`: also find edited copies below `threshold` by local-feature agreement of the photos
+    `threshold`: the cosine from which two photos are near-duplicates without a look at them (None:
+    NEAR_DUPLICATE_THRESHOLD_CONFIRMED with local features, NEAR_DUPLICATE_THRESHOLD without).
+    `local_features`: also find edited copies below it by local-feature and pixel agreement of the photos
     (eval/edited_copies.py); skipped, with a note in the summary, when the photos are not where the
     embedding folder says."""
-    if not 0 < threshold <= 1:
+    if threshold is not None and not 0 < threshold <= 1:
         raise CarsearchError("--threshold is a cosine similarity: give a value in (0, 1].")
     if k < 1 or outlier_k < 1:
         raise CarsearchError("--k and --outlier-k must be at least 1.")
@@ -106,6 +109,8 @@ def audit(
         check_compatible(emb.provenance, other.provenance, str(emb.folder), str(other.folder))
     out = Path(out).expanduser().resolve()
     n = len(emb)
+    given_threshold = threshold
+    threshold = cosine_threshold(threshold, local_features and photo_lookup(emb) is not None)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -135,7 +140,7 @@ def audit(
         outlier = outlier_scores(nb, outlier_k)
         fence = outlier_fence(outlier)
         step("outliers")
-        leakage = _leakage(index, emb, other, threshold, local_features) if other is not None else None
+        leakage = _leakage(index, emb, other, given_threshold, local_features) if other is not None else None
         if other is not None:
             step("leakage")
     labelled = emb.labels != ""
@@ -341,7 +346,11 @@ def _edited_copies(emb: EmbeddingSet, nb, threshold: float, progress: bool) -> d
 
 
 def _leakage(
-    index: object, emb: EmbeddingSet, other: EmbeddingSet, threshold: float, local_features: bool = True
+    index: object,
+    emb: EmbeddingSet,
+    other: EmbeddingSet,
+    threshold: float | None,
+    local_features: bool = True,
 ) -> dict:
     """Every photo of the second folder with a near-duplicate in the first: its nearest photo there at
     `threshold` or above, or an edited copy of it (local features) at EDITED_COPY_MIN_COSINE or above."""
@@ -351,7 +360,7 @@ def _leakage(
             index, other.vectors, sims, rows, threshold, photo_lookup(emb), photo_lookup(other)
         )
     else:
-        hit = sims >= threshold
+        hit = sims >= cosine_threshold(threshold, False)
     hit = np.flatnonzero(hit)
     order = hit[np.argsort(-sims[hit], kind="stable")]
     return {

@@ -17,7 +17,7 @@ from carsearch.bench.protocols import ClassSplit, check_class_split, choose_clas
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.duplicates import nearest_in, search_index
-from carsearch.eval.edited_copies import confirm_leaks, photo_lookup
+from carsearch.eval.edited_copies import confirm_leaks, cosine_threshold, photo_lookup
 from carsearch.eval.knn import knn_metrics, vote_details
 from carsearch.eval.neighbors import exact_search
 from carsearch.eval.splits import class_range, numbered_by_name, stratified_split
@@ -194,17 +194,12 @@ def run_bench(
     # photos' local features (eval/edited_copies.py).
     leak_index = search_index(g_vec)
     leak_sims, leak_rows = nearest_in(leak_index, q_vec)
+    gallery_photo, query_photo = photo_lookup(emb, gal), photo_lookup(emb, qry)
     leak, leak_sims, _ = confirm_leaks(
-        leak_index,
-        q_vec,
-        leak_sims,
-        leak_rows,
-        defaults.NEAR_DUPLICATE_THRESHOLD,
-        photo_lookup(emb, gal),
-        photo_lookup(emb, qry),
+        leak_index, q_vec, leak_sims, leak_rows, None, gallery_photo, query_photo
     )
     report["leakage"] = {
-        "threshold": defaults.NEAR_DUPLICATE_THRESHOLD,
+        "threshold": cosine_threshold(None, gallery_photo is not None and query_photo is not None),
         "leaked_queries": int(leak.sum()),
         "rate": round(float(leak.mean()), 4),
         "exact_copies": int((leak_sims >= defaults.EXACT_COPY_SIMILARITY).sum()),

@@ -35,10 +35,11 @@ def _human(r: dict) -> str:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
 @click.option(
     "--threshold",
-    default=defaults.NEAR_DUPLICATE_THRESHOLD,
-    show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
-    help="Cosine similarity from which two photos are near-duplicates (measured: docs/benchmarks.md).",
+    help="Cosine similarity from which two photos are near-duplicates without a look at them; below it "
+    "pairs are confirmed by their photos' local features and pixels (measured: docs/benchmarks.md). "
+    f"[default: {defaults.NEAR_DUPLICATE_THRESHOLD_CONFIRMED} with local features, "
+    f"{defaults.NEAR_DUPLICATE_THRESHOLD} with --no-local-features]",
 )
 @click.option(
     "--k",

@@ -142,6 +142,17 @@ class LocalMatcher:
         return float(np.mean(x * y))
 
 
+def cosine_threshold(threshold: float | None, confirmed_by_photos: bool) -> float:
+    """The cosine from which a pair is a near-duplicate without a look at its photos: `threshold` when
+    given; else NEAR_DUPLICATE_THRESHOLD_CONFIRMED when the photos confirm the pairs below it, and
+    NEAR_DUPLICATE_THRESHOLD when the cosine decides alone."""
+    if threshold is not None:
+        return threshold
+    if confirmed_by_photos:
+        return defaults.NEAR_DUPLICATE_THRESHOLD_CONFIRMED
+    return defaults.NEAR_DUPLICATE_THRESHOLD
+
+
 def candidate_pairs(
     nb_sims: np.ndarray, nb_rows: np.ndarray, threshold: float, k: int = defaults.EDITED_COPY_K
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,14 +206,16 @@ def confirm_leaks(
     queries: np.ndarray,
     sims: np.ndarray,
     rows: np.ndarray,
-    threshold: float,
+    threshold: float | None,
     gallery_photo: Callable[[int], Path] | None,
     query_photo: Callable[[int], Path] | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Queries (n, d) float32 with a near-duplicate in the gallery that `index` holds: their nearest gallery
     photo (`sims`, `rows`: (n,)) at `threshold` or above, or an edited copy among their first EDITED_COPY_K
     at EDITED_COPY_MIN_COSINE or above. `*_photo`: row -> photo file (`photo_lookup`); without them, the
-    cosine rule alone. Returns (mask, similarity, gallery row), the last two those of the copy when found."""
+    cosine rule alone. `threshold` None: `cosine_threshold`'s default for the case. Returns (mask, similarity,
+    gallery row), the last two those of the copy when found."""
+    threshold = cosine_threshold(threshold, gallery_photo is not None and query_photo is not None)
     hit, sims, rows = sims >= threshold, sims.copy(), rows.copy()
     maybe = np.flatnonzero(~hit & (sims >= defaults.EDITED_COPY_MIN_COSINE))
     if not len(maybe) or gallery_photo is None or query_photo is None:
