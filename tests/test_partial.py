@@ -142,7 +142,7 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(
         progress=False,
     )
     redone = load_embeddings(again.out)
-    assert (redone.ids == derived.ids).all() and derived.dim == 512
+    assert (redone.ids == derived.ids).all() and derived.dim == 512 + 1280  # projection + pooled features
     cos = (redone.vectors * derived.vectors).sum(1)
     assert cos.min() > 0.99, cos.min()  # bf16 activations on bf16 CPUs; 1.0 in fp32
     r = CliRunner().invoke(
@@ -167,7 +167,9 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(
         assert "indexed photo" in (answer["reason"] or "indexed photo")
         return
     w = load_file(str(model / "class_weights.safetensors"))
-    assert w["weights"].shape == (len(CLASSES), 512) and sorted(cc["labels"]) == sorted(set(derived.labels))
+    # The cpu-hour embedding is the projection (512) and the pooled features (1280): zeros over the latter.
+    assert w["weights"].shape == (len(CLASSES), 512 + 1280) and not w["weights"][:, 512:].any()
+    assert sorted(cc["labels"]) == sorted(set(derived.labels))
     expected = float((w["weights"].numpy() @ redone.vectors[0]).max())
     assert answer["openset_score"] == pytest.approx(expected, abs=2e-3)
     assert answer["threshold"] == cc["threshold"] and 0.9 <= cc["tpr"] <= 1.0

@@ -357,3 +357,26 @@ def test_train_reads_a_labels_file(tiny_data: Path, tmp_path: Path) -> None:
         train_model(
             tiny_data, tmp_path / "c2", TINY.override(classes="5-6", epochs=1), labels_file=subset, **RUN
         )
+
+
+def test_embedding_with_features_is_the_mean_of_two_cosines_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    """with_features: cosine of two embeddings = the mean of the projections' and the features' cosines;
+    checkpoint.json rebuilds the same network (dimension included)."""
+    from carsearch.models.checkpoint import architecture, build_net
+    from carsearch.models.network import EmbeddingNet
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(torch.nn.Identity(), 12, 5, with_features=True).eval()
+    f = torch.randn(2, 12)
+    e = torch.nn.functional.normalize(net(f), dim=1)
+    assert e.shape == (2, 17) and net.dim == 17
+    p = torch.nn.functional.normalize(net.project(f), dim=1)
+    x = torch.nn.functional.normalize(f, dim=1)
+    expected = 0.5 * (float(p[0] @ p[1]) + float(x[0] @ x[1]))
+    assert float(e[0] @ e[1]) == pytest.approx(expected, abs=1e-6)
+    info = architecture(net, "efficientnet_lite0")
+    assert info["embed_dim"] == 5 and info["with_features"] is True
+    again = EmbeddingNet(torch.nn.Identity(), 12, 5)
+    assert again.dim == 5 and not again.with_features
+    rebuilt = build_net(info)  # the architecture checkpoint.json records (random weights)
+    assert rebuilt.with_features and rebuilt.dim == 17 and rebuilt.head.out_features == 5

@@ -109,6 +109,13 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     type=click.IntRange(0),
     help=f"Projection size after the backbone (0: no projection) [default: {defaults.EMBED_DIM}].",
 )
+@click.option(
+    "--with-features/--projection-only",
+    "with_features",
+    default=None,
+    help="The embedding: the projection and the backbone's pooled features together (better on models "
+    "never trained on), or the projection alone [default: the preset's].",
+)
 @click.option("--batch-size", type=click.IntRange(2), help="Images per batch [default: the preset's].")
 @click.option(
     "--per-class",
@@ -252,6 +259,7 @@ def _run(
 
 # Options that shape how images become features: a head trained on cached embeddings has none of them.
 _IMAGE_OPTIONS = (
+    "with_features",
     "format",
     "labels",
     "split",

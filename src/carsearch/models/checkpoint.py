@@ -68,8 +68,9 @@ def architecture(net: EmbeddingNet, backbone: str) -> dict:
     return {
         "backbone": backbone,
         "backbone_dim": net.backbone_dim,
-        "embed_dim": net.dim if isinstance(net.head, torch.nn.Linear) else None,
+        "embed_dim": net.projection_dim if isinstance(net.head, torch.nn.Linear) else None,
         "head_input": net.head_input,
+        "with_features": net.with_features,
         "base": architecture(inner, backbone) if isinstance(inner, EmbeddingNet) else None,
     }
 
@@ -78,7 +79,13 @@ def build_net(info: dict) -> EmbeddingNet:
     """The architecture a checkpoint describes, with random weights (they are loaded next)."""
     base = info.get("base")
     inner = build_net(base) if base else build_headless(info["backbone"])
-    return EmbeddingNet(inner, info["backbone_dim"], info.get("embed_dim"), info.get("head_input", "raw"))
+    return EmbeddingNet(
+        inner,
+        info["backbone_dim"],
+        info.get("embed_dim"),
+        info.get("head_input", "raw"),
+        bool(info.get("with_features", False)),
+    )
 
 
 def load_checkpoint(folder: Path, expected_backbone: str | None = None, best: bool = True) -> Loaded:

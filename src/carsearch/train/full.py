@@ -71,11 +71,15 @@ def train_model(
     state = prepare_out(out, settings, resume, overwrite)
 
     torch.manual_seed(s.seed)
-    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(dev, memory_format=torch.channels_last)
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim, with_features=s.with_features).to(
+        dev, memory_format=torch.channels_last
+    )
     train_idx = np.flatnonzero(tmask)
     train_classes = sorted(set(class_ids[train_idx].tolist()))
     target = {c: i for i, c in enumerate(train_classes)}
-    loss_fn = make_loss(s.loss, len(train_classes), net.dim, s.scale, s.margin, s.label_smoothing).to(dev)
+    loss_fn = make_loss(
+        s.loss, len(train_classes), net.projection_dim, s.scale, s.margin, s.label_smoothing
+    ).to(dev)
     records = [dataset.records[i] for i in train_idx]
     targets = [target[int(class_ids[i])] for i in train_idx]
     sampler = BalancedBatches(targets, s.per_class, s.batch_size, s.seed)
@@ -152,7 +156,7 @@ def train_model(
                     continue
                 x = prep.normalize(pixels.to(dev, non_blocking=True))
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    emb = net(x)
+                    emb = net.project(net.backbone(x))  # the loss trains the projection
                 value = loss_fn(emb.float(), y.to(dev))
                 opt.zero_grad(set_to_none=True)
                 value.backward()

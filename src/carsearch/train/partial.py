@@ -106,7 +106,7 @@ def train_partial(
     torch.manual_seed(s.seed)
     # On the training device from the start: the frozen prefix that fills the cache is part of it. The
     # cached activations stay in host memory and go over batch by batch.
-    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(dev)
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim, with_features=s.with_features).to(dev)
     split = cut(net.backbone, trained)
     settings = {
         **s.to_dict(),
@@ -304,7 +304,7 @@ def embed_cached(
             a = chunk[:, v].to(device).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 f = suffix(a if bf16 else a.float())
-                f = net.project(f) if head else f
+                f = net.embed(f) if head else f
                 f = normalize(f.float(), dim=1)
             y = f if y is None else y + f
         out.append(normalize(y, dim=1).cpu().numpy())

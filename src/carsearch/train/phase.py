@@ -63,7 +63,9 @@ class Phase:
             for p in m.parameters():
                 p.requires_grad_(True)
         freeze_batchnorm(split.suffix)
-        self.loss_fn = make_loss(s.loss, self.n_classes, net.dim, s.scale, s.margin, s.label_smoothing)
+        self.loss_fn = make_loss(
+            s.loss, self.n_classes, net.projection_dim, s.scale, s.margin, s.label_smoothing
+        )
         self.loss_fn.to(self.dev)  # before the optimizer and the EMA copy are made
         suffix_params = [p for p in split.suffix.parameters() if p.requires_grad]
         head_lr = s.lr * s.head_lr_mult
@@ -98,6 +100,8 @@ class Phase:
         w = class_weights(self.loss_fn)
         if w is None:
             return None
+        if self.net.with_features:  # the embedding carries the features after the projection: zeros there
+            w = torch.cat([w, w.new_zeros(len(w), self.net.backbone_dim)], dim=1)
         return {
             CLASS_WEIGHTS_FILE: {"weights": w, "class_ids": torch.tensor(self.class_ids, dtype=torch.int64)}
         }
@@ -175,7 +179,7 @@ def refit(
     classes = np.concatenate([train[1], c_held[ok_held]])
     base = load_backbone(s.backbone, s.weights)
     torch.manual_seed(s.seed)  # the network starts where the first run's did
-    net = EmbeddingNet(base.model, base.dim, s.embed_dim).to(where.device)
+    net = EmbeddingNet(base.model, base.dim, s.embed_dim, with_features=s.with_features).to(where.device)
     split = cut(net.backbone, resolve_trained(base.model, s.train_blocks))
     phase = Phase(net, split, s, x, classes, where)
     folder = run.out / REFIT_DIR

@@ -37,6 +37,8 @@ class TrainSettings:
     margin: float = 0.0  # cosface / arcface margin
     label_smoothing: float = 0.1  # cosine-ce
     embed_dim: int | None = defaults.EMBED_DIM
+    # partial / full: the embedding is the projection and the backbone features together (EmbeddingNet.embed)
+    with_features: bool = False
     batch_size: int = defaults.TRAIN_BATCH
     per_class: int = defaults.PER_CLASS  # proxy-anchor batches hold P classes x this many images
     lr: float = defaults.LR
@@ -121,7 +123,7 @@ PRESETS: dict[str, Preset] = {
             "the last 2 stages of EfficientNet-Lite0 + a 512-d projection on cached activations of 12 "
             "views per image (plain, mirror, 10 crops with colour jitter); cosine classifier (scale 16, "
             "label smoothing 0.1), AdamW, warm-up cosine schedule, EMA of weights; trained at 224 px, "
-            "embedded at 320 px",
+            "embedded at 320 px as the projection and the pooled features together",
             TrainSettings(
                 mode="partial",
                 backbone="efficientnet_lite0",
@@ -138,6 +140,7 @@ PRESETS: dict[str, Preset] = {
                 warmup_epochs=1,
                 ema_decay=0.998,
                 test_image_size=320,
+                with_features=True,
             ),
         ),
         Preset(
@@ -186,6 +189,7 @@ TABLE_FIELDS = (
     "ema_decay",
     "image_size",
     "test_image_size",
+    "with_features",
     "refit",
 )
 

@@ -10,6 +10,7 @@ import torch
 
 from carsearch.errors import CarsearchError
 from carsearch.models import checkpoint as ckpt
+from carsearch.train.settings import TrainSettings
 
 # Settings that must match for --resume to continue a run (the rest may change, e.g. --epochs).
 RESUME_FIELDS = (
@@ -18,6 +19,7 @@ RESUME_FIELDS = (
     "weights",
     "weights_sha256",
     "embed_dim",
+    "with_features",
     "loss",
     "classes",
     "val_classes",
@@ -72,7 +74,8 @@ def prepare_out(out: Path, settings: dict, resume: bool, overwrite: bool) -> dic
             raise CarsearchError(f"{out} holds no checkpoint to resume; start without --resume.")
         old = ckpt.read_info(out)["training"]
         for name in RESUME_FIELDS:
-            if old.get(name) != settings.get(name):
+            # A setting newer than the run (with_features): the run had its default.
+            if old.get(name, getattr(TrainSettings(), name, None)) != settings.get(name):
                 raise CarsearchError(
                     f"{out} was trained with a different {name} ({old.get(name)!r}, now "
                     f"{settings.get(name)!r}); resume with the same settings or start again with --overwrite."
