@@ -1,5 +1,6 @@
-"""Inference runtimes side by side: PyTorch (eager, the baseline) and OpenVINO, fp32 and bf16, on the same
-batch of real dev photos in one run; then whether decoding keeps up, and the embed job end to end.
+"""Inference runtimes side by side: PyTorch (eager, the baseline), ONNX Runtime (fp32) and OpenVINO (fp32
+and bf16), on the same batch of real dev photos in one run; then whether decoding keeps up, and the embed
+job end to end.
 
 1. network: images/s of `Encoder.encode` on one batch (decoding excluded), each runtime and precision,
    with the ratio to PyTorch at the same precision and the cosine to PyTorch fp32 (the runtimes' agreement);
@@ -35,7 +36,14 @@ from carsearch.embed.reader import RecordImages
 from carsearch.models import load_backbone
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev"
-RUNS = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"))
+# ONNX Runtime runs fp32 only on the CPU (ONNX's Conv has no bf16 at opset 17: runtimes.py).
+RUNS = (
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+    ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+)
 
 
 def cpu_name() -> str:
@@ -104,12 +112,12 @@ def end_to_end(images: int, work: Path) -> list[dict]:
     from carsearch.embed import embed_dataset
 
     rows = []
-    for runtime in ("torch", "openvino"):
+    for runtime, precision in (("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "bf16")):
         r = embed_dataset(
             DEV,
             work / f"emb-{runtime}",
             backbone="efficientnet_lite0",
-            precision="bf16",
+            precision=precision,
             runtime=runtime,
             limit=images,
             progress=False,
@@ -117,6 +125,7 @@ def end_to_end(images: int, work: Path) -> list[dict]:
         rows.append(
             {
                 "runtime": runtime,
+                "precision": precision,
                 "images": r.images,
                 "workers": r.workers,
                 "images_per_s": r.images_per_second,
@@ -166,10 +175,11 @@ def main() -> None:
     for r in out["decoding"]:
         print(f"| {r['photos']} | {'on' if r['jpeg_draft'] else 'off'} | {r['images_per_s_one_core']} |")
     if out["end_to_end"]:
-        print("\n| embed, efficientnet_lite0 bf16 | images | decoding workers | images/s |")
-        print("|---|---:|---:|---:|")
+        print("\n| embed, efficientnet_lite0 | precision | images | decoding workers | images/s |")
+        print("|---|---|---:|---:|---:|")
         for r in out["end_to_end"]:
-            print(f"| {r['runtime']} | {r['images']} | {r['workers']} | {r['images_per_s']} |")
+            cells = (r["runtime"], r["precision"], r["images"], r["workers"], r["images_per_s"])
+            print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":
