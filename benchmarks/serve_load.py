@@ -1,4 +1,4 @@
-"""Bounded load on `carsearch serve`, on loopback only: dynamic batching off and on, side by side.
+"""Bounded load on `carsearch serve`, on loopback only: two settings side by side (batching, runtime).
 
 For each setting (`--batch 1`, then the default batching), starts `carsearch serve` as a separate process
 on a free 127.0.0.1 port, sends N POST /api/search requests (real dev photos) from C concurrent clients
@@ -6,6 +6,7 @@ on a free 127.0.0.1 port, sends N POST /api/search requests (real dev photos) fr
 latency), and reads the server's batch sizes from /metrics. Then it stops the server.
 
     python benchmarks/serve_load.py INDEX_DIR [--requests 300] [--concurrency 8] [--single 60] [--json]
+    python benchmarks/serve_load.py INDEX_DIR --compare runtime   # PyTorch against OpenVINO, both batched
 """
 
 from __future__ import annotations
@@ -106,20 +107,33 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--single", type=int, default=60, help="requests from one client, one at a time")
+    ap.add_argument(
+        "--compare",
+        choices=("batching", "runtime"),
+        default="batching",
+        help="batching: --batch 1 against the default; runtime: --runtime torch against openvino",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     n = min(args.requests, MAX_REQUESTS)
     photos = sorted((DEV / "images").glob("*.jpg"))[:50]
     payloads = [(p.name, p.read_bytes()) for p in photos]
 
-    off = measure(args.index_dir, ["--batch", "1"], payloads, n, args.concurrency, args.single, args.k)
-    on = measure(args.index_dir, [], payloads, n, args.concurrency, args.single, args.k)
+    # Two settings side by side: the baseline first, the ratios are second / first.
+    if args.compare == "runtime":
+        names = ("torch (--runtime torch)", "openvino (--runtime openvino)")
+        extras = (["--runtime", "torch"], ["--runtime", "openvino"])
+    else:
+        names = ("off (--batch 1)", "on (default)")
+        extras = (["--batch", "1"], [])
+    off, on = (measure(args.index_dir, x, payloads, n, args.concurrency, args.single, args.k) for x in extras)
     out = {
         "requests": n,
         "concurrency": args.concurrency,
         "k": args.k,
-        "batching_off": off,
-        "batching_on": on,
+        "compare": args.compare,
+        "first": {"setting": names[0], **off},
+        "second": {"setting": names[1], **on},
         "throughput_ratio": round(on["requests_per_second"] / off["requests_per_second"], 2),
         "p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
         "single_client_ratio": round(on["single_client_p50_ms"] / off["single_client_p50_ms"], 2),
@@ -131,15 +145,15 @@ def main() -> None:
         print(
             f"{n} requests at concurrency {args.concurrency}, then {args.single} from one client; k={args.k}"
         )
-        print("| batching | req/s | p50 ms | p99 ms | single-client p50 ms | mean batch | errors |")
+        print(f"| {args.compare} | req/s | p50 ms | p99 ms | single-client p50 ms | mean batch | errors |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, r in (("off (--batch 1)", off), ("on (default)", on)):
+        for name, r in zip(names, (off, on), strict=True):
             print(
                 f"| {name} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | "
                 f"{r['single_client_p50_ms']} | {r['mean_batch']} | {r['errors']} |"
             )
         print(
-            f"on / off: throughput {out['throughput_ratio']}x, p99 {out['p99_ratio']}x, "
+            f"second / first: throughput {out['throughput_ratio']}x, p99 {out['p99_ratio']}x, "
             f"single-client latency {out['single_client_ratio']}x"
         )
     if errors:

@@ -71,7 +71,7 @@ def recommend(measured: dict[str, dict], target_recall: float) -> dict[str, str]
         x = measured[f]
         top1 = f", kNN top-1 {x['top1']:.1%}" if "top1" in x else ""
         return (
-            f"recall@10 {x['10-recall@10']:.3f}{top1}, {x['p50_ms']:.2f} ms per query (p50), "
+            f"10-recall@10 {x['10-recall@10']:.3f}{top1}, {x['p50_ms']:.2f} ms per query (p50), "
             f"{x['qps_batched']:,.0f} QPS batched, {human_bytes(x['memory_bytes'])}, built in "
             f"{x['build_seconds']:.1f} s"
         )
