@@ -81,6 +81,7 @@ def label_quality(
     neighbours abstain, ties to the label ranked first) of every row's neighbours; unlabelled rows score 0
     and vote for "". Raises ValueError for a temperature <= 0."""
     labels = np.asarray(labels).astype(str)
+    names, codes = np.unique(labels, return_inverse=True)
     votes = knn_votes(neighbour_labels(labels, nb.rows[:, :k]), nb.sims[:, :k], temperature)
     has_vote = (votes.winner != "") & (labels != "")
     own = np.where(has_vote, votes.share_of(labels), 0.0)
@@ -88,13 +89,12 @@ def label_quality(
     voted_share = np.where(has_vote, votes.winner_share, 0.0)
     probs = classes = None
     if with_probs:
-        classes = np.unique(labels[labels != ""])
+        classes = names[names != ""]
         got = votes.labels != ""
         r, c = np.nonzero(got)
         col = np.searchsorted(classes, votes.labels[r, c].astype(str))
         probs = coo_matrix((votes.shares[r, c], (r, col)), shape=(len(labels), len(classes))).toarray()
         probs[~has_vote] = 0.0
-    names, codes = np.unique(labels, return_inverse=True)
     class_size = np.bincount(codes, minlength=len(names))[codes]
     judgeable = (labels == "") | (has_vote & (class_size >= defaults.AUDIT_MIN_CLASS))
     return LabelQuality(own, voted, voted_share, probs, classes, judgeable)

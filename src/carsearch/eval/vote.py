@@ -108,11 +108,8 @@ def vote(
     """Labels ranked by vote share (shares sum to 1), for one query's neighbours, nearest first; "" abstains.
     The one-query form of `knn_votes` (same weights, same tie rule)."""
     sims = np.asarray(similarities, dtype=np.float64)
-    if len(sims) == 0:
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
-        return []
-    return knn_votes(np.asarray([list(labels)], dtype=str), sims[None, :], temperature).ranked(0)
+    names = np.asarray(list(labels), dtype=str).reshape(1, len(sims))
+    return knn_votes(names, sims[None, :], temperature).ranked(0)
 
 
 def ranked_votes(
