@@ -17,19 +17,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from carsearch.embed.store import load_embeddings
 from carsearch.eval.neighbors import retrieval_recall
 from carsearch.eval.splits import class_range, stratified_split
-from carsearch.models import load_backbone
-from carsearch.models.checkpoint import load_checkpoint, read_info
-from carsearch.models.cut import cut, resolve_trained
-from carsearch.models.preprocess import Preprocessing
-from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
+from carsearch.models.checkpoint import load_checkpoint
+from carsearch.models.cut import cut
 from carsearch.train.partial import embed_cached
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preset_accuracy import checkpoint_activations
 from tuned_accuracy import closed_set
 
 WEIGHTS = (1.0, 0.7, 0.5, 0.3, 0.0)  # the projection's weight; 1: the projection alone, 0: the features
@@ -49,27 +46,7 @@ def main() -> None:
         groups = {"gallery": gal, "queries": qry}
     else:
         groups = {"unseen": np.flatnonzero(~np.isin(emb.class_ids, sorted(class_range(a.known))))}
-    info = read_info(a.checkpoint)
-    t = info["training"]
-    base = load_backbone(t["backbone"], t["weights"])
-    trained = resolve_trained(base.model, len(t["train_blocks"].split(",")))
-    prep = Preprocessing.from_dict(info["preprocessing"])
-    cache = ActivationCache(
-        a.cache,
-        cache_key(t["backbone"], base.weights.sha256, cut(base.model, trained).trained, prep, 0, True),
-    )
-    cache.prepare()
-    prefix = Prefix(cut(base.model, trained).prefix, prep, torch.device("cpu"), True, 1)
-    paths = [str(p) for p in emb.paths]
-    x = {}
-    for name, rows in groups.items():
-        x[name], ok = cache.load(
-            Group(f"{name}2", tuple(paths[i] for i in rows), ("plain", "mirror")),
-            emb.root,
-            prefix,
-            progress=True,
-        )
-        assert ok.all(), f"{int((~ok).sum())} photos unreadable"
+    x, trained = checkpoint_activations(emb, a.checkpoint, a.cache, groups, ("plain", "mirror"))
     net = load_checkpoint(a.checkpoint, best=True).model
     net.with_features = False  # the two parts are taken apart here
     suffix = cut(net.backbone, trained).suffix

@@ -47,6 +47,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tuned_accuracy import closed_set, zero_shot_open_set
 
 
+def checkpoint_activations(emb, model_dir: Path, cache_dir: Path, groups: dict, views: tuple[str, ...]):
+    """The frozen prefix's activations of a partial fine-tune's checkpoint for groups of rows of `emb`
+    ({name: rows}), at the checkpoint's test framing, cached in `cache_dir`: ({name: (n, views, C, H, W)
+    bf16}, the trained stages, for `cut`)."""
+    import torch
+
+    from carsearch.models import load_backbone
+    from carsearch.models.checkpoint import read_info
+    from carsearch.models.cut import cut, resolve_trained
+    from carsearch.models.preprocess import Preprocessing
+    from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
+
+    info = read_info(model_dir)
+    t = info["training"]
+    base = load_backbone(t["backbone"], t["weights"])
+    trained = resolve_trained(base.model, len(t["train_blocks"].split(",")))
+    split = cut(base.model, trained)
+    prep = Preprocessing.from_dict(info["preprocessing"])
+    cache = ActivationCache(
+        cache_dir, cache_key(t["backbone"], base.weights.sha256, split.trained, prep, 0, True)
+    )
+    cache.prepare()
+    prefix = Prefix(split.prefix, prep, torch.device("cpu"), True, 1)
+    paths = [str(p) for p in emb.paths]
+    out = {}
+    for name, rows in groups.items():
+        x, ok = cache.load(
+            Group(name, tuple(paths[i] for i in rows), views), emb.root, prefix, progress=False
+        )
+        assert ok.all(), f"{int((~ok).sum())} photos of {name} unreadable"
+        out[name] = x
+    return out, trained
+
+
 class Curve:
     """Closed-set top-1 of the current checkpoint every few epochs, from cached activations; under
     `--known`, zero-shot Recall@1 over the photos of the classes never trained on (`unseen` rows)."""
@@ -57,40 +91,6 @@ class Curve:
         self.groups = {"unseen": unseen} if unseen is not None else {"gallery": gal, "queries": qry}
         self.x = None
 
-    def _activations(self):
-        import torch
-
-        from carsearch.models import load_backbone
-        from carsearch.models.checkpoint import read_info
-        from carsearch.models.cut import cut, resolve_trained
-        from carsearch.models.preprocess import Preprocessing
-        from carsearch.train.activations import ActivationCache, Group, Prefix, cache_key
-
-        info = read_info(self.model_dir)
-        t = info["training"]
-        base = load_backbone(t["backbone"], t["weights"])
-        trained = resolve_trained(base.model, len(t["train_blocks"].split(",")))
-        split = cut(base.model, trained)
-        prep = Preprocessing.from_dict(info["preprocessing"])
-        cache = ActivationCache(
-            self.work / "curve-cache",
-            cache_key(t["backbone"], base.weights.sha256, split.trained, prep, 0, True),
-        )
-        cache.prepare()
-        self.trained = trained
-        paths = [str(p) for p in self.emb.paths]
-        out = {}
-        for name, rows in self.groups.items():
-            x, ok = cache.load(
-                Group(name, tuple(paths[i] for i in rows), ("plain",)),
-                self.emb.root,
-                Prefix(split.prefix, prep, torch.device("cpu"), True, 1),
-                progress=False,
-            )
-            assert ok.all()
-            out[name] = x
-        return out
-
     def score(self, best: bool) -> dict:
         """Closed-set figures of the checkpoint (the delivered one, or the current epoch's); under
         `--known`, {"zero_shot_recall@1": R@1 over the never-seen classes' photos}."""
@@ -99,7 +99,9 @@ class Curve:
         from carsearch.train.partial import embed_cached
 
         if self.x is None:
-            self.x = self._activations()
+            self.x, self.trained = checkpoint_activations(
+                self.emb, self.model_dir, self.work / "curve-cache", self.groups, ("plain",)
+            )
         net = load_checkpoint(self.model_dir, best=best).model
         suffix = cut(net.backbone, self.trained).suffix
         v = {name: embed_cached(net, suffix, x, True) for name, x in self.x.items()}
