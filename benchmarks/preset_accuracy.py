@@ -257,13 +257,13 @@ def main() -> None:
         )
         .override(**dict(_field(settings_text) for settings_text in a.set))
     )
-    if a.known:
-        gal = np.intersect1d(gal, np.flatnonzero(np.isin(emb.class_ids, sorted(class_range(a.known)))))
+    # --known: the rows of the classes trained on, and of those never seen.
+    member = np.isin(emb.class_ids, sorted(class_range(a.known))) if a.known else None
+    unseen = None if member is None else np.flatnonzero(~member)
+    if member is not None:
+        gal = np.intersect1d(gal, np.flatnonzero(member))
     collection = write_embedding_set(emb.subset(gal), a.work / "collection", "dev protocol gallery")
     t0 = time.perf_counter()
-    unseen = None
-    if a.known:
-        unseen = np.flatnonzero(~np.isin(emb.class_ids, sorted(class_range(a.known))))
     curve = Curve(emb, gal, qry, a.work / "index" / "model", a.work, a.curve_every, t0, unseen)
     info = build_tuned_index(
         collection,
@@ -308,12 +308,9 @@ def main() -> None:
     assert (tuned.ids == emb.ids).all()
     if a.known:
         row.update(zero_shot_open_set(a.work / "all", a.work / "bench"))
-        member = np.isin(emb.class_ids, sorted(class_range(a.known)))
         known_q = np.intersect1d(qry, np.flatnonzero(member))
-        row["openset_scores"] = openset_scores(
-            tuned, gal, known_q, np.flatnonzero(~member), a.work / "index" / "model"
-        )
-        row["product"] = product_verdicts(a.work / "index", tuned, known_q, np.flatnonzero(~member))
+        row["openset_scores"] = openset_scores(tuned, gal, known_q, unseen, a.work / "index" / "model")
+        row["product"] = product_verdicts(a.work / "index", tuned, known_q, unseen)
     else:
         row.update(closed_set(tuned.vectors[gal], emb.subset(gal), tuned.vectors[qry], emb.subset(qry)))
     print(json.dumps(row, indent=2))
