@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,8 +49,18 @@ def decoding_workers(
 
 def ignore_interrupts(_worker_id: int) -> None:
     """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, but only the main process stops
-    the run (a decoding worker that died of it would turn a Ctrl-C into a worker failure)."""
+    the run (a decoding worker that died of it would turn a Ctrl-C into a worker failure). When the main
+    process stops while it is fetching a batch's shared memory, the worker's file-descriptor server
+    (multiprocessing.resource_sharer, a thread that reports through sys.excepthook) loses its peer: that
+    ConnectionError or EOFError is the stop itself, not a failure, and is not printed as a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = sys.excepthook
+
+    def quiet_lost_peer(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = quiet_lost_peer
 
 
 @contextlib.contextmanager
