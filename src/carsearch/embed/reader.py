@@ -67,8 +67,9 @@ def ignore_interrupts(_worker_id: int) -> None:
 def ctrl_c() -> Iterator[list[bool]]:
     """Remember a Ctrl-C: yields a flag set by the SIGINT handler, which still raises KeyboardInterrupt.
     Python drops an exception raised inside a finalizer (a weakref callback), and a worker's exit can
-    surface as another error first: with the flag the run raises KeyboardInterrupt again itself. Only the
-    main thread, and only where Ctrl-C has Python's default handler, is watched."""
+    surface as another error first: with the flag the run raises KeyboardInterrupt again itself, and the
+    dropped one is not printed ("Exception ignored in ...": sys.unraisablehook skips KeyboardInterrupt while
+    watched). Only the main thread, and only where Ctrl-C has Python's default handler, is watched."""
     hit = [False]
     watch = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if watch else None
@@ -80,11 +81,19 @@ def ctrl_c() -> Iterator[list[bool]]:
         hit[0] = True
         raise KeyboardInterrupt
 
+    unraisable = sys.unraisablehook
+
+    def quiet_interrupt(info: object) -> None:
+        if not isinstance(getattr(info, "exc_value", None), KeyboardInterrupt):
+            unraisable(info)
+
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = quiet_interrupt
     try:
         yield hit
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = unraisable
 
 
 class RecordImages(torch.utils.data.Dataset):
