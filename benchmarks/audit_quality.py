@@ -37,9 +37,11 @@ from carsearch import defaults
 from carsearch.audit.run import near_duplicate_pairs
 from carsearch.audit.scores import LabelQuality, label_quality, neighbours
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.embed.store import EmbeddingSet, write_embedding_set
 from carsearch.eval.duplicates import search_index
 from carsearch.eval.edited_copies import cosine_threshold
+from carsearch.index.settings import IndexSettings
 from plant import EDITS, REPOST_EDITS, flip_labels, plant_duplicates
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev"
@@ -86,7 +88,7 @@ def duplicates(work: Path, n: int, seed: int) -> dict:
     folder = work / f"planted-{seed}"
     pairs = plant_duplicates(DEV, folder, n, seed, edits=REPOST_EDITS + EDITS)
     emb_dir = work / f"emb-planted-{seed}"
-    embed_dataset(folder, emb_dir, backbone="efficientnet_lite0", progress=False)
+    embed_dataset(EmbedJob(folder, emb_dir, backbone="efficientnet_lite0"), progress=False)
     emb = load_embeddings(emb_dir)
     row = {str(p): i for i, p in enumerate(emb.paths)}
     truth = {tuple(sorted((row[a], row[b]))) for a, b, _ in pairs}
@@ -167,7 +169,9 @@ def mislabels(emb_dev: Path, work: Path, seed: int) -> dict:
     noisy_ids = np.array([class_of[lab] for lab in noisy_labels], dtype=np.int32)
     noisy = replace(clean, labels=noisy_labels, class_ids=noisy_ids)
     write_embedding_set(noisy, noisy_dir, f"5% of labels flipped, seed {seed}")
-    build_tuned_index(noisy_dir, work / "index-noisy-tuned", calibrate=False, progress=False)
+    build_tuned_index(
+        noisy_dir, work / "index-noisy-tuned", progress=False, index=IndexSettings(calibrate=False)
+    )
     out = {"photos": len(clean), "flipped": int(flipped.sum()), "k": K}
     variants = {
         "frozen": label_quality(noisy_labels, *_neighbours(noisy_dir), with_probs=True),
@@ -224,7 +228,9 @@ def _cross_fitted(noisy: EmbeddingSet, noisy_dir: Path, work: Path, seed: int) -
     probs = None
     for f in (0, 1):
         write_embedding_set(noisy.subset(fold != f), work / f"fold{f}", f"training fold {f}")
-        build_tuned_index(work / f"fold{f}", work / f"fold{f}-index", calibrate=False, progress=False)
+        build_tuned_index(
+            work / f"fold{f}", work / f"fold{f}-index", progress=False, index=IndexSettings(calibrate=False)
+        )
         project_embeddings(noisy_dir, work / f"fold{f}-index" / HEAD_DIR, work / f"fold{f}-projected")
         q = label_quality(noisy.labels, *_neighbours(work / f"fold{f}-projected"), with_probs=True)
         part = fold == f

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from carsearch.audit.run import audit
+from carsearch.audit.settings import AuditSettings
 from carsearch.index.auto import human_bytes
 from carsearch.memwatch import peak_rss_bytes
 from streaming_build import write_synthetic
@@ -32,7 +33,7 @@ def main() -> None:
         write_synthetic(a.emb_dev, synthetic, a.vectors, 32, 16_384)
     before = peak_rss_bytes()
     t0 = time.perf_counter()
-    r = audit(synthetic, a.work / "report", page=False, progress=True)
+    r = audit(synthetic, a.work / "report", None, AuditSettings(page=False), progress=True)
     seconds = time.perf_counter() - t0
     n, d = r["summary"]["images"], json.loads((synthetic / "manifest.json").read_text())["provenance"]["dim"]
     out = {

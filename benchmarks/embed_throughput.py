@@ -37,6 +37,7 @@ from carsearch import defaults
 from carsearch.datasets import read_dataset
 from carsearch.embed import embed_dataset
 from carsearch.embed.encoder import cpu_has_native_bf16
+from carsearch.embed.settings import EmbedJob
 from carsearch.models import load_backbone
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev"
@@ -105,14 +106,16 @@ def carsearch_rate(
 ) -> float:
     with tempfile.TemporaryDirectory() as out:
         r = embed_dataset(
-            DEV,
-            out,
-            backbone=backbone,
-            weights=weights,
-            limit=n,
-            batch_size=batch_size,
-            precision=precision,
-            save_every=save_every,
+            EmbedJob(
+                DEV,
+                out,
+                backbone=backbone,
+                weights=weights,
+                limit=n,
+                batch_size=batch_size,
+                precision=precision,
+                save_every=save_every,
+            ),
             progress=False,
         )
         return r.images_per_second

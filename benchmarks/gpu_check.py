@@ -169,6 +169,7 @@ def gpu_decode(paths: list[Path], device: torch.device, backbone: str, batch: in
 
 def embed_bench(a: argparse.Namespace) -> None:
     from carsearch.embed import embed_dataset
+    from carsearch.embed.settings import EmbedJob
 
     device = torch.device(a.device)
     paths = _paths(a.data)
@@ -181,14 +182,16 @@ def embed_bench(a: argparse.Namespace) -> None:
     figures["baseline_images_per_s"] = round(baseline(paths, device, a.backbone, a.batch, a.workers), 1)
     t = time.perf_counter()
     r = embed_dataset(
-        a.data,
-        a.work / "emb",
-        backbone=a.backbone,
-        weights="none",
-        device=a.device,
-        batch_size=a.batch,
-        workers=a.workers,
-        overwrite=True,
+        EmbedJob(
+            a.data,
+            a.work / "emb",
+            backbone=a.backbone,
+            weights="none",
+            device=a.device,
+            batch_size=a.batch,
+            workers=a.workers,
+            overwrite=True,
+        ),
         progress=False,
     )
     wall = time.perf_counter() - t

@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from carsearch.embed import embed_dataset
+from carsearch.embed.settings import EmbedJob
 from carsearch.embed.store import load_embeddings, write_embedding_set
 from carsearch.eval.neighbors import retrieval_recall
 from carsearch.eval.splits import class_range, stratified_split
+from carsearch.index.settings import IndexSettings
 from carsearch.train.settings import TrainSettings, get_preset
 from carsearch.train.tuned import build_tuned_index
 
@@ -270,9 +272,9 @@ def main() -> None:
         a.work / "index",
         preset=a.preset,
         settings=settings,
-        factory="Flat",
         on_epoch=curve,
         cache_dir=a.cache,
+        index=IndexSettings(factory="Flat"),
     )
     wall = time.perf_counter() - t0 - curve.spent
     tuning = info["tuning"]
@@ -295,13 +297,15 @@ def main() -> None:
     prov = load_embeddings(a.work / "index" / "embeddings").provenance
     data = Path(emb.manifest["dataset"]["root"])
     embed_dataset(
-        data,
-        a.work / "all",
-        backbone=prov["backbone"],
-        weights=prov["weights"],
-        weights_sha256=prov["weights_sha256"],
-        crop=prov["preprocessing"]["crop"],
-        flip=bool(prov["preprocessing"].get("flip")),
+        EmbedJob(
+            data,
+            a.work / "all",
+            backbone=prov["backbone"],
+            weights=prov["weights"],
+            weights_sha256=prov["weights_sha256"],
+            crop=prov["preprocessing"]["crop"],
+            flip=bool(prov["preprocessing"].get("flip")),
+        ),
         progress=False,
     )
     tuned = load_embeddings(a.work / "all")

@@ -22,6 +22,7 @@ from pathlib import Path
 import ray
 
 from carsearch.embed import Engine, embed_dataset
+from carsearch.embed.settings import EmbedJob
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev"
 
@@ -36,16 +37,18 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     cores = os.cpu_count() or 1
-    common = dict(
-        backbone=a.backbone, weights=a.weights, shard_size=a.shard_size, limit=a.images, progress=False
-    )
+    common = dict(backbone=a.backbone, weights=a.weights, shard_size=a.shard_size, limit=a.images)
     with tempfile.TemporaryDirectory() as tmp:
-        local = embed_dataset(DEV, Path(tmp) / "local", **common)
+        local = embed_dataset(EmbedJob(DEV, Path(tmp) / "local", **common), progress=False)
         t0 = time.perf_counter()
         ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
         start_s = time.perf_counter() - t0
         try:
-            on_ray = embed_dataset(DEV, Path(tmp) / "ray", workers=a.workers, engine=Engine("ray"), **common)
+            on_ray = embed_dataset(
+                EmbedJob(DEV, Path(tmp) / "ray", workers=a.workers, **common),
+                engine=Engine("ray"),
+                progress=False,
+            )
         finally:
             ray.shutdown()
         names = sorted(p.name for p in (Path(tmp) / "local").glob("shard-*.h5"))

@@ -110,16 +110,19 @@ def decoding(paths: list[Path], work: Path) -> list[dict]:
 
 def end_to_end(images: int, work: Path) -> list[dict]:
     from carsearch.embed import embed_dataset
+    from carsearch.embed.settings import EmbedJob
 
     rows = []
     for runtime, precision in (("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "bf16")):
         r = embed_dataset(
-            DEV,
-            work / f"emb-{runtime}",
-            backbone="efficientnet_lite0",
-            precision=precision,
-            runtime=runtime,
-            limit=images,
+            EmbedJob(
+                DEV,
+                work / f"emb-{runtime}",
+                backbone="efficientnet_lite0",
+                precision=precision,
+                runtime=runtime,
+                limit=images,
+            ),
             progress=False,
         )
         rows.append(

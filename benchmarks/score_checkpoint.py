@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from carsearch.embed import embed_dataset
+from carsearch.embed.settings import EmbedJob
 from carsearch.embed.store import load_embeddings
 from carsearch.eval.splits import stratified_split
 from carsearch.train.partial import knn_top1
@@ -52,11 +53,13 @@ def main() -> None:
         prep.update(size=size, resize=max(size, round(size * prep["resize"] / prep["size"])))
         (checkpoint / "checkpoint.json").write_text(json.dumps(info))
     embed_dataset(
-        Path(emb.manifest["dataset"]["root"]),
-        a.work / "all",
-        backbone=info["backbone"],
-        weights=str(checkpoint),
-        flip=a.flip,
+        EmbedJob(
+            Path(emb.manifest["dataset"]["root"]),
+            a.work / "all",
+            backbone=info["backbone"],
+            weights=str(checkpoint),
+            flip=a.flip,
+        ),
         progress=False,
     )
     tuned = load_embeddings(a.work / "all")

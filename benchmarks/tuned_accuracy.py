@@ -31,6 +31,7 @@ from carsearch.embed.store import load_embeddings, write_embedding_set
 from carsearch.eval.knn import knn_metrics
 from carsearch.eval.splits import class_range, stratified_split
 from carsearch.index.core import Index
+from carsearch.index.settings import IndexSettings
 from carsearch.train.tuned import build_tuned_index
 
 
@@ -74,7 +75,9 @@ def evaluate(emb_dir: Path, work: Path, label: str) -> list[dict]:
         emb.subset(gal), work / f"{label}-gallery", "dev protocol gallery (2/3)"
     )
     t0 = time.perf_counter()
-    build_tuned_index(gallery_dir, work / f"{label}-tuned-index", factory="Flat", progress=False)
+    build_tuned_index(
+        gallery_dir, work / f"{label}-tuned-index", progress=False, index=IndexSettings(factory="Flat")
+    )
     tune_s = time.perf_counter() - t0
     head = work / f"{label}-tuned-index" / "head"
     project_embeddings(emb_dir, head, work / f"{label}-projected")
@@ -87,7 +90,9 @@ def evaluate(emb_dir: Path, work: Path, label: str) -> list[dict]:
     known_gallery = write_embedding_set(
         emb.subset(np.intersect1d(gal, np.flatnonzero(known))), work / f"{label}-gallery-1-98", "classes 1-98"
     )
-    build_tuned_index(known_gallery, work / f"{label}-tuned-1-98", factory="Flat", progress=False)
+    build_tuned_index(
+        known_gallery, work / f"{label}-tuned-1-98", progress=False, index=IndexSettings(factory="Flat")
+    )
     project_embeddings(emb_dir, work / f"{label}-tuned-1-98" / "head", work / f"{label}-projected-1-98")
     open_ = zero_shot_open_set(work / f"{label}-projected-1-98", work / f"{label}-tuned-bench")
     rows.append(

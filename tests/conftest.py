@@ -98,27 +98,25 @@ def pick_range(classes: list[int], start: int, stop: int) -> list[dict[str, str]
 @pytest.fixture(scope="session")
 def dev_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real efficientnet_lite0 embeddings of 8 images of each of the 196 classes (1,568 images)."""
-    from carsearch.embed import embed_dataset
+    from carsearch.embed import EmbedJob, embed_dataset
 
     folder = tmp_path_factory.mktemp("dev-gallery")
     labels = _subset_labels(folder / "labels.csv", pick_range(list(range(1, 197)), 0, 8))
-    embed_dataset(DEV, folder / "emb", labels_file=labels, backbone="efficientnet_lite0", progress=False)
+    embed_dataset(
+        EmbedJob(DEV, folder / "emb", labels_file=labels, backbone="efficientnet_lite0"), progress=False
+    )
     return folder / "emb"
 
 
 @pytest.fixture(scope="session")
 def dev_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Other images of the same classes (images 8..11 of each class), ids from 100000: held-out queries."""
-    from carsearch.embed import embed_dataset
+    from carsearch.embed import EmbedJob, embed_dataset
 
     folder = tmp_path_factory.mktemp("dev-heldout")
     labels = _subset_labels(folder / "labels.csv", pick_range(list(range(1, 197)), 8, 12))
     embed_dataset(
-        DEV,
-        folder / "emb",
-        labels_file=labels,
-        backbone="efficientnet_lite0",
-        id_start=100_000,
+        EmbedJob(DEV, folder / "emb", labels_file=labels, backbone="efficientnet_lite0", id_start=100_000),
         progress=False,
     )
     return folder / "emb"
@@ -127,14 +125,14 @@ def dev_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def unlabelled_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An index of 12 real photos with no labels at all (a folder of listings: listing-01.jpg, ...)."""
-    from carsearch.embed import embed_dataset
+    from carsearch.embed import EmbedJob, embed_dataset
     from carsearch.index.build import build_index
 
     folder = tmp_path_factory.mktemp("unlabelled")
     (folder / "photos").mkdir()
     for i in range(1, 13):
         shutil.copyfile(DEV / "images" / f"{i:05d}.jpg", folder / "photos" / f"listing-{i:02d}.jpg")
-    embed_dataset(folder / "photos", folder / "emb", backbone="efficientnet_lite0", progress=False)
+    embed_dataset(EmbedJob(folder / "photos", folder / "emb", backbone="efficientnet_lite0"), progress=False)
     build_index([folder / "emb"], folder / "idx")
     return folder / "idx"
 
@@ -169,17 +167,13 @@ def live_server(app) -> Iterator[str]:
 def embed_dev_subset(root: Path, name: str, classes: list[int], start: int, stop: int, id_start: int) -> Path:
     """Embed images start..stop-1 of each class (lite0, listed in root/name/labels.csv, nothing copied);
     returns the embedding folder root/name/emb."""
-    from carsearch.embed import embed_dataset
+    from carsearch.embed import EmbedJob, embed_dataset
 
     folder = root / name
     folder.mkdir(parents=True)
     labels = _subset_labels(folder / "labels.csv", pick_range(classes, start, stop))
     embed_dataset(
-        DEV,
-        folder / "emb",
-        labels_file=labels,
-        backbone="efficientnet_lite0",
-        id_start=id_start,
+        EmbedJob(DEV, folder / "emb", labels_file=labels, backbone="efficientnet_lite0", id_start=id_start),
         progress=False,
     )
     return folder / "emb"

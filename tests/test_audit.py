@@ -18,8 +18,10 @@ from PIL import Image, ImageOps
 
 from carsearch import defaults
 from carsearch.audit.run import audit
+from carsearch.audit.settings import AuditSettings
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.embed.store import write_embedding_set
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.eval.duplicates import components, range_pairs, search_index
@@ -69,7 +71,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[
     rows = pick(CLASSES, 20)
     root = write_csv_dataset(tmp / "data", rows)
     pairs = _plant(root, rows[::7], 5)
-    embed_dataset(root, tmp / "emb", backbone="efficientnet_lite0", progress=False)
+    embed_dataset(EmbedJob(root, tmp / "emb", backbone="efficientnet_lite0"), progress=False)
     return tmp / "emb", pairs
 
 
@@ -95,7 +97,7 @@ def test_range_search_equals_brute_force() -> None:
 def test_planted_duplicates_found_grouped_and_listed(planted: tuple[Path, list], tmp_path: Path) -> None:
     emb_dir, pairs = planted
     # The cosine rule against its oracle (edited copies below it: the repost tests below).
-    r = audit(emb_dir, tmp_path / "r", progress=False, page=False, local_features=False)
+    r = audit(emb_dir, tmp_path / "r", None, AuditSettings(page=False, local_features=False), progress=False)
     emb = load_embeddings(emb_dir)
     id_of = {str(p): int(i) for p, i in zip(emb.paths, emb.ids, strict=True)}
     group_of = {m["id"]: gi for gi, g in enumerate(r["near_duplicates"]) for m in g["members"]}
@@ -132,7 +134,7 @@ def test_mislabel_score_ranks_flipped_labels_first(planted: tuple[Path, list], t
         others = np.unique(labels[labels != emb.labels[f]])
         labels[f] = others[rng.integers(len(others))]
     write_embedding_set(replace(emb, labels=labels), tmp_path / "noisy", "3 labels flipped for a test")
-    r = audit(tmp_path / "noisy", tmp_path / "r", progress=False, page=False, top=1000)
+    r = audit(tmp_path / "noisy", tmp_path / "r", None, AuditSettings(page=False, top=1000), progress=False)
     ranked = [m["id"] for m in r["mislabelled"]]
     assert len(ranked) == len(emb)
     flipped = {int(emb.ids[f]) for f in flips}
@@ -153,8 +155,16 @@ def test_leakage_between_two_folders(planted: tuple[Path, list], tmp_path: Path)
     other = pick([7, 50, 151], 2)
     root = write_csv_dataset(tmp_path / "q", shared + other)
     _plant(root, pick(CLASSES, 20)[10:], 1)  # a mirror of photo 10 (and a byte copy of photo 11)
-    embed_dataset(root, tmp_path / "qemb", backbone="efficientnet_lite0", id_start=10_000, progress=False)
-    r = audit(emb_dir, tmp_path / "r", tmp_path / "qemb", progress=False, page=False, local_features=False)
+    embed_dataset(
+        EmbedJob(root, tmp_path / "qemb", backbone="efficientnet_lite0", id_start=10_000), progress=False
+    )
+    r = audit(
+        emb_dir,
+        tmp_path / "r",
+        tmp_path / "qemb",
+        AuditSettings(page=False, local_features=False),
+        progress=False,
+    )
     gallery, queries = load_embeddings(emb_dir), load_embeddings(tmp_path / "qemb")
     best = (queries.vectors @ gallery.vectors.T).max(axis=1)  # the oracle
     want = {int(i) for i, b in zip(queries.ids, best, strict=True) if b >= T}
@@ -194,7 +204,7 @@ def audited(planted: tuple[Path, list], tmp_path_factory: pytest.TempPathFactory
     second = emb.subset(np.array([60, 70, 80, 90, *alone]))
     second = replace(second, ids=np.arange(6, dtype=np.int64))
     second = write_embedding_set(second, tmp / "second", "4 photos of the first, 2 others")
-    report = audit(first, tmp / "r", second, k=10, top=6, progress=False, local_features=False)
+    report = audit(first, tmp / "r", second, AuditSettings(k=10, top=6, local_features=False), progress=False)
     return {"report": report, "first": first, "second": second, "out": tmp / "r", "flips": flips}
 
 
@@ -370,7 +380,7 @@ def test_bad_input_refused_in_one_sentence(planted: tuple[Path, list], tmp_path:
     assert res.exit_code != 0 and "Traceback" not in res.output and "manifest" in res.output
     # Another backbone in the second folder: refused, naming the field.
     root = write_csv_dataset(tmp_path / "q", pick([1], 2))
-    embed_dataset(root, tmp_path / "lite1", backbone="efficientnet_lite1", progress=False)
+    embed_dataset(EmbedJob(root, tmp_path / "lite1", backbone="efficientnet_lite1"), progress=False)
     with pytest.raises(ProvenanceMismatch, match="backbone"):
         audit(planted[0], tmp_path / "r", tmp_path / "lite1", progress=False)
     res = runner.invoke(
@@ -382,7 +392,7 @@ def test_bad_input_refused_in_one_sentence(planted: tuple[Path, list], tmp_path:
     (bad / "images").mkdir(parents=True)
     (bad / "images" / "x.jpg").write_bytes(b"not a jpeg")
     (bad / "labels.csv").write_text("image,class_id,class_name\nimages/x.jpg,1,Some Car 2012\n")
-    embed_dataset(bad, tmp_path / "empty", backbone="efficientnet_lite0", progress=False)
+    embed_dataset(EmbedJob(bad, tmp_path / "empty", backbone="efficientnet_lite0"), progress=False)
     with pytest.raises(CarsearchError, match="holds no embeddings"):
         audit(tmp_path / "empty", tmp_path / "r", progress=False)
 
@@ -516,8 +526,8 @@ def test_a_second_audit_into_the_same_folder_shows_its_own_photos(
     second = replace(second, ids=first.ids.copy())  # the same ids, other photos behind them
     other = write_embedding_set(second, tmp_path / "other2", "same ids, other photos")
     out = tmp_path / "report"
-    audit(planted[0], out, progress=False, top=4)
-    audit(other, out, progress=False, top=4)
+    audit(planted[0], out, None, AuditSettings(top=4), progress=False)
+    audit(other, out, None, AuditSettings(top=4), progress=False)
     page = (out / "index.html").read_text()
     names = set(re.findall(r'src="thumbs/([0-9a-f]{32})\.jpg"', page))
     assert names
@@ -570,10 +580,12 @@ def reposted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list
             q.write(f"{name},{row['class_id']},{row['class_name']}\n")
             pairs.append((row["image"], name))
     shutil.copyfile(DEV / "classes.csv", qroot / "classes.csv")
-    embed_dataset(root, tmp / "emb", backbone="efficientnet_lite0", progress=False)
+    embed_dataset(EmbedJob(root, tmp / "emb", backbone="efficientnet_lite0"), progress=False)
     gallery = write_csv_dataset(tmp / "gallery", rows)
-    embed_dataset(gallery, tmp / "gemb", backbone="efficientnet_lite0", progress=False)
-    embed_dataset(qroot, tmp / "qemb", backbone="efficientnet_lite0", id_start=10_000, progress=False)
+    embed_dataset(EmbedJob(gallery, tmp / "gemb", backbone="efficientnet_lite0"), progress=False)
+    embed_dataset(
+        EmbedJob(qroot, tmp / "qemb", backbone="efficientnet_lite0", id_start=10_000), progress=False
+    )
     return tmp / "emb", tmp, pairs
 
 
@@ -598,8 +610,10 @@ def test_reposted_copies_below_the_threshold_are_found_by_local_features(
 
     ids = {str(p): int(i) for p, i in zip(emb.paths, emb.ids, strict=True)}
     want = {tuple(sorted((ids[a], ids[b]))) for a, b in pairs}
-    cosine_only = grouped(audit(emb_dir, tmp_path / "c", progress=False, page=False, local_features=False))
-    r = audit(emb_dir, tmp_path / "l", progress=False, page=False)
+    cosine_only = grouped(
+        audit(emb_dir, tmp_path / "c", None, AuditSettings(page=False, local_features=False), progress=False)
+    )
+    r = audit(emb_dir, tmp_path / "l", None, AuditSettings(page=False), progress=False)
     found = grouped(r)
     assert not {tuple(sorted((ids[a], ids[b]))) for a, b in below} & cosine_only  # missed before
     assert want <= found  # every copy grouped with its original
@@ -615,10 +629,14 @@ def test_reposted_copies_leak_and_unreadable_photos_are_counted(
     reposted: tuple[Path, Path, list], tmp_path: Path
 ) -> None:
     _, tmp, pairs = reposted
-    r = audit(tmp / "gemb", tmp_path / "r", tmp / "qemb", progress=False, page=False)
+    r = audit(tmp / "gemb", tmp_path / "r", tmp / "qemb", AuditSettings(page=False), progress=False)
     assert r["summary"]["leaked_queries"] == len(pairs)
     cosine_only = audit(
-        tmp / "gemb", tmp_path / "c", tmp / "qemb", progress=False, page=False, local_features=False
+        tmp / "gemb",
+        tmp_path / "c",
+        tmp / "qemb",
+        AuditSettings(page=False, local_features=False),
+        progress=False,
     )
     assert cosine_only["summary"]["leaked_queries"] < len(pairs)
     # Photos that moved: cosine alone, and the summary says why.
@@ -631,7 +649,7 @@ def test_reposted_copies_leak_and_unreadable_photos_are_counted(
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["dataset"]["root"] = str(tmp_path / "gone")
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    r = audit(moved, tmp_path / "m", progress=False, page=False)
+    r = audit(moved, tmp_path / "m", None, AuditSettings(page=False), progress=False)
     assert "gone" in r["summary"]["edited_copies_not_checked"]
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from carsearch.bench.runner import BenchSettings, run_bench
 from carsearch.cli import cli
 from carsearch.embed import load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError
 from carsearch.eval.splits import class_range, stratified_split
 
@@ -273,7 +274,9 @@ def test_unlabelled_embeddings_allow_only_the_index_protocol(tmp_path: Path) -> 
     photos.mkdir()
     for name in sorted(p.name for p in (DEV / "images").iterdir())[:30]:
         shutil.copyfile(DEV / "images" / name, photos / name)
-    embed_dataset(photos, tmp_path / "emb", backbone="efficientnet_lite0", weights="none", progress=False)
+    embed_dataset(
+        EmbedJob(photos, tmp_path / "emb", backbone="efficientnet_lite0", weights="none"), progress=False
+    )
     with pytest.raises(CarsearchError, match="needs labelled images"):
         run_bench(tmp_path / "emb", tmp_path / "r", BenchSettings(factories=["Flat"]), progress=False)
     report = run_bench(
@@ -328,7 +331,7 @@ def vmmrdb_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
         folder = root / "data" / f"{make_model[0].lower()}_{' '.join(make_model[1:]).lower()}_{year}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / Path(row["image"]).name).symlink_to(DEV / row["image"])
-    embed_dataset(root / "data", root / "emb", backbone="efficientnet_lite0", progress=False)
+    embed_dataset(EmbedJob(root / "data", root / "emb", backbone="efficientnet_lite0"), progress=False)
     return root / "emb"
 
 

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from carsearch.cli import cli
+from carsearch.embed.settings import EmbedJob
 from tests.conftest import DEV
 
 
@@ -102,11 +103,9 @@ def test_the_same_photos_are_indexed_once(small_dataset: Path, tmp_path: Path) -
 
     for name, start in (("a", 0), ("b", 1000)):
         embed_dataset(
-            small_dataset,
-            tmp_path / name,
-            backbone="efficientnet_lite0",
-            id_start=start,
-            workers=0,
+            EmbedJob(
+                small_dataset, tmp_path / name, backbone="efficientnet_lite0", id_start=start, workers=0
+            ),
             progress=False,
         )
     idx = tmp_path / "idx"
@@ -153,7 +152,9 @@ def test_an_unfinished_embedding_is_not_indexed_unless_allowed(small_dataset: Pa
     from carsearch.embed import embed_dataset
 
     emb = tmp_path / "emb"
-    embed_dataset(small_dataset, emb, backbone="efficientnet_lite0", shard_size=5, limit=7, progress=False)
+    embed_dataset(
+        EmbedJob(small_dataset, emb, backbone="efficientnet_lite0", shard_size=5, limit=7), progress=False
+    )
     r = _run("index", "build", str(emb), "--out", str(tmp_path / "idx"), "--frozen")
     assert r.exit_code == 1 and not (tmp_path / "idx" / "index.json").exists(), r.output
     assert f"{emb} is incomplete: 7 of 24 photos embedded" in r.stderr and "--allow-incomplete" in r.stderr

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from carsearch.datasets.records import display_name
+from carsearch.embed.settings import EmbedJob
 from carsearch.index.build import build_index
+from carsearch.index.settings import IndexSettings
 from carsearch.search import Searcher
 from tests.conftest import write_class_folders
 
@@ -45,8 +47,8 @@ def test_votes_and_neighbours_carry_display_names(tmp_path: Path) -> None:
     from carsearch.embed import embed_dataset
 
     root = write_class_folders(tmp_path / "vmmrdb", CLASSES, 3)
-    embed_dataset(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0, progress=False)
-    build_index([tmp_path / "emb"], tmp_path / "idx", factory="Flat", calibrate=False)
+    embed_dataset(EmbedJob(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0), progress=False)
+    build_index([tmp_path / "emb"], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
     s = Searcher.open(tmp_path / "idx")
     photo = sorted((root / "am general_hummer_2000").iterdir())[0]
 

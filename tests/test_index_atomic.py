@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from carsearch.index.build import build_index
+from carsearch.index.settings import IndexSettings
 from carsearch.index.store import open_bundle
 from tests.conftest import embed_dev_subset
 
@@ -43,7 +44,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "b": _embed(root, "b", 4, 6, 1000),
         "c": _embed(root, "c", 6, 8, 2000),
     }
-    build_index([out["a"]], root / "pristine", factory="Flat")
+    build_index([out["a"]], root / "pristine", IndexSettings(factory="Flat"))
     out["pristine"] = root / "pristine"
     return out
 

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.eval.neighbors import recall_at_k
 from carsearch.eval.openset import kth_similarity, threshold_for_tpr
 from carsearch.index.build import build_index, calibrate_index
 from carsearch.index.changes import add_to_index, remove_from_index
+from carsearch.index.settings import IndexSettings
 from carsearch.index.store import open_bundle
 from tests.conftest import DEV, embed_dev_subset, pick_range
 
@@ -37,7 +39,7 @@ def _oracle(gallery: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -
 def test_recall_of_every_index_type(
     factory: str, floor: float | None, dev_embeddings: Path, dev_heldout: Path, tmp_path: Path
 ) -> None:
-    info = build_index([dev_embeddings], tmp_path / "idx", factory=factory, calibrate=False)
+    info = build_index([dev_embeddings], tmp_path / "idx", IndexSettings(factory=factory, calibrate=False))
     gallery, queries = load_embeddings(dev_embeddings), load_embeddings(dev_heldout)
     _, found = open_bundle(tmp_path / "idx").index.search(queries.vectors, 10)
     measured = recall_at_k(found, _oracle(gallery.vectors, gallery.ids, queries.vectors, 10), 10)
@@ -56,7 +58,9 @@ def test_auto_build_records_why(dev_embeddings: Path, tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert on_disk["files"]["index"]["sha256"] and on_disk["provenance"]["backbone"] == "efficientnet_lite0"
     assert on_disk["sources"][0]["embeddings"] == str(dev_embeddings)
-    tight = build_index([dev_embeddings], tmp_path / "idx2", memory_budget=2 << 20)  # 2 MiB: must compress
+    tight = build_index(
+        [dev_embeddings], tmp_path / "idx2", IndexSettings(memory_budget=2 << 20)
+    )  # 2 MiB: must compress
     # OPQ's 1280x1280 rotation alone is 6.25 MiB: plain IVF-PQ is what fits.
     assert tight["factory"].startswith("IVF") and ",PQ" in tight["factory"]
     assert tight["memory_bytes"] <= 2 << 20 and "compressed" in tight["auto"]["reason"]
@@ -78,7 +82,9 @@ def test_calibration_keeps_95_percent_of_known_and_rejects_unknown_more(
         w = csv.DictWriter(f, fieldnames=["image", "class_id", "class_name"])
         w.writeheader()
         w.writerows(rows)
-    embed_dataset(DEV, half / "emb", labels_file=labels, backbone="efficientnet_lite0", progress=False)
+    embed_dataset(
+        EmbedJob(DEV, half / "emb", labels_file=labels, backbone="efficientnet_lite0"), progress=False
+    )
     info = build_index([half / "emb"], tmp_path / "idx")
     assert info["ntotal"] == int(known_g.sum())
     bundle = open_bundle(tmp_path / "idx")
@@ -111,13 +117,13 @@ def two_parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
 def test_add_equals_rebuild(factory: str, two_parts: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = two_parts
-    build_index([a], tmp_path / "grown", factory=factory, calibrate=False)
+    build_index([a], tmp_path / "grown", IndexSettings(factory=factory, calibrate=False))
     added = add_to_index(tmp_path / "grown", b)
     # Stanford Cars holds a few byte-identical photos: a copy of a file the index holds is skipped (and
     # the rebuild below indexes it once too).
     assert added["added"] + added["skipped_duplicates"] == len(load_embeddings(b))
     assert add_to_index(tmp_path / "grown", b)["added"] == 0  # nothing new the second time
-    build_index([a, b], tmp_path / "rebuilt", factory="Flat", calibrate=False)
+    build_index([a, b], tmp_path / "rebuilt", IndexSettings(factory="Flat", calibrate=False))
     grown, rebuilt = open_bundle(tmp_path / "grown"), open_bundle(tmp_path / "rebuilt")
     if factory.startswith("IVF"):
         grown.index.set_params("nprobe=8")  # every list: exhaustive, comparable to exact search
@@ -131,26 +137,24 @@ def test_add_equals_rebuild(factory: str, two_parts: tuple[Path, Path], tmp_path
 
 def test_add_refuses_other_embeddings_and_clashing_ids(two_parts: tuple[Path, Path], tmp_path: Path) -> None:
     a, _ = two_parts
-    build_index([a], tmp_path / "idx", calibrate=False)
+    build_index([a], tmp_path / "idx", IndexSettings(calibrate=False))
     other = tmp_path / "other"
     embed_dataset(
-        DEV,
-        other,
-        labels_file=a.parent / "labels.csv",
-        backbone="efficientnet_lite0",
-        crop="pad",
-        limit=4,
+        EmbedJob(
+            DEV,
+            other,
+            labels_file=a.parent / "labels.csv",
+            backbone="efficientnet_lite0",
+            crop="pad",
+            limit=4,
+        ),
         progress=False,
     )
     with pytest.raises(ProvenanceMismatch, match="different preprocessing"):
         add_to_index(tmp_path / "idx", other)
     clash = tmp_path / "clash"
     embed_dataset(
-        DEV,
-        clash,
-        labels_file=a.parent / "labels.csv",
-        backbone="efficientnet_lite0",
-        limit=4,
+        EmbedJob(DEV, clash, labels_file=a.parent / "labels.csv", backbone="efficientnet_lite0", limit=4),
         progress=False,
     )  # ids 0..3 again, from another folder
     with pytest.raises(CarsearchError, match="--id-start"):
@@ -160,7 +164,7 @@ def test_add_refuses_other_embeddings_and_clashing_ids(two_parts: tuple[Path, Pa
 
 def test_remove(two_parts: tuple[Path, Path], tmp_path: Path) -> None:
     a, _ = two_parts
-    build_index([a], tmp_path / "idx", factory="Flat", calibrate=False)
+    build_index([a], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
     before = open_bundle(tmp_path / "idx")
     out = remove_from_index(tmp_path / "idx", [0, 1, 99999])
     assert out["removed"] == 2 and out["not_found"] == [99999]
@@ -168,7 +172,7 @@ def test_remove(two_parts: tuple[Path, Path], tmp_path: Path) -> None:
     assert after.info["ntotal"] == before.info["ntotal"] - 2 and not {0, 1} & set(after.gallery.ids.tolist())
     _, found = after.index.search(load_embeddings(a).vectors[:2], 5)
     assert not {0, 1} & set(found.ravel().tolist())
-    build_index([a], tmp_path / "hnsw", factory="HNSW32", calibrate=False)
+    build_index([a], tmp_path / "hnsw", IndexSettings(factory="HNSW32", calibrate=False))
     with pytest.raises(CarsearchError, match="HNSW indexes cannot remove"):
         remove_from_index(tmp_path / "hnsw", [0])
 
@@ -182,8 +186,8 @@ def test_damaged_swapped_and_mismatched_files_are_refused(
     two_parts: tuple[Path, Path], tmp_path: Path
 ) -> None:
     a, b = two_parts
-    build_index([a], tmp_path / "one", calibrate=False)
-    build_index([b], tmp_path / "two", calibrate=False)
+    build_index([a], tmp_path / "one", IndexSettings(calibrate=False))
+    build_index([b], tmp_path / "two", IndexSettings(calibrate=False))
     target = _named(tmp_path / "one", "index")
     good = target.read_bytes()
     target.write_bytes(good[: len(good) // 2])  # truncated
@@ -209,13 +213,15 @@ def test_build_refuses_mixed_embeddings(two_parts: tuple[Path, Path], tmp_path: 
     a, _ = two_parts
     other = tmp_path / "other"
     embed_dataset(
-        DEV,
-        other,
-        labels_file=a.parent / "labels.csv",
-        backbone="efficientnet_lite0",
-        weights="none",
-        id_start=50_000,
-        limit=4,
+        EmbedJob(
+            DEV,
+            other,
+            labels_file=a.parent / "labels.csv",
+            backbone="efficientnet_lite0",
+            weights="none",
+            id_start=50_000,
+            limit=4,
+        ),
         progress=False,
     )
     with pytest.raises(ProvenanceMismatch) as e:
@@ -225,14 +231,16 @@ def test_build_refuses_mixed_embeddings(two_parts: tuple[Path, Path], tmp_path: 
 
 def test_add_after_a_limited_embed_was_finished(small_dataset: Path, tmp_path: Path) -> None:
     """embed --limit stops inside a shard; the index built then; embed finishes; index add == rebuild."""
-    settings = {"backbone": "efficientnet_lite0", "shard_size": 5, "progress": False}
+    settings = {"backbone": "efficientnet_lite0", "shard_size": 5}
     emb = tmp_path / "emb"
-    embed_dataset(small_dataset, emb, limit=7, **settings)  # shard 1 holds 2 of its 5 records
-    build_index([emb], tmp_path / "idx", factory="Flat", calibrate=False)
-    embed_dataset(small_dataset, emb, **settings)  # finishes shard 1 and the rest
+    embed_dataset(
+        EmbedJob(small_dataset, emb, limit=7, **settings), progress=False
+    )  # shard 1 holds 2 of its 5 records
+    build_index([emb], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
+    embed_dataset(EmbedJob(small_dataset, emb, **settings), progress=False)  # finishes shard 1 and the rest
     added = add_to_index(tmp_path / "idx", emb)
     assert added["added"] == 24 - 7 and added["ntotal"] == 24
-    build_index([emb], tmp_path / "rebuilt", factory="Flat", calibrate=False)
+    build_index([emb], tmp_path / "rebuilt", IndexSettings(factory="Flat", calibrate=False))
     grown, rebuilt = open_bundle(tmp_path / "idx"), open_bundle(tmp_path / "rebuilt")
     q = load_embeddings(emb).vectors
     assert (grown.index.search(q, 5)[1] == rebuilt.index.search(q, 5)[1]).all()
@@ -246,7 +254,7 @@ def test_calibration_images_also_in_the_index_are_scored_without_themselves(
     """Calibration on images 3..8 of each class against an index of images 0..5: half of them are the
     same files (under other ids). Each is scored by its nearest *other* image, as a hand computation."""
     a, _ = two_parts
-    build_index([a], tmp_path / "idx", factory="Flat", calibrate=False)
+    build_index([a], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
     overlap = _split_folder(tmp_path, "cal", 3, 9, 50_000)
     cal = calibrate_index(tmp_path / "idx", overlap)["openset"]
     g, q = load_embeddings(a), load_embeddings(overlap)
@@ -270,7 +278,9 @@ def test_streaming_build_equals_the_in_memory_build(
     from carsearch.index.core import Index
 
     a, b = two_parts
-    info = build_index([a, b], tmp_path / "streamed", factory=factory, seed=3, max_train=300, calibrate=False)
+    info = build_index(
+        [a, b], tmp_path / "streamed", IndexSettings(factory=factory, seed=3, max_train=300, calibrate=False)
+    )
     sets = [load_embeddings(a), load_embeddings(b)]
     vectors, ids = np.concatenate([s.vectors for s in sets]), np.concatenate([s.ids for s in sets])
     memory = Index.build(factory, vectors, ids, seed=3, max_train=300)

@@ -18,11 +18,12 @@ import pytest
 
 from carsearch.datasets import split_make_model_year
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.fsutil import sha256_file
 from tests.conftest import DEV, pick, write_csv_dataset
 
-SETTINGS = {"backbone": "efficientnet_lite0", "shard_size": 5, "batch_size": 2, "progress": False}
+SETTINGS = {"backbone": "efficientnet_lite0", "shard_size": 5, "batch_size": 2}
 
 
 def _shard_hashes(folder: Path) -> dict[str, str]:
@@ -36,7 +37,7 @@ def _embedded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     base = tmp_path_factory.mktemp("job")
     pristine = write_csv_dataset(base / "pristine", pick([1, 14, 50, 151], 6))
     shutil.copytree(pristine, base / "data")
-    embed_dataset(base / "data", base / "ref", workers=1, **SETTINGS)
+    embed_dataset(EmbedJob(base / "data", base / "ref", workers=1, **SETTINGS), progress=False)
     return pristine, base / "data", base / "ref"
 
 
@@ -105,13 +106,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        embed_dataset(small_dataset, out, workers=0, on_batch=stop_mid_shard, **SETTINGS)
+        embed_dataset(
+            EmbedJob(small_dataset, out, workers=0, **SETTINGS), progress=False, on_batch=stop_mid_shard
+        )
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard-00000.h5"] and not manifest["complete"]
     assert not list(out.glob(".*.tmp-*")) and not (out / "shard-00001.h5").exists()
     # The interrupted shard's embedded batch (records 5 and 6) was saved as a part: nothing is redone.
     assert sorted(p.name for p in out.glob("*.part-*")) == ["shard-00001.part-000000.h5"]
-    result = embed_dataset(small_dataset, out, workers=1, **SETTINGS)
+    result = embed_dataset(EmbedJob(small_dataset, out, workers=1, **SETTINGS), progress=False)
     assert result.resumed_shards == 1 and result.new_shards == 4
     assert result.resumed_images == 2 and result.images == 17
     assert not list(out.glob("*.part-*"))
@@ -212,11 +215,11 @@ def test_ctrl_c_keeps_what_was_embedded_with_the_default_shard_size(tmp_path: Pa
 
 def test_limit_then_continue(small_dataset: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "limited"
-    first = embed_dataset(small_dataset, out, limit=7, **SETTINGS)
+    first = embed_dataset(EmbedJob(small_dataset, out, limit=7, **SETTINGS), progress=False)
     assert first.rows == 7 and not first.complete
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 5), (5, 7)]
-    second = embed_dataset(small_dataset, out, **SETTINGS)
+    second = embed_dataset(EmbedJob(small_dataset, out, **SETTINGS), progress=False)
     assert second.complete and second.resumed_shards == 1 and second.rows == 24
     assert _shard_hashes(out) == _shard_hashes(reference)
 
@@ -242,7 +245,7 @@ def test_changed_settings_refused_naming_the_option(
     if change.get("precision") == "other":
         change = {"precision": "fp32" if used == "bf16" else "bf16"}
     with pytest.raises(ProvenanceMismatch) as e:
-        embed_dataset(small_dataset, reference, **{**SETTINGS, **change})
+        embed_dataset(EmbedJob(small_dataset, reference, **{**SETTINGS, **change}), progress=False)
     assert e.value.field == field
     message = str(e.value)
     assert named in message and "{" not in message, message
@@ -252,7 +255,7 @@ def test_changed_settings_refused_naming_the_option(
 
 def test_a_rerun_takes_the_folders_settings(small_dataset: Path, reference: Path) -> None:
     """Settings not given are the folder's: no --backbone means efficientnet_lite0 here, not resnet50."""
-    again = embed_dataset(small_dataset, reference, progress=False)
+    again = embed_dataset(EmbedJob(small_dataset, reference), progress=False)
     assert again.complete and again.backbone == "efficientnet_lite0" and again.images == 0
     assert again.resumed_shards == 5
 
@@ -262,7 +265,7 @@ def test_changed_dataset_refused_and_overwrite_restarts(small_dataset: Path, ref
     with open(small_dataset / "labels.csv", "a") as f:
         f.write("images/zz.jpg,14,Audi TTS Coupe 2012\n")
     with pytest.raises(ProvenanceMismatch) as e:
-        embed_dataset(small_dataset, reference, **SETTINGS)
+        embed_dataset(EmbedJob(small_dataset, reference, **SETTINGS), progress=False)
     assert e.value.field == "records"
     # The refusal says what changed and how to embed only the new photo: ids 0-23 are taken.
     assert "1 photo added since" in str(e.value) and "--id-start 24" in str(e.value), str(e.value)
@@ -273,9 +276,9 @@ def test_changed_dataset_refused_and_overwrite_restarts(small_dataset: Path, ref
     lines = text.splitlines(keepends=True)
     (small_dataset / "labels.csv").write_text(lines[0] + "".join(lines[2:]))
     with pytest.raises(ProvenanceMismatch, match="1 photo added and 1 removed since") as e:
-        embed_dataset(small_dataset, reference, **SETTINGS)
+        embed_dataset(EmbedJob(small_dataset, reference, **SETTINGS), progress=False)
     assert "--id-start" not in str(e.value) and "--overwrite" in str(e.value)
-    result = embed_dataset(small_dataset, reference, overwrite=True, **SETTINGS)
+    result = embed_dataset(EmbedJob(small_dataset, reference, overwrite=True, **SETTINGS), progress=False)
     assert result.rows == 24 and result.resumed_shards == 0 and result.complete
 
 
@@ -296,7 +299,7 @@ def _bad_dataset(root: Path) -> Path:
 
 def test_bad_images_are_counted_listed_and_skipped(tmp_path: Path) -> None:
     data = _bad_dataset(tmp_path / "data")
-    result = embed_dataset(data, tmp_path / "emb", **SETTINGS)
+    result = embed_dataset(EmbedJob(data, tmp_path / "emb", **SETTINGS), progress=False)
     expected = {"empty": 1, "missing": 1, "not_an_image": 1, "outside_root": 1, "truncated": 1}
     assert result.failed == expected and result.rows == 6 and result.complete
     lines = [json.loads(x) for x in (tmp_path / "emb" / "failures.jsonl").read_text().splitlines()]
@@ -306,7 +309,7 @@ def test_bad_images_are_counted_listed_and_skipped(tmp_path: Path) -> None:
     failed_ids = {x["id"] for x in lines}
     assert not failed_ids & set(emb.ids.tolist()) and len(emb) == 6
     # The failures survive a resume (they belong to finished shards).
-    again = embed_dataset(data, tmp_path / "emb", **SETTINGS)
+    again = embed_dataset(EmbedJob(data, tmp_path / "emb", **SETTINGS), progress=False)
     assert again.failed == expected and again.images == 0
 
 
@@ -317,7 +320,7 @@ def test_damaged_shard_is_refused_on_load_and_redone_on_resume(small_dataset: Pa
         f.write(b"\0" * 50)
     with pytest.raises(CarsearchError, match=r"shard-00002.h5 does not match the sha256"):
         load_embeddings(reference)
-    result = embed_dataset(small_dataset, reference, **SETTINGS)
+    result = embed_dataset(EmbedJob(small_dataset, reference, **SETTINGS), progress=False)
     assert result.new_shards == 1 and result.resumed_shards == 4
     assert _shard_hashes(reference) == good
 
@@ -328,12 +331,12 @@ def test_second_writer_is_refused(small_dataset: Path, tmp_path: Path) -> None:
     with open(out / ".lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         with pytest.raises(CarsearchError, match="another carsearch process is writing"):
-            embed_dataset(small_dataset, out, **SETTINGS)
+            embed_dataset(EmbedJob(small_dataset, out, **SETTINGS), progress=False)
 
 
 def test_output_inside_dataset_root_is_refused(small_dataset: Path) -> None:
     with pytest.raises(CarsearchError, match="into the dataset folder"):
-        embed_dataset(small_dataset, small_dataset, **SETTINGS)
+        embed_dataset(EmbedJob(small_dataset, small_dataset, **SETTINGS), progress=False)
 
 
 def _children(pid: int) -> list[int]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from carsearch.eval.openset import auroc, fpr_at_tpr, kth_similarity, threshold_for_tpr
+from carsearch.index.settings import IndexSettings
 
 
 def _auroc_pairs(known: np.ndarray, unknown: np.ndarray) -> float:
@@ -55,7 +56,7 @@ def test_low_vote_shares_are_uncertain_with_a_reason(dev_embeddings, dev_heldout
     from carsearch.index.build import build_index
     from carsearch.search.searcher import Searcher
 
-    info = build_index([dev_embeddings], tmp_path / "idx", "Flat")
+    info = build_index([dev_embeddings], tmp_path / "idx", IndexSettings(factory="Flat"))
     cut = info["openset"]["uncertain"]
     assert 0 < cut["share_threshold"] < 1 and cut["right_flagged"] <= 0.06
     assert cut["wrong_flagged"] > cut["right_flagged"]
@@ -85,7 +86,7 @@ def test_a_threshold_on_few_held_out_photos_is_said_to_be_rough(
     from carsearch.index.build import build_index, calibrate_on_members
 
     emb = load_embeddings(dev_embeddings)
-    build_index([dev_embeddings], tmp_path / "idx", factory="Flat", calibrate=False)
+    build_index([dev_embeddings], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
     for n, said in ((10, True), (defaults.MIN_CALIBRATION_PHOTOS, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="carsearch.index.build"):

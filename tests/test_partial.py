@@ -19,9 +19,11 @@ from safetensors.torch import load_file
 
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.eval.class_cosine import ClassCosine
 from carsearch.eval.knn import knn_metrics
 from carsearch.index.core import Index
+from carsearch.index.settings import IndexSettings
 from carsearch.models import load_backbone
 from carsearch.models.cut import cut, resolve_trained, stage_names
 from carsearch.search import Searcher
@@ -83,21 +85,21 @@ def test_partial_beats_frozen_on_photos_it_never_saw(gallery: Path, tmp_path: Pa
     top1 = {}
     for name, weights in (("frozen", "imagenet"), ("tuned", str(tmp_path / "ckpt"))):
         g = embed_dataset(
-            gallery,
-            tmp_path / f"g-{name}",
-            backbone="efficientnet_lite0",
-            weights=weights,
-            workers=0,
+            EmbedJob(
+                gallery, tmp_path / f"g-{name}", backbone="efficientnet_lite0", weights=weights, workers=0
+            ),
             progress=False,
         )
         q = embed_dataset(
-            DEV,
-            tmp_path / f"q-{name}",
-            labels_file=queries,
-            backbone="efficientnet_lite0",
-            weights=weights,
-            workers=0,
-            id_start=1000,
+            EmbedJob(
+                DEV,
+                tmp_path / f"q-{name}",
+                labels_file=queries,
+                backbone="efficientnet_lite0",
+                weights=weights,
+                workers=0,
+                id_start=1000,
+            ),
             progress=False,
         )
         assert g.rows == 140 and q.rows == 56
@@ -116,14 +118,14 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(
     test size of its own (trained at 224 px, embedded at 256), both are at the test size. With a refit (the
     held-out images trained on too), the open-set threshold still comes from the network before it."""
     emb = tmp_path / "emb"
-    embed_dataset(gallery, emb, backbone="efficientnet_lite0", workers=0, progress=False)
+    embed_dataset(EmbedJob(gallery, emb, backbone="efficientnet_lite0", workers=0), progress=False)
     info = build_tuned_index(
         emb,
         tmp_path / "index",
         preset="cpu-hour",
         settings=SMALL.override(epochs=2, test_image_size=test_size, refit=refit),
-        factory="Flat",
         progress=False,
+        index=IndexSettings(factory="Flat"),
     )
     assert info["tuning"]["mode"] == "partial" and info["openset"] is not None
     assert (info["tuning"]["refit"] is not None) == refit
@@ -133,12 +135,14 @@ def test_cached_embeddings_equal_the_uncached_forward_pass(
     model = tmp_path / "index" / "model"
     assert (model / "activations" / "test-256px").is_dir() == (test_size == 256)
     again = embed_dataset(
-        gallery,
-        tmp_path / "again",
-        backbone=prov["backbone"],
-        weights=prov["weights"],
-        weights_sha256=prov["weights_sha256"],
-        workers=0,
+        EmbedJob(
+            gallery,
+            tmp_path / "again",
+            backbone=prov["backbone"],
+            weights=prov["weights"],
+            weights_sha256=prov["weights_sha256"],
+            workers=0,
+        ),
         progress=False,
     )
     redone = load_embeddings(again.out)

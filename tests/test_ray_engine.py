@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from carsearch.cli import cli
 from carsearch.embed import Engine, embed_dataset
+from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from tests.conftest import DEV, pick, write_csv_dataset
 
@@ -48,7 +49,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def local_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("local") / "emb"
-    embed_dataset(data, out, backbone="efficientnet_lite0", shard_size=SHARD, progress=False)
+    embed_dataset(EmbedJob(data, out, backbone="efficientnet_lite0", shard_size=SHARD), progress=False)
     return out
 
 
@@ -73,11 +74,7 @@ def test_ray_shards_byte_identical_to_local(
 def _ray_run(data: Path, out: Path, **extra: object) -> object:
     """The whole collection embedded by two Ray workers, shards as the local reference run made them."""
     return embed_dataset(
-        data,
-        out,
-        backbone="efficientnet_lite0",
-        shard_size=SHARD,
-        workers=2,
+        EmbedJob(data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2),
         engine=RAY,
         progress=False,
         **extra,
@@ -135,7 +132,9 @@ def wait_for_title(pid: int) -> None:
 def test_resume_and_fingerprint_refusal(cluster: object, data: Path, local_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "emb"
     # Started by the local engine under --limit, finished by the Ray engine: the shards are the same.
-    first = embed_dataset(data, out, backbone="efficientnet_lite0", shard_size=SHARD, limit=7, progress=False)
+    first = embed_dataset(
+        EmbedJob(data, out, backbone="efficientnet_lite0", shard_size=SHARD, limit=7), progress=False
+    )
     assert first.shards == 3 and not first.complete
     r = _ray_run(data, out)
     assert (r.resumed_shards, r.new_shards, r.complete) == (2, 6, True)  # shard 2 was cut short by --limit

@@ -20,6 +20,7 @@ from carsearch.embed.encoder import Encoder
 from carsearch.embed.images import load_image
 from carsearch.embed.runtimes import CONVERTERS, auto_runtime, openvino_version, resolve_runtime
 from carsearch.errors import CarsearchError
+from carsearch.index.settings import IndexSettings
 from carsearch.models import backbone_names, load_backbone
 from tests.conftest import DEV, REPO, pick
 
@@ -200,18 +201,19 @@ def test_resume_and_queries_across_runtimes(tmp_path: Path, small_dataset: Path)
     """A collection started in PyTorch and finished in OpenVINO: each shard names its runtime, the run says
     which it used, and an index over it answers OpenVINO-embedded queries with the photo itself."""
     from carsearch.embed import embed_dataset, load_embeddings, read_manifest
+    from carsearch.embed.settings import EmbedJob
     from carsearch.index.build import build_index
     from carsearch.search import Searcher
 
     emb = tmp_path / "emb"
-    kw = {"backbone": "efficientnet_lite0", "precision": "fp32", "shard_size": 12, "progress": False}
-    first = embed_dataset(small_dataset, emb, runtime="torch", limit=12, **kw)
-    rest = embed_dataset(small_dataset, emb, runtime="openvino", **kw)
+    kw = {"backbone": "efficientnet_lite0", "precision": "fp32", "shard_size": 12}
+    first = embed_dataset(EmbedJob(small_dataset, emb, runtime="torch", limit=12, **kw), progress=False)
+    rest = embed_dataset(EmbedJob(small_dataset, emb, runtime="openvino", **kw), progress=False)
     assert (first.runtime, rest.runtime, rest.resumed_shards, rest.complete) == ("torch", "openvino", 1, True)
     manifest = read_manifest(emb)
     assert [s["runtime"] for s in manifest["shards"]] == ["torch", "openvino"]
     assert manifest["provenance"]["runtime"] == "openvino"
-    build_index([emb], tmp_path / "idx", factory="Flat", calibrate=False)
+    build_index([emb], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
     searcher = Searcher.open(tmp_path / "idx", device="cpu", precision="fp32", runtime="openvino")
     rows = load_embeddings(emb)
     picked = (0, 11, 12, 23)  # from both shards, so from both runtimes

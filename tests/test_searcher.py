@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from carsearch.embed import load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError
 from carsearch.index.build import build_index
+from carsearch.index.settings import IndexSettings
 from carsearch.search import Searcher, expand_queries
 from tests.conftest import DEV, write_class_folders
 
@@ -152,8 +154,8 @@ def test_answers_carry_make_model_year_and_a_display_name(tmp_path: Path) -> Non
     root = write_class_folders(
         tmp_path / "vmmrdb", {"land rover_range rover_2012": 1, "audi_tts coupe_2012": 14}, 4
     )
-    embed_dataset(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0, progress=False)
-    build_index([tmp_path / "emb"], tmp_path / "idx", factory="Flat", calibrate=False)
+    embed_dataset(EmbedJob(root, tmp_path / "emb", backbone="efficientnet_lite0", workers=0), progress=False)
+    build_index([tmp_path / "emb"], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))
     s = Searcher.open(tmp_path / "idx")
     photo = next((root / "land rover_range rover_2012").iterdir())
     r = s.classify([photo], k=3)[0]

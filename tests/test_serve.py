@@ -13,6 +13,7 @@ from PIL import Image
 from carsearch.index.build import build_index
 from carsearch.search import Searcher
 from carsearch.serve.app import create_app
+from carsearch.serve.settings import ServeSettings
 from tests.conftest import DEV, live_server
 
 PHOTO = DEV / "images" / "00001.jpg"
@@ -27,7 +28,10 @@ def index_dir(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def client(index_dir: Path) -> TestClient:
-    app = create_app(searcher=Searcher.open(index_dir), max_upload_bytes=2_000_000, max_pixels=20_000_000)
+    app = create_app(
+        searcher=Searcher.open(index_dir),
+        settings=ServeSettings(max_upload_bytes=2_000_000, max_pixels=20_000_000),
+    )
     with TestClient(app) as c:
         yield c
 
@@ -158,7 +162,7 @@ def test_413_is_answered_while_reading(index_dir: Path) -> None:
     import select
     import socket
 
-    app = create_app(searcher=Searcher.open(index_dir), max_upload_bytes=2_000_000)
+    app = create_app(searcher=Searcher.open(index_dir), settings=ServeSettings(max_upload_bytes=2_000_000))
     with live_server(app) as url:
         port = int(url.rsplit(":", 1)[1])
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -224,7 +228,11 @@ def test_worker_settings_do_not_reuse_click_variables(
     monkeypatch.setenv(
         serve_app.ENV_SETTINGS,
         json.dumps(
-            {"index_dir": str(index_dir), "max_upload_bytes": 1234, "precision": "fp32", "device": "cpu"}
+            {
+                "index_dir": str(index_dir),
+                "log_format": "text",
+                "settings": {"max_upload_bytes": 1234, "precision": "fp32", "device": "cpu"},
+            }
         ),
     )
     app = serve_app.app_from_env()
@@ -257,7 +265,9 @@ def test_uploads_have_their_own_lower_pixel_limit(index_dir: Path) -> None:
     with TestClient(app) as c:
         r = c.post("/api/search", files={"image": ("big.png", buf.getvalue())})
         assert r.status_code == 400 and "too_many_pixels" in r.json()["error"]
-    roomy = create_app(searcher=Searcher.open(index_dir), max_pixels=60_000_000, max_decodes=1)
+    roomy = create_app(
+        searcher=Searcher.open(index_dir), settings=ServeSettings(max_pixels=60_000_000, max_decodes=1)
+    )
     with TestClient(roomy) as c:
         assert c.post("/api/search", files={"image": ("big.png", buf.getvalue())}).status_code == 200
 

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from carsearch.embed.settings import EmbedJob
 from carsearch.index.build import build_index
+from carsearch.index.settings import IndexSettings
 from carsearch.index.store import open_bundle
 from carsearch.search import Searcher
 from carsearch.search.filters import Filter
@@ -44,7 +46,7 @@ def photos(n: int, offset: int = 0) -> list[Path]:
 @pytest.fixture(scope="module")
 def index_dir(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prod") / "idx"
-    build_index([dev_embeddings], out, factory="Flat")
+    build_index([dev_embeddings], out, IndexSettings(factory="Flat"))
     return out
 
 
@@ -200,7 +202,7 @@ def test_add_search_delete_search(server, index_dir: Path) -> None:
 
 def test_kill_9_after_an_acknowledged_add_loses_nothing(dev_embeddings: Path, tmp_path: Path) -> None:
     folder = tmp_path / "idx"
-    build_index([dev_embeddings], folder, factory="HNSW32")
+    build_index([dev_embeddings], folder, IndexSettings(factory="HNSW32"))
     before = open_bundle(folder).index.ntotal
     photo = photos(1, 60)[0]
     with serving(folder, "--token", TOKEN) as (url, proc):
@@ -224,9 +226,9 @@ def test_kill_9_after_an_acknowledged_add_loses_nothing(dev_embeddings: Path, tm
     from carsearch.errors import CarsearchError
 
     with pytest.raises(CarsearchError, match="holds 1 photos added over POST /api/images"):
-        build_index([dev_embeddings], folder, factory="HNSW32")
+        build_index([dev_embeddings], folder, IndexSettings(factory="HNSW32"))
     assert open_bundle(folder).index.ntotal == before + 1
-    build_index([dev_embeddings], folder, factory="HNSW32", drop_uploads=True)
+    build_index([dev_embeddings], folder, IndexSettings(factory="HNSW32"), drop_uploads=True)
     assert open_bundle(folder).index.ntotal == before
 
 
@@ -235,7 +237,7 @@ def test_reload_under_load_fails_no_request(
 ) -> None:
     url, _ = server
     other = tmp_path / "rebuilt"
-    build_index([dev_embeddings], other, factory="HNSW32")
+    build_index([dev_embeddings], other, IndexSettings(factory="HNSW32"))
     stop, statuses = threading.Event(), []
     queries = photos(4, 70)
 
@@ -373,9 +375,11 @@ def test_rebuilt_and_reloaded_index_never_serves_a_stale_photo(tmp_path: Path) -
     for name, start in (("first", 0), ("second", 1)):
         labels = _subset_labels(tmp_path / f"{name}.csv", pick_range(list(range(1, 21)), start, start + 1))
         emb = tmp_path / name
-        embed_dataset(DEV, emb, labels_file=labels, backbone="efficientnet_lite0", workers=0, progress=False)
+        embed_dataset(
+            EmbedJob(DEV, emb, labels_file=labels, backbone="efficientnet_lite0", workers=0), progress=False
+        )
         made[name] = emb
-    build_index([made["first"]], folder, factory="Flat", calibrate=False)
+    build_index([made["first"]], folder, IndexSettings(factory="Flat", calibrate=False))
     query = DEV / pick_range([1], 0, 1)[0]["image"]
     with serving(folder, "--token", TOKEN) as (url, _):
         first = answer(post(url, [query], k="1"))["neighbors"][0]
@@ -387,7 +391,7 @@ def test_rebuilt_and_reloaded_index_never_serves_a_stale_photo(tmp_path: Path) -
         again = httpx.get(f"{url}{first['image_url']}", headers={"If-None-Match": etag}, timeout=TIMEOUT)
         assert again.status_code == 304
         build_index(
-            [made["second"]], folder, factory="Flat", calibrate=False
+            [made["second"]], folder, IndexSettings(factory="Flat", calibrate=False)
         )  # in place: id 0 is another photo
         assert httpx.post(f"{url}/api/reload", headers=auth(), timeout=TIMEOUT).status_code == 200
         second = answer(post(url, [query], k="20"))["neighbors"]

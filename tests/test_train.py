@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from carsearch.cli import cli
 from carsearch.embed import embed_dataset, load_embeddings
+from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError
 from carsearch.eval.splits import stratified_split
 from carsearch.index.build import build_index
@@ -75,7 +76,9 @@ def test_short_run_lowers_the_loss_and_embed_loads_it(tiny_data: Path, tmp_path:
     assert set(info["files"]) == {"model.safetensors", "best.safetensors"}
     # The checkpoint is a registry entry: embed, index and classify use it unchanged.
     emb_dir = tmp_path / "emb"
-    r = embed_dataset(tiny_data, emb_dir, backbone="efficientnet_lite0", weights=str(out), progress=False)
+    r = embed_dataset(
+        EmbedJob(tiny_data, emb_dir, backbone="efficientnet_lite0", weights=str(out)), progress=False
+    )
     emb = load_embeddings(emb_dir)
     assert r.rows == 36 and emb.dim == 32 and np.allclose(np.linalg.norm(emb.vectors, axis=1), 1, atol=1e-4)
     assert emb.provenance["weights"] == str(out.resolve()) and emb.provenance["preprocessing"]["size"] == 64
@@ -193,7 +196,9 @@ def test_cli_head_only_json(dev_embeddings: Path, tmp_path: Path) -> None:
 def tiny_emb(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Frozen lite0 embeddings of the 36 tiny images."""
     out = tmp_path_factory.mktemp("tiny-emb") / "emb"
-    embed_dataset(tiny_data, out, backbone="efficientnet_lite0", workers=0, precision="fp32", progress=False)
+    embed_dataset(
+        EmbedJob(tiny_data, out, backbone="efficientnet_lite0", workers=0, precision="fp32"), progress=False
+    )
     return out
 
 
@@ -209,12 +214,14 @@ def test_head_applied_to_shards_equals_reembedding(tiny_data: Path, tiny_emb: Pa
         torch.from_numpy(stored.vectors) @ head["head.weight"].T + head["head.bias"], dim=1
     ).numpy()
     embed_dataset(
-        tiny_data,
-        tmp_path / "re",
-        backbone="efficientnet_lite0",
-        weights=str(ckpt_dir),
-        workers=0,
-        precision="fp32",
+        EmbedJob(
+            tiny_data,
+            tmp_path / "re",
+            backbone="efficientnet_lite0",
+            weights=str(ckpt_dir),
+            workers=0,
+            precision="fp32",
+        ),
         progress=False,
     )
     again = load_embeddings(tmp_path / "re")
@@ -229,12 +236,14 @@ def test_head_on_a_checkpoints_embeddings_loads_back(tiny_data: Path, tiny_emb: 
     small = HEAD.override(classes="1-4", epochs=2, batch_size=8, per_class=2)
     train_head(tiny_emb, first, small.override(embed_dim=24), progress=False)
     embed_dataset(
-        tiny_data,
-        tmp_path / "emb1",
-        backbone="efficientnet_lite0",
-        weights=str(first),
-        workers=0,
-        precision="fp32",
+        EmbedJob(
+            tiny_data,
+            tmp_path / "emb1",
+            backbone="efficientnet_lite0",
+            weights=str(first),
+            workers=0,
+            precision="fp32",
+        ),
         progress=False,
     )
     second = tmp_path / "second"
@@ -244,12 +253,14 @@ def test_head_on_a_checkpoints_embeddings_loads_back(tiny_data: Path, tiny_emb: 
     info = json.loads((second / "checkpoint.json").read_text())
     assert info["base"]["embed_dim"] == 24 and info["head_input"] == "normalized"
     r = embed_dataset(
-        tiny_data,
-        tmp_path / "emb2",
-        backbone="efficientnet_lite0",
-        weights=str(second),
-        workers=0,
-        precision="fp32",
+        EmbedJob(
+            tiny_data,
+            tmp_path / "emb2",
+            backbone="efficientnet_lite0",
+            weights=str(second),
+            workers=0,
+            precision="fp32",
+        ),
         progress=False,
     )
     assert r.rows == 36 and load_embeddings(tmp_path / "emb2").dim == 8
@@ -266,11 +277,13 @@ def test_empty_or_diverging_validation_is_one_sentence(
         firsts.setdefault(ln.split(",")[1], ln)
     (tmp_path / "one.csv").write_text("\n".join([lines[0], *firsts.values()]) + "\n")
     embed_dataset(
-        tiny_data,
-        tmp_path / "one",
-        labels_file=tmp_path / "one.csv",
-        backbone="efficientnet_lite0",
-        workers=0,
+        EmbedJob(
+            tiny_data,
+            tmp_path / "one",
+            labels_file=tmp_path / "one.csv",
+            backbone="efficientnet_lite0",
+            workers=0,
+        ),
         progress=False,
     )
     empty = runner.invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "a"), "--head-only"])

@@ -14,6 +14,7 @@ from carsearch.cli import cli
 from carsearch.embed import load_embeddings
 from carsearch.embed.project import project_embeddings
 from carsearch.index.build import build_index
+from carsearch.index.settings import IndexSettings
 from carsearch.search import Searcher
 from carsearch.train.tuned import build_tuned_index
 from tests.conftest import DEV
@@ -22,7 +23,7 @@ from tests.conftest import DEV
 @pytest.fixture(scope="module")
 def tuned(dev_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tuned") / "idx"
-    build_tuned_index(dev_embeddings, out, factory="Flat", progress=False)
+    build_tuned_index(dev_embeddings, out, progress=False, index=IndexSettings(factory="Flat"))
     return out
 
 
@@ -35,7 +36,7 @@ def test_tuned_index_beats_frozen_on_unseen_queries(
     tuned: Path, dev_embeddings: Path, dev_heldout: Path, tmp_path: Path
 ) -> None:
     """Gallery: images 0-7 of every class; queries: images 8-11, which no training or choice saw."""
-    build_index([dev_embeddings], tmp_path / "frozen", factory="Flat")
+    build_index([dev_embeddings], tmp_path / "frozen", IndexSettings(factory="Flat"))
     held = load_embeddings(dev_heldout)
     frozen = _top1(Searcher.open(tmp_path / "frozen"), held.vectors, held.labels)
     project_embeddings(dev_heldout, tuned / "head", tmp_path / "held-projected")
@@ -170,7 +171,9 @@ def test_frozen_embeddings_added_to_a_head_tuned_index_are_projected(
     from carsearch.index.changes import add_to_index
     from carsearch.search import Searcher
 
-    build_tuned_index(dev_embeddings, tmp_path / "idx", factory="Flat", calibrate=False, progress=False)
+    build_tuned_index(
+        dev_embeddings, tmp_path / "idx", progress=False, index=IndexSettings(factory="Flat", calibrate=False)
+    )
     added = add_to_index(tmp_path / "idx", dev_heldout)
     held = load_embeddings(dev_heldout)
     assert added["added"] + added["skipped_duplicates"] == len(held) and added["added"] > 0

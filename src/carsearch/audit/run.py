@@ -21,8 +21,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from carsearch import SCHEMA_VERSION, defaults
+from carsearch import SCHEMA_VERSION
 from carsearch.audit.scores import label_quality, neighbours, outlier_fence, outlier_scores
+from carsearch.audit.settings import AuditSettings
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
 from carsearch.eval.duplicates import (
@@ -81,27 +82,22 @@ def audit(
     emb_dir: str | Path,
     out: str | Path,
     queries_dir: str | Path | None = None,
+    settings: AuditSettings | None = None,
     *,
-    threshold: float | None = None,
-    k: int = defaults.AUDIT_VOTE_K,
-    outlier_k: int = defaults.AUDIT_OUTLIER_K,
-    exact: bool | None = None,
-    top: int = defaults.AUDIT_LIST,
-    page: bool = True,
-    local_features: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Audit `emb_dir` (and the leakage of `queries_dir` into it); write the report into `out`.
-
-    `threshold`: the cosine from which two photos are near-duplicates without a look at them (None:
-    NEAR_DUPLICATE_THRESHOLD_CONFIRMED with local features, NEAR_DUPLICATE_THRESHOLD without).
-    `local_features`: also find edited copies below it by local-feature and pixel agreement of the photos
-    (eval/edited_copies.py); skipped, with a note in the summary, when the photos are not where the
-    embedding folder says."""
-    if threshold is not None and not 0 < threshold <= 1:
-        raise CarsearchError("--threshold is a cosine similarity: give a value in (0, 1].")
-    if k < 1 or outlier_k < 1:
-        raise CarsearchError("--k and --outlier-k must be at least 1.")
+    """Audit `emb_dir` (and the leakage of `queries_dir` into it) as `settings` say (audit/settings.py);
+    write the report into `out` and return it. Edited copies are skipped, with a note in the summary,
+    when the photos are not where the embedding folder says. Raises CarsearchError for an empty or
+    unreadable folder, ProvenanceMismatch for two folders of different networks."""
+    cfg = settings or AuditSettings()
+    threshold, k, outlier_k, top, local_features = (
+        cfg.threshold,
+        cfg.k,
+        cfg.outlier_k,
+        cfg.top,
+        cfg.local_features,
+    )
     t0 = time.perf_counter()
     emb = _load(emb_dir, "the embedding folder")
     other = _load(queries_dir, "the second embedding folder") if queries_dir else None
@@ -122,7 +118,7 @@ def audit(
 
     with Progress(6 if other is not None else 5, "audit", "step", enabled=progress) as bar:
         timings["load"] = round(time.perf_counter() - t0, 2)
-        index = search_index(emb.vectors, exact)
+        index = search_index(emb.vectors, cfg.exact)
         exact_used = isinstance(index, faiss.IndexFlat)
         step("index")
         depth = min(max(k, outlier_k), max(1, n - 1))
@@ -230,7 +226,7 @@ def audit(
         rows = rows[np.argsort(where.ids[rows], kind="stable")]
         named = [(int(where.ids[r]), str(where.paths[r])) for r in rows]
         write_id_list(out / ID_LISTS[name], named, where.folder, ID_LIST_ABOUT[name])
-    if page:
+    if cfg.page:
         from carsearch.audit.page import write_page
 
         write_page(report, emb, other, out, top)

@@ -206,7 +206,7 @@ def embed(
     seconds), with the settings --out was made with unless they are given; a different one is refused and
     named. Unreadable images are skipped, counted by reason and listed in failures.jsonl.
     """
-    from carsearch.embed import Engine, embed_dataset
+    from carsearch.embed import EmbedJob, Engine, embed_dataset
     from carsearch.models import declare_backbone
 
     backbone = declare_backbone(backbone, declare)  # a file backbone's full name (path, declared keys)
@@ -218,7 +218,7 @@ def embed(
         return None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
 
     run_on = Engine(engine, ray_address, cpus_per_worker, gpus_per_worker)
-    result = embed_dataset(
+    job = EmbedJob(
         data_dir,
         out,
         format=given("format", format),
@@ -242,10 +242,9 @@ def embed(
         retry_failed=retry_failed,
         verify=verify,
         flip=given("flip", flip),
-        engine=run_on,
         save_every=save_every,
-        progress=True,
     )
+    result = embed_dataset(job, engine=run_on, progress=True)
     emit(result.to_json(), as_json, _human_embed)
     if result.rows == 0 and result.records > 0:
         reasons = ", ".join(f"{k} {v}" for k, v in result.failed.items()) or "none embedded yet"

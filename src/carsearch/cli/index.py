@@ -189,6 +189,9 @@ def index_build(
 
     for emb_dir in emb_dirs:
         require_complete(emb_dir, allow_incomplete)
+    from carsearch.index.settings import IndexSettings
+
+    index_settings = IndexSettings(factory, memory_budget, target_recall, calibrate, openset_k, tpr, seed)
     if tune_head:
         if tune not in (None, "head"):
             raise click.UsageError(f"--tune-head is --tune head; leave out --tune {tune}.")
@@ -212,14 +215,8 @@ def index_build(
                 out,
                 preset=tune,
                 settings=settings,
-                factory=factory,
-                memory_budget=memory_budget,
-                target_recall=target_recall,
+                index=index_settings,
                 holdout=tune_holdout,
-                calibrate=calibrate,
-                openset_k=openset_k,
-                tpr=tpr,
-                seed=seed,
             )
     else:
         from carsearch.index.build import build_index
@@ -227,13 +224,7 @@ def index_build(
         info = build_index(
             list(emb_dirs),
             out,
-            factory,
-            memory_budget,
-            target_recall,
-            calibrate,
-            openset_k,
-            tpr,
-            seed,
+            index_settings,
             exclude=list(exclude),
             allow_duplicates=allow_duplicates,
             drop_uploads=drop_uploads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -133,27 +134,27 @@ def serve(
     from carsearch.serve.live import refuse_if_shared
     from carsearch.serve.observe import setup_server_logging
     from carsearch.serve.protocol import ENV_HEADER_TIMEOUT, HeaderDeadlineProtocol
+    from carsearch.serve.settings import ServeSettings
 
     refuse_if_shared(workers, token)
     open_bundle(index_dir)  # a damaged or missing index fails here, in one sentence, before any worker starts
     _check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: other machines can reach this server.", host)
+    settings = ServeSettings(
+        max_upload_bytes=int(max_upload_mb * 1e6),
+        max_pixels=max_pixels,
+        max_decodes=max_decodes,
+        body_timeout=body_timeout,
+        batch_size=batch_size,
+        batch_wait_ms=batch_wait_ms,
+        device=device,
+        precision=precision,
+        runtime=runtime,
+        token=token,
+    )
     os.environ[serve_app.ENV_SETTINGS] = json.dumps(
-        {
-            "index_dir": str(Path(index_dir).resolve()),
-            "max_upload_bytes": int(max_upload_mb * 1e6),
-            "max_pixels": max_pixels,
-            "device": device,
-            "precision": precision,
-            "runtime": runtime,
-            "max_decodes": max_decodes,
-            "body_timeout": body_timeout,
-            "batch_size": batch_size,
-            "batch_wait_ms": batch_wait_ms,
-            "token": token,
-            "log_format": log_format,
-        }
+        {"index_dir": str(Path(index_dir).resolve()), "log_format": log_format, "settings": asdict(settings)}
     )
     setup_server_logging(log_format, logging.getLogger("carsearch").getEffectiveLevel())
     os.environ[ENV_HEADER_TIMEOUT] = str(header_timeout)

@@ -11,6 +11,7 @@ from carsearch.lazy import lazy_exports
 _EXPORTS = {
     "Encoder": "carsearch.embed.encoder",
     "EmbedResult": "carsearch.embed.job",
+    "EmbedJob": "carsearch.embed.settings",
     "Engine": "carsearch.embed.engines",
     "embed_dataset": "carsearch.embed.job",
     "EmbeddingSet": "carsearch.embed.store",

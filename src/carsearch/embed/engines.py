@@ -43,6 +43,23 @@ class Engine:
             raise CarsearchError("--cpus-per-worker must be above 0 and --gpus-per-worker at least 0.")
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How one run embeds, as both engines need it (none of it changes the shards' bytes): the engine,
+    images a forward pass, decoding processes (local) or actors (ray; None: as many as fit), the device
+    the network runs on, seconds between saves of the shard in progress, how the dataset was read (for a
+    rerun to reuse), the progress bar and the per-batch callback."""
+
+    engine: Engine
+    batch_size: int
+    workers: int | None
+    worker_device: str
+    save_every: float
+    read_with: dict
+    progress: bool = True
+    on_batch: Callable[[int, int], None] | None = None
+
+
 @dataclass
 class Ran:
     """What an engine used: its workers and their device, and (Ray) how many workers died."""

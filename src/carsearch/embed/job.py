@@ -24,10 +24,11 @@ from carsearch import SCHEMA_VERSION, defaults
 from carsearch.datasets import Dataset, read_dataset
 from carsearch.embed import resume
 from carsearch.embed.encoder import Encoder
-from carsearch.embed.engines import Engine, ManifestWriter, Ran, Tally
+from carsearch.embed.engines import Engine, ManifestWriter, Ran, RunSettings, Tally
 from carsearch.embed.images import TRANSIENT_REASONS
 from carsearch.embed.parts import Piece, part_files, remove_parts, saved_pieces
 from carsearch.embed.reader import RecordImages, collate, ctrl_c, decoding_workers, ignore_interrupts
+from carsearch.embed.settings import EmbedJob
 from carsearch.embed.shard_work import OpenShard, plan_batches
 from carsearch.embed.store import MANIFEST_KIND
 from carsearch.errors import CarsearchError
@@ -75,74 +76,25 @@ class EmbedResult:
 
 
 def embed_dataset(
-    data_dir: str | Path,
-    out: str | Path,
+    job: EmbedJob,
     *,
-    format: str | None = None,
-    labels_file: str | Path | None = None,
-    split: str | None = None,
-    bbox_crop: bool | None = None,
-    backbone: str | None = None,
-    weights: str | None = None,
-    weights_sha256: str | None = None,
-    crop: str | None = None,
-    batch_size: int = defaults.BATCH_SIZE,
-    workers: int | None = None,
-    shard_size: int | None = None,
-    device: str = defaults.DEVICE,
-    precision: str | None = None,
-    runtime: str = defaults.RUNTIME,
-    limit: int | None = None,
-    overwrite: bool = False,
-    id_start: int | None = None,
-    max_pixels: int | None = None,
-    retry_failed: bool = False,
-    verify: bool = False,
-    flip: bool | None = None,
     engine: Engine | None = None,
-    save_every: float = defaults.SAVE_EVERY,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
-    """Embed every image of `data_dir` into shards under `out`, resuming an earlier run of the same settings.
+    """Run `job` (embed/settings.py): embed every image of `job.data_dir` into shards under `job.out`,
+    resuming an earlier run of the same settings. Returns what the run did.
 
-    The settings left None (format, labels_file, split, bbox_crop, backbone, weights, crop, flip,
-    precision, shard_size, id_start, max_pixels) are those `out` was made with when it holds an earlier
-    run, else the defaults (defaults.py); a given one that differs from the folder's is refused, naming it.
-    `limit` embeds only the first `limit` records (a later run without it goes on from there).
-    `retry_failed` embeds again the finished shards that skipped images (a file restored, a link fixed);
-    `verify` re-hashes the images of finished shards and embeds again those whose files changed.
-    `flip` averages each image's embedding with its mirror image's (test-time augmentation, 2x the time).
-    `runtime` runs the network in PyTorch or OpenVINO (embed/runtimes.py); their embeddings agree, so it
-    is no part of the fingerprint: a run may go on from another runtime's shards (each names its own).
     `engine` chooses where the shards are computed (`Engine()`, the default: here; `Engine("ray", ...)`: a
-    Ray cluster, whose `workers` actors embed on `device`). `save_every`: seconds between saves of the
-    shard in progress (also saved when the run is interrupted), so that a rerun resumes inside it.
+    Ray cluster, whose `job.workers` actors embed on `job.device`). `progress` draws a progress bar;
     `on_batch(images_done, images_total)` is called after each batch (the Ray engine: each shard).
+    Raises ProvenanceMismatch (naming the option) for a setting given differently from the folder's,
+    CarsearchError for an --out inside the dataset folder or an unreadable dataset or network.
     """
     engine = engine or Engine()
-    if batch_size < 1 or (shard_size is not None and shard_size < 1):
-        raise CarsearchError("--batch-size and --shard-size must be at least 1.")
-    if limit is not None and limit < 1:
-        raise CarsearchError("--limit must be at least 1.")
-    if save_every < 0:
-        raise CarsearchError("--save-every must be 0 seconds or more.")
-    out = Path(out).expanduser().resolve()
-    given = {
-        "format": format,
-        "labels_file": str(Path(labels_file).expanduser().resolve()) if labels_file else None,
-        "split": split,
-        "bbox_crop": bbox_crop,
-        "backbone": backbone,
-        "weights": weights,
-        "crop": crop,
-        "flip": flip,
-        "precision": precision,
-        "shard_size": shard_size,
-        "id_start": id_start,
-        "max_pixels": max_pixels,
-    }
-    s, taken = resume.resolve_settings(given, None if overwrite else resume.earlier_manifest(out), out)
+    out = Path(job.out).expanduser().resolve()
+    given = job.given(list(resume.OPTIONS))
+    s, taken = resume.resolve_settings(given, None if job.overwrite else resume.earlier_manifest(out), out)
     if taken:
         log.info(
             "continuing %s with the settings it was made with: %s",
@@ -150,13 +102,13 @@ def embed_dataset(
             " ".join(resume.OPTIONS[k] + ("" if v is True else f" {v}") for k, v in taken.items()),
         )
     dataset = read_dataset(
-        data_dir, s["format"], labels_file=s["labels_file"], split=s["split"], bbox_crop=s["bbox_crop"]
+        job.data_dir, s["format"], labels_file=s["labels_file"], split=s["split"], bbox_crop=s["bbox_crop"]
     )
     if out == dataset.root:
         raise CarsearchError(
             f"--out {out} would write into the dataset folder itself; choose another folder."
         )
-    worker_device, precision = device, s["precision"]
+    device, runtime, worker_device, precision = job.device, job.runtime, job.device, s["precision"]
     if engine.name == "ray":
         # The driver only needs the network's provenance; its workers run it on `device`. The precision
         # they use is decided here, so that the fingerprint holds what the shards will.
@@ -166,44 +118,24 @@ def embed_dataset(
             runtime = "torch"  # OpenVINO runs on CPUs
         device = "cpu"
     encoder = Encoder.load(
-        s["backbone"], s["weights"], s["crop"], device, precision, weights_sha256, s["flip"], runtime
+        s["backbone"], s["weights"], s["crop"], device, precision, job.weights_sha256, s["flip"], runtime
     )
     fingerprint = resume.fingerprint(dataset, encoder, s["shard_size"], s["id_start"], s["max_pixels"])
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
-        if overwrite:
+        if job.overwrite:
             resume.clear(out)
         manifest = resume.check_resume(out, fingerprint, [r.path for r in dataset.records])
         remove_stale_tmp(out)
-        plans = _plans(len(dataset.records), s["shard_size"], limit)
-        resumed = resume.done_shards(out, manifest, plans, dataset.root, retry_failed, verify)
+        plans = _plans(len(dataset.records), s["shard_size"], job.limit)
+        resumed = resume.done_shards(out, manifest, plans, dataset.root, job.retry_failed, job.verify)
         read_with = {k: s[k] for k in ("labels_file", "split", "bbox_crop")}
-        result = _run(
-            dataset,
-            encoder,
-            out,
-            fingerprint,
-            manifest,
-            plans,
-            resumed.done,
-            engine,
-            _Run(batch_size, workers, worker_device, save_every, read_with),
-            progress,
-            on_batch,
+        how = RunSettings(
+            engine, job.batch_size, job.workers, worker_device, job.save_every, read_with, progress, on_batch
         )
+        result = _run(dataset, encoder, out, fingerprint, manifest, plans, resumed.done, how)
         result.retried_shards, result.changed_images = resumed.retried, resumed.changed
         return result
-
-
-@dataclass
-class _Run:
-    """How this run embeds (settings that do not change the shards' bytes)."""
-
-    batch_size: int
-    workers: int | None
-    worker_device: str
-    save_every: float
-    read_with: dict  # how the dataset was read (--labels, --split, --bbox-crop), for a rerun to reuse
 
 
 def _plans(n: int, size: int, limit: int | None) -> list[resume.ShardPlan]:
@@ -223,10 +155,7 @@ def _run(
     manifest: dict | None,
     plans: list[resume.ShardPlan],
     done: dict[int, dict],
-    engine: Engine,
-    how: _Run,
-    progress: bool,
-    on_batch: Callable[[int, int], None] | None,
+    how: RunSettings,
 ) -> EmbedResult:
     n = len(dataset.records)
     # A shard this run reaches: under --limit the run may stop before a shard's first record.
@@ -271,26 +200,14 @@ def _run(
         )
     total = sum(p.run_stop - p.start for p in todo) - saved
     t0 = time.perf_counter()
-    tally = Tally(total, progress, on_batch)
+    engine = how.engine
+    tally = Tally(total, how.progress, how.on_batch)
     ran = Ran(0, how.worker_device if engine.name == "ray" else str(encoder.device))
     try:
         if todo and engine.name == "ray":
             from carsearch.embed.ray_engine import run_on_ray
 
-            ran = run_on_ray(
-                dataset,
-                encoder,
-                out,
-                fingerprint,
-                todo,
-                engine,
-                how.batch_size,
-                how.workers,
-                how.worker_device,
-                writer,
-                tally,
-                how.save_every,
-            )
+            ran = run_on_ray(dataset, encoder, out, fingerprint, todo, how, writer, tally)
         elif todo:
             ran = _run_local(dataset, encoder, out, fingerprint, todo, pieces, how, writer, tally)
     finally:
@@ -341,7 +258,7 @@ def _run_local(
     fingerprint: dict,
     todo: list[resume.ShardPlan],
     pieces: dict[int, list[Piece]],
-    how: _Run,
+    how: RunSettings,
     writer: ManifestWriter,
     tally: Tally,
 ) -> Ran:

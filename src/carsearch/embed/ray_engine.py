@@ -18,7 +18,7 @@ from pathlib import Path
 from carsearch import defaults
 from carsearch.datasets import Dataset
 from carsearch.embed.encoder import Encoder
-from carsearch.embed.engines import Engine, ManifestWriter, Ran, Tally
+from carsearch.embed.engines import Engine, ManifestWriter, Ran, RunSettings, Tally
 from carsearch.embed.resume import ShardPlan
 from carsearch.embed.shard_work import ShardDone, embed_plan
 from carsearch.errors import CarsearchError
@@ -143,18 +143,17 @@ def run_on_ray(
     out: Path,
     fingerprint: dict,
     todo: list[ShardPlan],
-    engine: Engine,
-    batch_size: int,
-    workers: int | None,
-    device: str,
+    how: RunSettings,
     writer: ManifestWriter,
     tally: Tally,
-    save_every: float = defaults.SAVE_EVERY,
 ) -> Ran:
-    """Embed the `todo` shards on `workers` Ray workers (None: as many as the cluster holds) running the
-    network on `device`, recording each shard in the manifest as it is reported. Each worker saves its
-    shard in progress every `save_every` seconds; a worker given a shard goes on from its saved parts."""
+    """Embed the `todo` shards on `how.workers` Ray workers (None: as many as the cluster holds) running
+    the network on `how.worker_device`, recording each shard in the manifest as it is reported. Each worker
+    saves its shard in progress every `how.save_every` seconds; a worker given a shard goes on from its
+    saved parts."""
     import ray
+
+    engine, device = how.engine, how.worker_device
 
     device = "cuda" if engine.gpus_per_worker else device
     if device == "auto":
@@ -172,7 +171,7 @@ def run_on_ray(
             busy += 1
 
     try:  # from here on, whatever happens, the workers are killed and a cluster started here stopped
-        n = worker_count(engine, workers, len(todo))
+        n = worker_count(engine, how.workers, len(todo))
         actor = ray.remote(ShardWorker).options(
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, max_restarts=0
         )
@@ -182,9 +181,9 @@ def run_on_ray(
             device,
             str(out),
             fingerprint,
-            batch_size,
+            how.batch_size,
             max(1, int(engine.cpus_per_worker)),
-            save_every,
+            how.save_every,
         )
         actors.extend(actor.remote(*args) for _ in range(n))
         for slot in range(n):

@@ -24,7 +24,8 @@ from carsearch.index.auto import choose_factory, human_bytes
 from carsearch.index.core import Index
 from carsearch.index.factory import make_index, min_training_points, train, training_rows
 from carsearch.index.idlist import read_id_files, shard_paths
-from carsearch.index.store import open_bundle, save_bundle
+from carsearch.index.settings import IndexSettings
+from carsearch.index.store import Gallery, open_bundle, save_bundle
 from carsearch.index.stream import ShardStream, Source, open_sources
 from carsearch.index.tune import tune_with_truth
 from carsearch.memwatch import peak_rss_bytes
@@ -103,14 +104,8 @@ def _openset(scores: np.ndarray, k: int, tpr: float, method: str, unknown: np.nd
 def build_index(
     emb_dirs: list[str | Path],
     out: str | Path,
-    factory: str = defaults.FACTORY,
-    memory_budget: int = defaults.MEMORY_BUDGET,
-    target_recall: float = defaults.TARGET_RECALL,
-    calibrate: bool = True,
-    openset_k: int = defaults.OPENSET_K,
-    tpr: float = defaults.TPR,
-    seed: int = defaults.SEED,
-    max_train: int | None = None,
+    settings: IndexSettings | None = None,
+    *,
     exclude: list[str | Path] | None = None,
     allow_duplicates: bool = False,
     drop_uploads: bool = False,
@@ -127,10 +122,9 @@ def build_index(
     Memory follows the index, not the collection: training uses a seeded sample of at most `max_train`
     vectors (by default as many as a quarter of --memory-budget holds, within fixed bounds), and vectors
     are added shard by shard."""
+    s = settings or IndexSettings()
     if not emb_dirs:
         raise CarsearchError("give at least one embedding folder.")
-    if not 0 < target_recall <= 1:
-        raise CarsearchError("--target-recall must be in (0, 1].")
     out = Path(out).expanduser().resolve()
     if not drop_uploads:
         _refuse_to_drop_uploads(out)
@@ -148,30 +142,20 @@ def build_index(
         raise CarsearchError(
             "the embedding folders hold no vectors; run embed first (or check failures.jsonl)."
         )
-    auto = None
-    if factory.strip().lower() == "auto":
-        choice = choose_factory(n, d, memory_budget)
-        factory, auto = (
-            choice.factory,
-            {
-                "chose": choice.factory,
-                "reason": choice.reason,
-                "memory_budget": memory_budget,
-                "estimated_bytes": choice.estimated_bytes,
-            },
-        )
-        log.info("auto: %s (%s)", choice.factory, choice.reason)
+    factory, auto = _resolve_factory(s, n, d)
     index = Index(make_index(factory, d), factory)
     # The training sample counts against the memory budget too (faiss may copy it once more).
-    max_train = max_train or min(
+    max_train = s.max_train or min(
         defaults.MAX_TRAIN_VECTORS,
-        max(defaults.MIN_TRAIN_VECTORS, min_training_points(index.faiss), memory_budget // (8 * d)),
+        max(defaults.MIN_TRAIN_VECTORS, min_training_points(index.faiss), s.memory_budget // (8 * d)),
     )
-    train_rows = None if index.faiss.is_trained else training_rows(n, max_train, seed)
+    train_rows = None if index.faiss.is_trained else training_rows(n, max_train, s.seed)
     if train_rows is None and not index.faiss.is_trained:
         train_rows = np.arange(n)
-    tune_rows = sample_queries(n, defaults.TUNE_QUERIES, seed)
-    loo_rows = sample_queries(n, defaults.CALIBRATION_SAMPLE, seed) if calibrate else np.zeros(0, np.int64)
+    tune_rows = sample_queries(n, defaults.TUNE_QUERIES, s.seed)
+    loo_rows = (
+        sample_queries(n, defaults.CALIBRATION_SAMPLE, s.seed) if s.calibrate else np.zeros(0, np.int64)
+    )
     wanted = np.unique(np.concatenate([r for r in (train_rows, tune_rows, loo_rows) if r is not None]))
     gallery, picked = stream.metadata_and_rows(wanted)
     ids = gallery.ids
@@ -180,13 +164,13 @@ def build_index(
     def rows_of(positions: np.ndarray) -> np.ndarray:
         return picked[np.searchsorted(wanted, positions)]
 
-    index.timings["train"] = 0.0 if train_rows is None else train(index.faiss, rows_of(train_rows), seed)
+    index.timings["train"] = 0.0 if train_rows is None else train(index.faiss, rows_of(train_rows), s.seed)
     t0 = time.perf_counter()
     truth_sims, truth_ids = stream.add_and_search(index.faiss, rows_of(tune_rows), defaults.TUNE_K + 1)
     index.timings["add"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     truth = drop_self(truth_sims, truth_ids, ids[tune_rows], defaults.TUNE_K)[1]
-    index.tuned = tune_with_truth(index.faiss, rows_of(tune_rows), ids[tune_rows], truth, target_recall)
+    index.tuned = tune_with_truth(index.faiss, rows_of(tune_rows), ids[tune_rows], truth, s.target_recall)
     index.params = index.tuned.params
     index.timings["tune"] = time.perf_counter() - t0
     tuned = index.tuned
@@ -196,42 +180,27 @@ def build_index(
             factory,
             tuned.recall,
             tuned.params,
-            target_recall,
+            s.target_recall,
         )
     openset = None
-    if calibrate and n > openset_k:
-        loo = rows_of(loo_rows)
-        sims, found = leave_one_out_neighbors(index, loo, ids[loo_rows], max(openset_k, defaults.K_VOTE))
-        scores = kth_similarity(sims, openset_k)
-        method = f"leave-one-out on {len(scores)} collection images"
-        if _trained_on_this_collection(sets):
-            method += " (the model was trained on this collection: the threshold is too strict)"
-            log.warning(
-                "these embeddings come from a checkpoint trained on this dataset: images it was trained on "
-                "sit closer together than new photos will, so a leave-one-out threshold rejects too many "
-                "known cars; calibrate on held-out images: carsearch index calibrate %s --queries EMB_DIR",
-                out,
-            )
-        openset = _openset(scores, openset_k, tpr, method)
-        openset["uncertain"] = uncertain_threshold(
-            sims, found, gallery.level("model")[loo_rows], gallery, tpr
-        )
+    if s.calibrate and n > s.openset_k:
+        openset = _leave_one_out_openset(index, gallery, rows_of(loo_rows), loo_rows, s, sets, out)
     info = {
         "factory": factory,
         "search_params": tuned.params,
         "provenance": {k: v for k, v in sets[0].provenance.items() if k != "precision"},
-        "sources": [source_entry(s.folder, s.manifest) for s in sets],
+        "sources": [source_entry(src.folder, src.manifest) for src in sets],
         "auto": auto,
         "build": {
             "train_seconds": round(index.timings["train"], 3),
             "add_seconds": round(index.timings["add"], 3),
             "tune_seconds": round(index.timings["tune"], 3),
-            "seed": seed,
+            "seed": s.seed,
             "training_vectors": n if train_rows is None else len(train_rows),
             # The build's whole process, at its peak.
             "peak_rss_bytes": peak_rss_bytes(),
         },
-        "recall": tuned.to_json(target_recall),
+        "recall": tuned.to_json(s.target_recall),
         "memory_bytes": index.memory_bytes,
         "excluded": (
             {
@@ -249,6 +218,49 @@ def build_index(
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out):
         return save_bundle(out, index, gallery, info)
+
+
+def _resolve_factory(s: IndexSettings, n: int, d: int) -> tuple[str, dict | None]:
+    """The factory string to build, and index.json's `auto` section when "auto" chose it."""
+    if s.factory.strip().lower() != "auto":
+        return s.factory, None
+    choice = choose_factory(n, d, s.memory_budget)
+    log.info("auto: %s (%s)", choice.factory, choice.reason)
+    return choice.factory, {
+        "chose": choice.factory,
+        "reason": choice.reason,
+        "memory_budget": s.memory_budget,
+        "estimated_bytes": choice.estimated_bytes,
+    }
+
+
+def _leave_one_out_openset(
+    index: Index,
+    gallery: Gallery,
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    s: IndexSettings,
+    sets: list[Source],
+    out: Path,
+) -> dict:
+    """index.json's `openset`: thresholds from the collection's own photos (`rows`, shape (m,); their
+    float32 `vectors`, (m, d)), each searched without itself."""
+    sims, found = leave_one_out_neighbors(
+        index, vectors, gallery.ids[rows], max(s.openset_k, defaults.K_VOTE)
+    )
+    scores = kth_similarity(sims, s.openset_k)
+    method = f"leave-one-out on {len(scores)} collection images"
+    if _trained_on_this_collection(sets):
+        method += " (the model was trained on this collection: the threshold is too strict)"
+        log.warning(
+            "these embeddings come from a checkpoint trained on this dataset: images it was trained on "
+            "sit closer together than new photos will, so a leave-one-out threshold rejects too many "
+            "known cars; calibrate on held-out images: carsearch index calibrate %s --queries EMB_DIR",
+            out,
+        )
+    openset = _openset(scores, s.openset_k, s.tpr, method)
+    openset["uncertain"] = uncertain_threshold(sims, found, gallery.level("model")[rows], gallery, s.tpr)
+    return openset
 
 
 def calibrate_index(

@@ -44,11 +44,11 @@ from carsearch.serve.limits import read_form
 from carsearch.serve.live import LiveIndex
 from carsearch.serve.observe import Metrics, Observe
 from carsearch.serve.protocol import BodyDeadline
+from carsearch.serve.settings import ServeSettings
 from carsearch.serve.writes import add_write_routes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_UPLOAD = int(defaults.MAX_UPLOAD_MB * 1e6)
 MAX_K = defaults.SERVE_MAX_K
 THUMB_MAX = defaults.THUMB_MAX
 BIG_DECODE = 4_000_000  # pixels: after such a decode, hand freed memory back to the OS
@@ -61,43 +61,35 @@ API_VERSION = 2
 def create_app(
     index_dir: str | Path | None = None,
     searcher: Searcher | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    max_pixels: int = defaults.UPLOAD_MAX_PIXELS,
-    device: str = defaults.DEVICE,
-    precision: str = defaults.PRECISION,
-    runtime: str = defaults.RUNTIME,
-    max_decodes: int = defaults.MAX_DECODES,
-    body_timeout: float = defaults.BODY_TIMEOUT,
-    batch_size: int = defaults.SERVE_BATCH,
-    batch_wait_ms: float = defaults.SERVE_BATCH_WAIT_MS,
-    token: str | None = None,
+    settings: ServeSettings | None = None,
 ) -> FastAPI:
-    """The app over an index folder (or an already open Searcher).
-
-    `max_pixels` bounds an upload's size once decoded (checked from its header), `max_decodes` how many
-    uploads are decoded at once: together they bound the memory a burst of uploads takes. Up to
-    `batch_size` concurrent queries share a forward pass, waiting at most `batch_wait_ms` for each other
-    (1 = no batching). `token` turns on the write routes (live updates)."""
+    """The app over an index folder (or an already open Searcher), run as `settings` say
+    (serve/settings.py). Raises ValueError when neither index_dir nor searcher is given, CarsearchError
+    for an index folder that cannot be opened."""
+    cfg = settings or ServeSettings()
+    max_upload_bytes, max_pixels, token = cfg.max_upload_bytes, cfg.max_pixels, cfg.token
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         searcher = Searcher.open(
-            index_dir, device=device, precision=precision, max_pixels=max_pixels, runtime=runtime
+            index_dir, device=cfg.device, precision=cfg.precision, max_pixels=max_pixels, runtime=cfg.runtime
         )
     searcher.max_pixels = max_pixels
     s = searcher
     _ = s.encoder  # the network loads now, once: lazily, concurrent first requests would each load it
     live = LiveIndex(s)
-    decode_slots = threading.BoundedSemaphore(max_decodes)
+    decode_slots = threading.BoundedSemaphore(cfg.max_decodes)
     memory.tune_allocator()
     metrics = Metrics()
     metrics.images.set_function(lambda: s.bundle.index.ntotal)
     batcher = (
-        Batcher(s.embed_arrays, batch_size, batch_wait_ms / 1000, metrics.batch) if batch_size > 1 else None
+        Batcher(s.embed_arrays, cfg.batch_size, cfg.batch_wait_ms / 1000, metrics.batch)
+        if cfg.batch_size > 1
+        else None
     )
     app = FastAPI(title="carsearch", version=__version__, docs_url="/api/docs", redoc_url=None)
     refusals.install(app)
-    app.add_middleware(BodyDeadline, seconds=body_timeout)
+    app.add_middleware(BodyDeadline, seconds=cfg.body_timeout)
     app.add_middleware(Observe, metrics=metrics)  # outermost: sees every request, 408s and 413s included
     app.state.live, app.state.metrics = live, metrics
     static = resources.files("carsearch.serve") / "static"
@@ -142,7 +134,7 @@ def create_app(
             "makes": sorted({str(m) for m in s.bundle.gallery.make if m})[:500],
             "max_upload_bytes": max_upload_bytes,
             "max_k": MAX_K,
-            "batching": {"max_batch": batch_size, "max_wait_ms": batch_wait_ms} if batcher else None,
+            "batching": {"max_batch": cfg.batch_size, "max_wait_ms": cfg.batch_wait_ms} if batcher else None,
             "writes": token is not None,
             "version": __version__,
             "api_version": API_VERSION,
@@ -321,6 +313,6 @@ def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N`: each worker process opens the index itself."""
     from carsearch.serve.observe import setup_server_logging
 
-    settings = json.loads(os.environ[ENV_SETTINGS])
-    setup_server_logging(settings.pop("log_format", "text"))
-    return create_app(**settings)
+    env = json.loads(os.environ[ENV_SETTINGS])
+    setup_server_logging(env.get("log_format", "text"))
+    return create_app(env["index_dir"], settings=ServeSettings(**env["settings"]))

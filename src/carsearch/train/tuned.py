@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from carsearch.eval.openset import calibrated
 from carsearch.eval.splits import stratified_split
 from carsearch.fsutil import sha256_file
 from carsearch.index.build import build_index, calibrate_on_members, save_info_extra
+from carsearch.index.settings import IndexSettings
 from carsearch.models.checkpoint import read_info
 from carsearch.models.preprocess import Preprocessing
 from carsearch.train.head import train_head
@@ -49,20 +51,15 @@ def build_tuned_index(
     *,
     preset: str = "head",
     settings: TrainSettings | None = None,
-    factory: str = defaults.FACTORY,
-    memory_budget: int = defaults.MEMORY_BUDGET,
-    target_recall: float = defaults.TARGET_RECALL,
+    index: IndexSettings | None = None,
     holdout: float = defaults.TUNE_HOLDOUT,
-    calibrate: bool = True,
-    openset_k: int = defaults.OPENSET_K,
-    tpr: float = defaults.TPR,
-    seed: int = defaults.SEED,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict:
     """Train the `preset`'s network (or `settings`, which override it whole) on `emb_dir`'s labelled
-    collection, index the tuned vectors into `out`, calibrate on held-out images. Returns index.json with a
+    collection, index the tuned vectors into `out` as `index` says (its seed also splits off the `holdout`
+    share of each class), calibrate on held-out images when `index.calibrate`. Returns index.json with a
     `tuning` section. Raises CarsearchError for an
     unlabelled collection, a holdout outside (0, 1), or a preset this command cannot run (gpu: train it
     with `carsearch train --preset gpu`, then embed with --weights)."""
@@ -75,6 +72,8 @@ def build_tuned_index(
     if not 0 < holdout < 1:
         raise CarsearchError("--tune-holdout must be between 0 and 1.")
     s = settings or get_preset(preset).settings
+    ix = index or IndexSettings()
+    seed, tpr = ix.seed, ix.tpr
     t0 = time.perf_counter()
     projected = out / EMBEDDINGS_DIR
     reference = None  # the collection by the network the held-out images picked, when a refit followed
@@ -93,9 +92,7 @@ def build_tuned_index(
             "run `carsearch train DATA --out CKPT --preset gpu`, embed with `--weights CKPT`, then build."
         )
     train_s = time.perf_counter() - t0
-    info = build_index(
-        [projected], out, factory, memory_budget, target_recall, calibrate=False, tpr=tpr, seed=seed
-    )
+    info = build_index([projected], out, replace(ix, calibrate=False))
     # The images the head never trained on (its validation split: the same split train_head made).
     _, held = stratified_split(emb.class_ids, 1 - holdout, seed)
     projected_set = load_embeddings(projected)
@@ -121,7 +118,7 @@ def build_tuned_index(
         if trained.refit is None
         else {k: v for k, v in trained.refit.items() if k != "history"},
     }
-    if not calibrate:
+    if not ix.calibrate:
         return save_info_extra(out, {"tuning": tuning})
     info = calibrate_on_members(
         out,
@@ -130,7 +127,7 @@ def build_tuned_index(
         f"{len(calibration)} images held out from the tuned network's training",
         tpr,
         extra={"tuning": tuning},
-        k=openset_k,
+        k=ix.openset_k,
         reference=reference,
     )
     if reference is None:  # a refit's network was not what the held-out images were scored by
