@@ -329,3 +329,22 @@ def test_empty_and_unvoted_lists_say_why(client: TestClient, unlabelled_index: P
         assert five["note"].startswith("the index has no labels") and five["neighbors"][0]["score"] > 0.999
         many = one_answer(bare.post("/api/search?k=20", files={"image": ("car.jpg", PHOTO.read_bytes())}))
         assert many["note"].startswith("the index has no labels") and "holds only 12 images" in many["note"]
+
+
+def test_startup_objects_are_kept_out_of_full_collections(index_dir: Path) -> None:
+    """What the app loads at startup sits in the collector's permanent generation, so that a full
+    collection does not walk the libraries' millions of objects while requests wait (the p99 under
+    load: docs/benchmarks.md). The searcher opened here, after the gc reset, must be among them."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        searcher = Searcher.open(index_dir)
+        create_app(searcher=searcher)
+        frozen = gc.get_freeze_count()
+        gc.collect()
+        # A frozen object is never scanned again: a full collection leaves it in the permanent generation.
+        assert frozen > 100_000 and gc.get_freeze_count() == frozen
+        assert not any(o is searcher for o in gc.get_objects())  # not in any generation the collector walks
+    finally:
+        gc.unfreeze()

@@ -301,6 +301,7 @@ def create_app(
     def index_page() -> str:
         return page
 
+    memory.freeze_startup_objects()  # last: everything loaded above is in place
     return app
 
 

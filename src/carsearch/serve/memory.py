@@ -1,4 +1,5 @@
-"""Giving decoded images' memory back to the operating system.
+"""Giving decoded images' memory back to the operating system, and keeping the garbage collector off the
+objects loaded at startup.
 
 glibc serves large allocations with mmap only above a threshold that it raises each time such a block is
 freed (up to 32 MiB), after which a burst of big decodes lands on the heap and stays resident once freed:
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -43,3 +45,18 @@ def release() -> None:
     libc = _lib()
     if libc:
         libc.malloc_trim(0)
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the imported libraries, the network, the index's metadata) into the
+    collector's permanent generation (Python's `gc.freeze`, 3.7+), after one full collection; returns how
+    many were frozen.
+
+    Why: torch, timm and OpenVINO leave a few million tracked objects, and a full (generation-2) collection
+    walks them all: 200-230 ms on 2 cores, stalling every request in flight. Without this the server's first
+    burst of concurrent requests hit one, and it was the whole p99 under 8 clients with OpenVINO
+    (benchmarks/serve_load.py: p99 300 ms, p50 47 ms; docs/benchmarks.md). Objects made later are
+    collected as usual; frozen ones are still freed by reference counting, only cycles among them stay."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
