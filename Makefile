@@ -37,7 +37,7 @@ demo: venv
 	$(BIN)/carsearch bench $(OUT)/emb --out $(OUT)/report --factory Flat --factory HNSW32 --no-sweep --no-peers
 	@echo "demo outputs in $(OUT)/: emb/, index-frozen/, index/ (tuned: head/, embeddings/), accuracy.md, report/report.md"
 
-# The cpu-hour preset on the same collection (about an hour on 2 cores): the last two stages of the
+# The cpu-hour preset on the same collection (under an hour on 2 cores): the last three stages of the
 # backbone trained on cached activations of the photos, then the same three photos classified.
 demo-cpu-hour: venv
 	mkdir -p $(OUT)

@@ -34,9 +34,10 @@ from carsearch.train.tuned import build_tuned_index
 from tests.conftest import DEV, _subset_labels, pick_range, write_csv_dataset
 
 CLASSES = list(range(1, 197, 14))  # 14 classes spread over the 196 (every 14th)
-# A run small enough for CI: two augmented views, a few epochs; the recipe otherwise as cpu-hour.
+# A run small enough for CI: two augmented views, a few epochs, the last 2 stages (the preset trains 3:
+# 1.6x the time an epoch); the recipe otherwise as cpu-hour.
 SMALL = get_preset("cpu-hour").settings.override(
-    augmented_views=2, epochs=15, batch_size=16, workers=0, warmup_epochs=1
+    augmented_views=2, epochs=15, batch_size=16, workers=0, warmup_epochs=1, train_blocks="2"
 )
 
 
@@ -69,6 +70,9 @@ def test_cut_equals_the_whole_network() -> None:
             with torch.inference_mode():
                 assert torch.allclose(c.suffix(c.prefix(x)), model(x), atol=1e-5)
         assert resolve_trained(model, names[-2]) == 2 and resolve_trained(model, "1") == 1
+        preset = get_preset("cpu-hour").settings
+        if name == preset.backbone:  # the preset trains from blocks.4 on, as documented
+            assert names[-resolve_trained(model, preset.train_blocks)] == "blocks.4"
     with pytest.raises(Exception, match="neither a count"):
         resolve_trained(model, "blocks.9")
 
