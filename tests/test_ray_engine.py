@@ -71,13 +71,13 @@ def test_ray_shards_byte_identical_to_local(
     same_output(local_run, tmp_path / "emb")
 
 
-def _ray_run(data: Path, out: Path, **extra: object) -> object:
+def _ray_run(data: Path, out: Path, on_batch: object = None, **settings: object) -> object:
     """The whole collection embedded by two Ray workers, shards as the local reference run made them."""
     return embed_dataset(
-        EmbedJob(data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2),
+        EmbedJob(data, out, backbone="efficientnet_lite0", shard_size=SHARD, workers=2, **settings),
         engine=RAY,
         progress=False,
-        **extra,
+        on_batch=on_batch,
     )
 
 
