@@ -399,3 +399,26 @@ def test_a_killed_decoding_worker_is_one_sentence(tmp_path: Path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert load_embeddings(tmp_path / "emb").manifest["complete"]
+
+
+def test_a_worker_killed_mid_transfer_is_the_same_sentence() -> None:
+    """A worker killed while the main process fetches a batch's shared memory from it: the main process
+    sees ConnectionResetError, not torch's "worker killed"; with the loader's processes it is the same one
+    sentence naming the dead worker. Without a dead worker the error passes through unchanged."""
+    import multiprocessing
+    import time
+
+    from carsearch.embed.reader import decoding_workers
+
+    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    worker.start()
+    try:
+        with pytest.raises(ConnectionResetError), decoding_workers("kept", lambda: [worker]):
+            raise ConnectionResetError(104, "Connection reset by peer")
+        os.kill(worker.pid, signal.SIGKILL)
+        died = rf"worker \(pid {worker.pid}\) was killed by signal Killed"
+        with pytest.raises(CarsearchError, match=died), decoding_workers("kept", lambda: [worker]):
+            raise ConnectionResetError(104, "Connection reset by peer")
+    finally:
+        worker.kill()
+        worker.join()

@@ -285,8 +285,13 @@ def _run_local(
     shard = next(shard_iter)
     with ctrl_c() as interrupted:
         try:
-            with decoding_workers("what was embedded is kept: run the same command again to resume after it"):
-                for batch in loader:
+            batches = None  # the loader's iterator: its workers start inside the watched block
+            with decoding_workers(
+                "what was embedded is kept: run the same command again to resume after it",
+                lambda: getattr(batches, "_workers", ()),  # torch's multiprocessing iterator's processes
+            ):
+                batches = iter(loader)
+                for batch in batches:
                     shard.add(batch, encoder.encode(batch.pixels))
                     tally.update(len(batch.index), Counter(r for _, r, _ in batch.failures))
                     if batch.index[-1] == shard.plan.run_stop - 1:

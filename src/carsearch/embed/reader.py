@@ -9,7 +9,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,14 @@ _WORKER_DIED = re.compile(
 @contextlib.contextmanager
 def decoding_workers(
     resume_hint: str = "finished shards are kept: run the same command again",
+    workers: Callable[[], Iterable[object]] | None = None,
 ) -> Iterator[None]:
     """Turn the death of a DataLoader worker (the OOM killer, a decoder that crashed) into one sentence
-    that says what to do, instead of torch's multi-page traceback. Other errors pass through."""
+    that says what to do, instead of torch's multi-page traceback. Other errors pass through.
+
+    `workers()` returns the loader's worker processes (its iterator's): a worker killed while the main
+    process is fetching a batch's shared memory from it surfaces as a ConnectionError or EOFError rather
+    than torch's "worker killed" error; with them, that case gets the same sentence, naming the dead one."""
     try:
         yield
     except RuntimeError as e:
@@ -41,10 +47,34 @@ def decoding_workers(
         if m is None:
             raise
         how = f"was killed by signal {m.group(3)}" if m.group(3) else "exited unexpectedly"
-        raise CarsearchError(
-            f"an image-decoding worker (pid {m.group(1).strip()}) {how}, most likely out of memory; "
-            f"{resume_hint}, perhaps with fewer --workers or a smaller --batch-size."
-        ) from None
+        raise CarsearchError(_worker_died(m.group(1).strip(), how, resume_hint)) from None
+    except (ConnectionError, EOFError):
+        dead = _dead_worker(workers() if workers else ())
+        if dead is None:
+            raise
+        code = dead.exitcode
+        how = f"was killed by signal {signal.strsignal(-code)}" if code < 0 else "exited unexpectedly"
+        raise CarsearchError(_worker_died(str(dead.pid), how, resume_hint)) from None
+
+
+def _worker_died(pid: str, how: str, resume_hint: str) -> str:
+    return (
+        f"an image-decoding worker (pid {pid}) {how}, most likely out of memory; "
+        f"{resume_hint}, perhaps with fewer --workers or a smaller --batch-size."
+    )
+
+
+def _dead_worker(processes: Iterable[object], wait: float = 2.0) -> object | None:
+    """The first of `processes` (multiprocessing.Process) that has ended, waiting up to `wait` seconds
+    for the one whose death was just felt; None when all still run."""
+    deadline = time.monotonic() + wait
+    while True:
+        for p in processes:
+            if getattr(p, "exitcode", None) is not None:
+                return p
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def ignore_interrupts(_worker_id: int) -> None:
