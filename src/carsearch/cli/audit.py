@@ -99,7 +99,15 @@ def audit(
     from carsearch.audit.run import audit as run_audit
     from carsearch.audit.settings import AuditSettings
 
-    settings = AuditSettings(threshold, k, outlier_k, exact, top, not no_page, not no_local_features)
+    settings = AuditSettings(
+        threshold=threshold,
+        k=k,
+        outlier_k=outlier_k,
+        exact=exact,
+        top=top,
+        page=not no_page,
+        local_features=not no_local_features,
+    )
     report = run_audit(emb_dir, out, queries_dir, settings)
     summary = {
         "out": str(Path(out).resolve()),

@@ -191,7 +191,15 @@ def index_build(
         require_complete(emb_dir, allow_incomplete)
     from carsearch.index.settings import IndexSettings
 
-    index_settings = IndexSettings(factory, memory_budget, target_recall, calibrate, openset_k, tpr, seed)
+    index_settings = IndexSettings(
+        factory=factory,
+        memory_budget=memory_budget,
+        target_recall=target_recall,
+        calibrate=calibrate,
+        openset_k=openset_k,
+        tpr=tpr,
+        seed=seed,
+    )
     if tune_head:
         if tune not in (None, "head"):
             raise click.UsageError(f"--tune-head is --tune head; leave out --tune {tune}.")

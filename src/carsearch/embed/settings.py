@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from carsearch import defaults
@@ -65,7 +65,7 @@ class EmbedJob:
 
     def given(self, names: list[str]) -> dict:
         """The fingerprinted settings `names` as given (None: not given); labels_file as an absolute path."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
+        out = {name: getattr(self, name) for name in names}
         if out.get("labels_file"):
             out["labels_file"] = str(Path(out["labels_file"]).expanduser().resolve())
         return out

@@ -92,7 +92,7 @@ def build_tuned_index(
             "run `carsearch train DATA --out CKPT --preset gpu`, embed with `--weights CKPT`, then build."
         )
     train_s = time.perf_counter() - t0
-    info = build_index([projected], out, replace(ix, calibrate=False))
+    build_index([projected], out, replace(ix, calibrate=False))
     # The images the head never trained on (its validation split: the same split train_head made).
     _, held = stratified_split(emb.class_ids, 1 - holdout, seed)
     projected_set = load_embeddings(projected)
