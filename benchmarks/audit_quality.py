@@ -39,8 +39,8 @@ from carsearch.audit.scores import LabelQuality, label_quality, neighbours
 from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.embed.settings import EmbedJob
 from carsearch.embed.store import EmbeddingSet, write_embedding_set
-from carsearch.eval.duplicates import search_index
 from carsearch.eval.edited_copies import cosine_threshold
+from carsearch.index.families import neighbour_index
 from carsearch.index.settings import IndexSettings
 from plant import EDITS, REPOST_EDITS, flip_labels, plant_duplicates
 
@@ -95,7 +95,7 @@ def duplicates(work: Path, n: int, seed: int) -> dict:
     planted = {row[b] for _, b, _ in pairs}
     reposts = {tuple(sorted((row[a], row[b]))) for a, b, e in pairs if e in REPOST_EDITS}
     out = {"planted": len(pairs), "photos": len(emb), "edits": sorted(REPOST_EDITS + EDITS)}
-    index = search_index(emb.vectors)
+    index = neighbour_index(emb.vectors)
     nb = neighbours(index, emb.vectors, defaults.EDITED_COPY_K)
     same_photo = _same_photo_as_original(emb, {row[b]: row[a] for a, b, _ in pairs})
     for name, local in (("carsearch, cosine only", False), ("carsearch, cosine + local features", True)):
@@ -212,7 +212,7 @@ K = defaults.AUDIT_VOTE_K
 
 def _neighbours(folder: Path) -> tuple:
     emb = load_embeddings(folder)
-    return neighbours(search_index(emb.vectors), emb.vectors, K), K
+    return neighbours(neighbour_index(emb.vectors), emb.vectors, K), K
 
 
 def _cross_fitted(noisy: EmbeddingSet, noisy_dir: Path, work: Path, seed: int) -> LabelQuality:

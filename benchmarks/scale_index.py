@@ -23,7 +23,7 @@ import numpy as np
 from carsearch.bench.runner import BenchSettings, run_bench
 from carsearch.embed import load_embeddings
 from carsearch.embed.store import EmbeddingSet
-from carsearch.index.auto import ivf_lists
+from carsearch.index.families import ivf_lists
 
 
 def synthesise(real: EmbeddingSet, classes: int, per_class: int, seed: int) -> EmbeddingSet:

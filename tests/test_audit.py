@@ -24,7 +24,8 @@ from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.embed.settings import EmbedJob
 from carsearch.embed.store import write_embedding_set
 from carsearch.errors import CarsearchError, ProvenanceMismatch
-from carsearch.eval.duplicates import components, range_pairs, search_index
+from carsearch.eval.duplicates import components, range_pairs
+from carsearch.index.families import neighbour_index
 from carsearch.index.idlist import read_id_files, read_id_list
 from carsearch.index.store import open_bundle
 from tests.conftest import DEV, pick, write_csv_dataset
@@ -82,14 +83,14 @@ def test_range_search_equals_brute_force() -> None:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     sims = x @ x.T
     want = {(a, b) for a, b in zip(*np.nonzero(sims >= 0.8), strict=True) if a < b}
-    i, j, s = range_pairs(search_index(x, exact=True), x, 0.8, batch=97)
+    i, j, s = range_pairs(neighbour_index(x, exact=True), x, 0.8, batch=97)
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == want and len(want) >= 60
     np.testing.assert_allclose(s, sims[i, j], rtol=1e-5)
     # The groups are the connected components of the pairs.
     groups = components(len(x), i, j)
     assert sum(len(g) for g in groups) == len({v for p in want for v in p})
     # Above the exact limit: IVF finds (nearly) the same pairs and never invents one.
-    i2, j2, _ = range_pairs(search_index(x, exact=False), x, 0.8)
+    i2, j2, _ = range_pairs(neighbour_index(x, exact=False), x, 0.8)
     found = set(zip(i2.tolist(), j2.tolist(), strict=True))
     assert found <= want and len(found) >= 0.95 * len(want)
 
@@ -451,7 +452,7 @@ def test_vectorised_vote_equals_the_classifiers_vote(planted: tuple[Path, list])
     emb = load_embeddings(planted[0])
     labels = emb.labels.copy()
     labels[::7] = ""
-    nb = neighbours(search_index(emb.vectors), emb.vectors, 15)
+    nb = neighbours(neighbour_index(emb.vectors), emb.vectors, 15)
     q = label_quality(labels, nb, 15, with_probs=True)
     for i in range(len(labels)):
         votes = ranked_votes(labels, nb.sims[i], nb.rows[i], 15)
@@ -476,7 +477,7 @@ def test_near_pairs_reusing_neighbours_equal_range_search(exact: bool) -> None:
     groups = np.repeat(base[:40], 6, axis=0) + 0.1 * rng.normal(size=(240, 32)).astype(np.float32)
     x = np.concatenate([base, groups])  # 40 groups of 7 near-copies (k = 3 is too few for them)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    index = search_index(x, exact=exact)
+    index = neighbour_index(x, exact=exact)
     nb = neighbours(index, x, 3)
     assert (nb.sims[:, -1] >= 0.8).sum() >= 200 and (nb.sims[:, -1] < 0.8).sum() >= 2000  # both paths
     i, j, s = near_pairs(index, x, 0.8, nb.sims, nb.rows)
@@ -502,7 +503,7 @@ def test_too_few_examples_is_not_a_suspect(planted: tuple[Path, list]) -> None:
     labels[0] = "Singleton Model 2031"  # the only photo of its class
     labels[1:40] = ""  # row 40 and on keep their labels; rows 1..39 are unlabelled
     lonely = 45  # a labelled photo whose neighbours we unlabel
-    nb = neighbours(search_index(emb.vectors), emb.vectors, 10)
+    nb = neighbours(neighbour_index(emb.vectors), emb.vectors, 10)
     labels[[r for r in nb.rows[lonely] if r >= 0]] = ""
     labels[lonely] = emb.labels[lonely]
     q = label_quality(labels, nb, 10)

@@ -63,6 +63,46 @@ def test_tunable_values() -> None:
     assert tunable(make_index("OPQ8,IVF16,PQ8", 32)).name == "nprobe"
 
 
+@pytest.mark.parametrize(
+    ("factory", "family", "whole_vectors"),
+    [
+        ("Flat", "flat", True),
+        ("HNSW16", "hnsw", True),
+        ("HNSW16,PQ8", "hnsw", False),
+        ("IVF16,Flat", "ivf", False),
+        ("IVF16,SQ8", "ivf", False),
+        ("OPQ8,IVF16,PQ8", "ivf", False),
+        ("IVF16_HNSW8,Flat", "ivf", False),  # a graph as the coarse quantiser is still an IVF index
+        ("PQ8", "other", False),
+        ("PCA16,Flat", "other", False),  # the stored vectors are projections, not the originals
+    ],
+)
+def test_each_index_is_claimed_by_one_family(factory: str, family: str, whole_vectors: bool) -> None:
+    """family_of names the family every other question is put to; its stored vectors come back whole
+    (equal to what was added) exactly where the family says so."""
+    from carsearch.index.factory import exhaustive_params, stored_vectors
+    from carsearch.index.families import family_of
+
+    x = _data(1000)
+    index = make_index(factory, x.shape[1])
+    train_and_add(index, x, np.arange(len(x)) + 5)
+    assert family_of(index).name == family
+    back = stored_vectors(index, np.array([5, 6, 7]))
+    assert (back is not None) == whole_vectors
+    if back is not None:
+        np.testing.assert_array_equal(back, x[:3])
+    # Exhaustive parameters make any family find each vector's own id first, filtered to odd ids.
+    import faiss
+
+    odd = np.arange(5, len(x) + 5, 2)
+    params = exhaustive_params(index, 3, faiss.IDSelectorBatch(odd))
+    _, found = index.search(x[:40], 3, params=params) if params is not None else index.search(x[:40], 3)
+    if family != "other":
+        assert np.isin(found[found >= 0], odd).all()
+    if whole_vectors or (family == "ivf" and "PQ" not in factory and "SQ" not in factory):
+        assert (found[::2, 0] == np.arange(5, 45, 2)).all()
+
+
 def test_removal_where_supported() -> None:
     x = _data()
     for factory in ("Flat", "IVF16,Flat"):

@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from carsearch import SCHEMA_VERSION
@@ -26,13 +25,7 @@ from carsearch.audit.scores import label_quality, neighbours, outlier_fence, out
 from carsearch.audit.settings import AuditSettings
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
-from carsearch.eval.duplicates import (
-    components,
-    near_pairs,
-    nearest_in,
-    search_index,
-    search_index_bytes,
-)
+from carsearch.eval.duplicates import components, near_pairs, nearest_in
 from carsearch.eval.edited_copies import (
     LocalMatcher,
     candidate_pairs,
@@ -42,6 +35,7 @@ from carsearch.eval.edited_copies import (
     photo_lookup,
 )
 from carsearch.fsutil import write_json_atomic, write_text_atomic
+from carsearch.index.families import FLAT, family_of, neighbour_index, neighbour_index_bytes
 from carsearch.index.idlist import write_id_list
 from carsearch.memwatch import peak_rss_bytes
 from carsearch.progress import Progress
@@ -118,8 +112,8 @@ def audit(
 
     with Progress(6 if other is not None else 5, "audit", "step", enabled=progress) as bar:
         timings["load"] = round(time.perf_counter() - t0, 2)
-        index = search_index(emb.vectors, cfg.exact)
-        exact_used = isinstance(index, faiss.IndexFlat)
+        index = neighbour_index(emb.vectors, cfg.exact)
+        exact_used = family_of(index) is FLAT
         step("index")
         depth = min(max(k, outlier_k), max(1, n - 1))
         # One kNN search serves the vote, the outlier score, and most of the near-duplicate pairs.
@@ -215,7 +209,7 @@ def audit(
         "id_lists": {name: ID_LISTS[name] for name in lists},
         "seconds": 0.0,
         "timings": timings,
-        "index_bytes": search_index_bytes(index),
+        "index_bytes": neighbour_index_bytes(index),
         "peak_rss_bytes": 0,
     }
     out.mkdir(parents=True, exist_ok=True)

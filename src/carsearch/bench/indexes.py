@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from carsearch import defaults
 from carsearch.eval.neighbors import recall_at_k
-from carsearch.index.auto import human_bytes, ivf_lists
+from carsearch.index.auto import human_bytes
 from carsearch.index.core import Index
 from carsearch.index.factory import tunable
+from carsearch.index.families import FLAT, HNSW_FAMILY, IVF_FAMILY, PQ_CENTROIDS, ivf_lists
 
 SINGLE_QUERIES = 200  # one-at-a-time queries timed for latency percentiles
-# faiss's k-means asks for this many training vectors per centroid and warns below it ("please provide at
-# least N training points"): IVF lists and 8-bit PQ codebooks (256 centroids per sub-quantizer) are such
-# centroids. faiss.ClusteringParameters().min_points_per_centroid; index.auto.ivf_lists keeps to it.
-MIN_POINTS_PER_CENTROID = 39
-PQ_CENTROIDS = 256
 
 
 def default_factories(n: int, d: int) -> tuple[list[str], dict[str, str]]:
@@ -31,17 +27,18 @@ def default_factories(n: int, d: int) -> tuple[list[str], dict[str, str]]:
     the types n vectors are too few to train: (the types kept, {type left out: why})."""
     lists = ivf_lists(n)
     m = max(8, next(m for m in range(d // 16, 0, -1) if d % m == 0))  # about 16 dimensions per code byte
-    kept, left_out = ["Flat", "HNSW32"], {}
+    kept, left_out = [FLAT.factory(), HNSW_FAMILY.factory()], {}
+    ivf_flat = IVF_FAMILY.factory(lists)
     if lists >= 2:
-        kept.append(f"IVF{lists},Flat")
+        kept.append(ivf_flat)
     else:
-        left_out[f"IVF{lists},Flat"] = (
-            f"two inverted lists need {2 * MIN_POINTS_PER_CENTROID} training vectors "
-            f"({MIN_POINTS_PER_CENTROID} per list, faiss's minimum) and the gallery holds {n}; one list is "
-            "exact search"
+        left_out[ivf_flat] = (
+            f"two inverted lists need {2 * IVF_FAMILY.training_floor()} training vectors "
+            f"({IVF_FAMILY.training_floor()} per list, faiss's minimum) and the gallery holds {n}; one list "
+            "is exact search"
         )
-    pq_min = MIN_POINTS_PER_CENTROID * PQ_CENTROIDS
-    for factory in (f"IVF{lists},PQ{m}", f"OPQ{m}_{4 * m},IVF{lists},PQ{m}"):
+    pq_min = IVF_FAMILY.training_floor(m)
+    for factory in (IVF_FAMILY.factory(lists, m), IVF_FAMILY.factory(lists, m, opq=True, opq_dim=4 * m)):
         if n >= pq_min:
             kept.append(factory)
         else:
@@ -162,18 +159,35 @@ def sweep(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> li
     """Recall@10 and batched QPS for each value of the index's search parameter (the recall-QPS curve)."""
     knob = tunable(run.faiss)
     tuned = run.params
+    if knob.name is None:
+        return recall_qps_curve(run.search, queries, truth, k, "", (None,), lambda _: None)
+    points = recall_qps_curve(
+        run.search, queries, truth, k, knob.name, knob.values, lambda v: run.set_params(f"{knob.name}={v}")
+    )
+    run.set_params(tuned)
+    return points
+
+
+def recall_qps_curve(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    queries: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    knob: str,
+    values: Sequence,
+    set_value: Callable[[object], None],
+) -> list[dict]:
+    """One point per knob value: {"param": "knob=value" ("" without a knob), "10-recall@10" against
+    `truth` (m, k) int64, "qps_batched"} of `search(queries, k)` after `set_value(value)`. The curve of
+    faiss's indexes and of the peers alike."""
     points = []
-    values = knob.values if knob.name else (None,)
     for v in values:
-        if knob.name:
-            run.set_params(f"{knob.name}={v}")
-        _, found = run.search(queries, k)
+        set_value(v)
         points.append(
             {
-                "param": f"{knob.name}={v}" if knob.name else "",
-                "10-recall@10": recall_at_k(found, truth, k),
-                "qps_batched": time_batched(run.search, queries, k, min_seconds=0.2, repeats=2),
+                "param": f"{knob}={v}" if knob else "",
+                "10-recall@10": recall_at_k(search(queries, k)[1], truth, k),
+                "qps_batched": time_batched(search, queries, k, min_seconds=0.2, repeats=2),
             }
         )
-    run.set_params(tuned)
     return points

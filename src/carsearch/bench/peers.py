@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from carsearch.bench.indexes import time_batched, time_single
+from carsearch.bench.indexes import recall_qps_curve, time_batched, time_single
 from carsearch.eval.neighbors import drop_self, exact_search, recall_at_k, sample_queries
+from carsearch.index.families import HNSW_FAMILY
+from carsearch.index.tune import cheapest_reaching
 
-HNSW_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+HNSW_EF = HNSW_FAMILY.EF_SEARCH  # the ladder faiss's HNSW is tuned on
 
 
 def _numpy_search(gallery: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
@@ -117,23 +119,14 @@ def measure_peers(
     sample = sample_queries(len(gallery), 1000, seed)
     ids = np.arange(len(gallery))
     self_truth = drop_self(*exact_search(gallery, ids, gallery[sample], k + 1), ids[sample], k)[1]
-    chosen = HNSW_EF[-1]
-    for ef in HNSW_EF:
+
+    def recall_with(ef: int) -> float:
         index.set_ef(max(ef, k + 1))
-        found = drop_self(*search(gallery[sample], k + 1), ids[sample], k)[1]
-        if recall_at_k(found, self_truth, k) >= target_recall:
-            chosen = ef
-            break
-    curve = []
-    for ef in HNSW_EF:  # the recall-QPS curve, to compare with faiss's HNSW at equal recall
-        index.set_ef(max(ef, k))
-        curve.append(
-            {
-                "param": f"ef={ef}",
-                "10-recall@10": recall_at_k(search(queries, k)[1], truth, k),
-                "qps_batched": time_batched(search, queries, k, min_seconds=0.2, repeats=2),
-            }
-        )
+        return recall_at_k(drop_self(*search(gallery[sample], k + 1), ids[sample], k)[1], self_truth, k)
+
+    chosen, _ = cheapest_reaching(HNSW_EF, recall_with, target_recall)
+    # The recall-QPS curve, to compare with faiss's HNSW at equal recall.
+    curve = recall_qps_curve(search, queries, truth, k, "ef", HNSW_EF, lambda ef: index.set_ef(max(ef, k)))
     index.set_ef(max(chosen, k + 1))
     out.append(
         {

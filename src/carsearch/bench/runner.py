@@ -16,13 +16,14 @@ from carsearch.bench.indexes import default_factories, measure, recommend, sweep
 from carsearch.bench.protocols import ClassSplit, check_class_split, choose_class_split, open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
-from carsearch.eval.duplicates import nearest_in, search_index
+from carsearch.eval.duplicates import nearest_in
 from carsearch.eval.edited_copies import confirm_leaks, cosine_threshold, photo_lookup
 from carsearch.eval.knn import knn_metrics, vote_details
 from carsearch.eval.neighbors import exact_search
 from carsearch.eval.splits import class_range, numbered_by_name, stratified_split
 from carsearch.fsutil import write_json_atomic, write_text_atomic
 from carsearch.index.core import Index
+from carsearch.index.families import neighbour_index
 from carsearch.memwatch import PeakGrowth, peak_rss_bytes
 from carsearch.progress import Progress
 from carsearch.provenance import library_versions
@@ -192,7 +193,7 @@ def run_bench(
     # Queries with a near-duplicate in the gallery inflate every kNN figure below: say how many.
     # The audit's rule: the nearest gallery photo at the threshold, or an edited copy confirmed by the
     # photos' local features (eval/edited_copies.py).
-    leak_index = search_index(g_vec)
+    leak_index = neighbour_index(g_vec)
     leak_sims, leak_rows = nearest_in(leak_index, q_vec)
     gallery_photo, query_photo = photo_lookup(emb, gal), photo_lookup(emb, qry)
     leak, leak_sims, _ = confirm_leaks(

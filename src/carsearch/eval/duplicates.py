@@ -2,50 +2,16 @@
 matrix), their connected components, and leakage of one set's photos into another's.
 
 Memory follows the index plus one batch of queries' results, not the number of pairs: range search runs
-`batch` queries at a time and keeps only the pairs it finds. Up to `defaults.AUDIT_EXACT_LIMIT` vectors
-the index is exact (Flat); above it an IVF index with 8-bit scalar-quantised vectors (a quarter of the
-memory, and scanning is memory-bound: twice as fast as IVF-Flat at 300k x 1280, recall@51 0.99 of it)
-searches nprobe cells out of ~2 sqrt(n); near-duplicates, sitting almost on top of each other, share one.
+`batch` queries at a time and keeps only the pairs it finds. The index is built by
+`index.families.neighbour_index` (exact up to AUDIT_EXACT_LIMIT vectors, IVF-SQ8 above).
 """
 
 from __future__ import annotations
-
-import math
 
 import faiss
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-
-from carsearch import defaults
-
-
-def search_index(vectors: np.ndarray, exact: bool | None = None, seed: int = defaults.SEED) -> faiss.Index:
-    """An inner-product index over `vectors` for range and kNN search: Flat when `exact` (by default up
-    to AUDIT_EXACT_LIMIT vectors), else IVF trained on a seeded sample."""
-    x = np.ascontiguousarray(vectors, np.float32)
-    n, d = x.shape
-    if exact is None:
-        exact = n <= defaults.AUDIT_EXACT_LIMIT
-    if exact:
-        index = faiss.IndexFlatIP(d)
-    else:
-        nlist = max(1, min(n // 39, int(2 * math.sqrt(n))))
-        index = faiss.index_factory(d, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        sample = x[np.sort(rng.choice(n, size=min(n, 50 * nlist), replace=False))]
-        index.train(sample)
-        index.nprobe = min(nlist, defaults.AUDIT_NPROBE)
-    index.add(x)
-    return index
-
-
-def search_index_bytes(index: faiss.Index) -> int:
-    """Memory of a `search_index` index: its vectors (1 byte a value in IVF-SQ8), plus ids, centroids and
-    the quantiser's ranges for IVF (computed, not serialised: no copy made)."""
-    if isinstance(index, faiss.IndexIVF):
-        return index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4 + 2 * index.d * 4
-    return index.ntotal * index.d * 4
 
 
 def range_pairs(

@@ -13,25 +13,17 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from carsearch import defaults
 from carsearch.errors import CarsearchError
+from carsearch.index.families import Tunable, chain, family_of, ivf_of
 
 log = logging.getLogger(__name__)
 
 _IVF = re.compile(r"IVF(\d+)")
-
-
-@dataclass(frozen=True)
-class Tunable:
-    """The search-time knob of an index: its name and the values worth trying, cheapest first."""
-
-    name: str | None  # "efSearch", "nprobe" or None (exact / nothing to tune)
-    values: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
@@ -57,17 +49,6 @@ def captured_stderr() -> Iterator[list[str]]:
             lines.extend(tmp.read().decode(errors="replace").splitlines())
 
 
-def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
-    return next((part for part in _chain(index) if isinstance(part, faiss.IndexHNSW)), None)
-
-
 def make_index(factory: str, dim: int) -> faiss.Index:
     """An empty index for `factory` (cosine via inner product), with id support."""
     factory = factory.strip()
@@ -88,7 +69,7 @@ def make_index(factory: str, dim: int) -> faiss.Index:
         ) from None
     if m and int(m.group(1)) < 1:
         raise CarsearchError(f"{factory!r}: IVF needs at least one list.")
-    for part in _chain(index):
+    for part in chain(index):
         # faiss's factory turns on polysemous training for PQ codes: a simulated-annealing reordering that
         # only serves Hamming-threshold search, which carsearch never uses. It made IVF-PQ training on 5k
         # vectors take 26 s instead of 2.3 s here.
@@ -97,30 +78,9 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     return index
 
 
-def _chain(index: faiss.Index) -> list[faiss.Index]:
-    """The index and the indexes it wraps (IDMap, PreTransform, IVF), each downcast to its real type."""
-    out = []
-    current: faiss.Index | None = faiss.downcast_index(index)
-    while current is not None and len(out) < 8:
-        out.append(current)
-        inner = getattr(current, "index", None)
-        current = faiss.downcast_index(inner) if inner is not None else None
-    ivf = ivf_of(index)
-    if ivf is not None:
-        out.append(faiss.downcast_index(ivf))
-    return out
-
-
 def min_training_points(index: faiss.Index) -> int:
     """The fewest vectors faiss can train this index on (one per IVF list; 256 for 8-bit PQ codebooks)."""
-    need = 0
-    ivf = ivf_of(index)
-    if ivf is not None:
-        need = ivf.nlist
-    pq = getattr(ivf, "pq", None) if ivf is not None else None
-    if pq is not None:
-        need = max(need, 1 << pq.nbits)
-    return need
+    return family_of(index).min_training_points(index)
 
 
 def training_rows(n: int, max_train: int, seed: int) -> np.ndarray | None:
@@ -194,15 +154,7 @@ def _seed_clustering(index: faiss.Index, seed: int) -> None:
 
 def tunable(index: faiss.Index) -> Tunable:
     """The search parameter worth tuning for this index, with candidate values cheapest first."""
-    ivf = ivf_of(index)
-    if ivf is not None:
-        values = [1]
-        while values[-1] < ivf.nlist:
-            values.append(min(values[-1] * 2, ivf.nlist))
-        return Tunable("nprobe", tuple(values))
-    if hnsw_of(index) is not None:
-        return Tunable("efSearch", (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024))
-    return Tunable(None)
+    return family_of(index).tunable(index)
 
 
 def set_search_params(index: faiss.Index, params: str) -> None:
@@ -217,11 +169,9 @@ def set_search_params(index: faiss.Index, params: str) -> None:
 
 def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
     """Remove ids; refused, with the reason, for index types whose structure cannot forget (HNSW)."""
-    if hnsw_of(index) is not None:
-        raise CarsearchError(
-            "HNSW indexes cannot remove vectors (the graph would lose its links); rebuild the index without "
-            "those images, or use a Flat or IVF index if removals are routine."
-        )
+    refused = family_of(index).removal_refused(index)
+    if refused:
+        raise CarsearchError(refused)
     try:
         return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
     except RuntimeError as e:
@@ -237,27 +187,13 @@ def exhaustive_params(index: faiss.Index, k: int, sel: faiss.IDSelector | None =
     """Search parameters under which a search of `index` visits every stored vector (passing `sel`):
     every inverted list for IVF (OPQ / PCA in front included), an HNSW beam as wide as the collection.
     None for index types whose search already visits everything (Flat) or that take no parameters."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=max(k, int(index.ntotal)))
-    ivf = ivf_of(index)
-    if ivf is None:
-        return faiss.SearchParameters(sel=sel) if sel is not None else None
-    params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nlist))
-    if isinstance(index, faiss.IndexPreTransform):
-        return faiss.SearchParametersPreTransform(index_params=params)
-    return params
+    return family_of(index).exhaustive_params(index, k, sel)
 
 
 def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray | None:
     """The stored vectors of `ids` (n, d) float32 where the index keeps them whole (Flat, HNSW-Flat
     behind IDMap2); None for compressed or unmapped indexes."""
-    if not isinstance(index, faiss.IndexIDMap2):
-        return None
-    inner = faiss.downcast_index(index.index)
-    if not isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
-        return None
-    return index.reconstruct_batch(np.ascontiguousarray(ids, np.int64)).astype(np.float32, copy=False)
+    return family_of(index).stored_vectors(index, ids)
 
 
 def stored_ids(index: faiss.Index) -> np.ndarray | None:

@@ -22,7 +22,8 @@ from carsearch.datasets.records import nfc
 from carsearch.errors import CarsearchError
 from carsearch.eval.neighbors import exact_search
 from carsearch.index.core import Index
-from carsearch.index.factory import ivf_of, stored_vectors
+from carsearch.index.factory import stored_vectors
+from carsearch.index.families import family_of
 
 _YEAR_RANGE = re.compile(r"^\s*(\d{4})?\s*-\s*(\d{4})?\s*$")
 
@@ -127,37 +128,12 @@ def filtered_search(
         if vectors is not None:
             return exact_search(vectors, allowed, q, k, pad=True)
     fraction = len(allowed) / max(1, index.ntotal)
-    params = _selector_params(index.faiss, faiss.IDSelectorBatch(allowed), k, fraction)
+    params = family_of(index.faiss).filter_params(index.faiss, faiss.IDSelectorBatch(allowed), k, fraction)
     if params is not None:
         sims, ids = index.faiss.search(q, k, params=params)
         # The scaled nprobe / efSearch may still visit fewer than k allowed vectors: widen those rows.
         return index.complete(q, k, sims, ids, min(k, len(allowed)), allowed)
     return _post_filter(index, q, k, allowed, fraction)
-
-
-def _selector_params(
-    index: faiss.Index, sel: faiss.IDSelector, k: int, fraction: float
-) -> faiss.SearchParameters | None:
-    scale = 1.0 / max(fraction, 1e-6)
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
-    if isinstance(inner, faiss.IndexHNSW):
-        ef = min(defaults.FILTER_MAX_EF, max(inner.hnsw.efSearch, math.ceil(2 * k * scale)))
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
-    if isinstance(inner, faiss.IndexFlat):
-        return faiss.SearchParameters(sel=sel)
-    ivf = ivf_of(index)
-    if ivf is None:
-        return None
-    ivf_params = faiss.SearchParametersIVF(
-        sel=sel, nprobe=min(ivf.nlist, max(ivf.nprobe, math.ceil(ivf.nprobe * min(scale, 8.0))))
-    )
-    if isinstance(index, faiss.IndexIVF):
-        return ivf_params
-    if isinstance(index, faiss.IndexPreTransform) and isinstance(
-        faiss.downcast_index(index.index), faiss.IndexIVF
-    ):
-        return faiss.SearchParametersPreTransform(index_params=ivf_params)  # OPQ / PCA in front of IVF
-    return None
 
 
 def _post_filter(
