@@ -8,6 +8,7 @@ below the share that the same share of right answers reach (`uncertain_threshold
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
 from carsearch.defaults import K_VOTE, TEMPERATURE, TPR
 from carsearch.eval.neighbors import drop_self, sample_queries
@@ -52,24 +53,13 @@ def calibrated(scores: np.ndarray, tpr: float, method: str, unknown: np.ndarray 
 
 
 def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
-    """P(score of a known query > score of an unknown one), ties counting one half (Mann-Whitney U)."""
+    """P(score of a known query > score of an unknown one), ties counting one half: the Mann-Whitney U of
+    the known scores over the product of the two counts (scipy's; NaN when either side is empty)."""
     k = np.asarray(known_scores, dtype=np.float64)
     u = np.asarray(unknown_scores, dtype=np.float64)
     if len(k) == 0 or len(u) == 0:
         return float("nan")
-    both = np.concatenate([k, u])
-    order = np.argsort(both, kind="mergesort")
-    ranks = np.empty(len(both))
-    ranks[order] = np.arange(1, len(both) + 1)
-    # Average ranks over ties.
-    sorted_vals = both[order]
-    start = 0
-    for end in range(1, len(both) + 1):
-        if end == len(both) or sorted_vals[end] != sorted_vals[start]:
-            ranks[order[start:end]] = (start + 1 + end) / 2
-            start = end
-    u_stat = ranks[: len(k)].sum() - len(k) * (len(k) + 1) / 2
-    return float(u_stat / (len(k) * len(u)))
+    return float(mannwhitneyu(k, u).statistic / (len(k) * len(u)))
 
 
 def fpr_at_tpr(known_scores: np.ndarray, unknown_scores: np.ndarray, tpr: float = TPR) -> float:

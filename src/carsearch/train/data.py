@@ -70,7 +70,12 @@ def split_classes(
 
 class BalancedBatches(torch.utils.data.Sampler[list[int]]):
     """Batches of P classes x K images (with replacement inside a class when it has fewer than K), so
-    every batch holds positives for the metric-learning loss. One epoch covers about every image once."""
+    every batch holds positives for the metric-learning loss. One epoch covers about every image once.
+
+    Not pytorch-metric-learning's MPerClassSampler: it draws from NumPy's global generator and shuffles
+    its class list in place from epoch to epoch, so epoch e depends on every epoch before it and a run
+    resumed at epoch e cannot draw the batches the uninterrupted run drew. Here epoch e's batches are a
+    function of (seed, e) alone (`set_epoch`)."""
 
     def __init__(self, labels: list[int], per_class: int, batch_size: int, seed: int = 0) -> None:
         self.by_class: dict[int, list[int]] = defaultdict(list)

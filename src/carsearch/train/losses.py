@@ -1,7 +1,7 @@
 """Metric-learning losses for few images per class.
 
-proxy-anchor and normalized-softmax (the head's and the full fine-tune's historical pair) are written
-here; cosface, arcface and the PML forms come from pytorch-metric-learning; cosine-ce is a cosine
+proxy-anchor, normalized-softmax, cosface and arcface come from pytorch-metric-learning (the first two
+fed float32 and initialised as carsearch always did, so figures reproduce); cosine-ce is a cosine
 classifier (NormFace) under torch's cross-entropy with label smoothing, which PML's losses lack. Every
 loss is a module `loss(embeddings (B, d) float, labels (B,) int64) -> scalar` whose parameters (proxies or
 class weights) train with it; the cosine classifiers also give `logits(embeddings)` (B, C).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml
 from torch import nn
 
 from carsearch.train.settings import LOSSES
@@ -19,45 +20,39 @@ from carsearch.train.settings import LOSSES
 CLASSIFIER_LOSSES = ("normalized-softmax", "cosine-ce", "cosface", "arcface")
 
 
-class ProxyAnchor(nn.Module):
-    """Proxy-Anchor loss (Kim et al., CVPR 2020): one learnable proxy per class; each proxy pulls the
-    batch's embeddings of its class and pushes the others, with log-sum-exp weighting (alpha, margin delta).
-    """
-
-    def __init__(self, n_classes: int, dim: int, margin: float = 0.1, alpha: float = 32.0) -> None:
-        super().__init__()
-        self.proxies = nn.Parameter(torch.empty(n_classes, dim))
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
-        self.margin, self.alpha = margin, alpha
+class ProxyAnchor(pml.ProxyAnchorLoss):
+    """Proxy-Anchor loss (Kim et al., CVPR 2020), pytorch-metric-learning's (margin 0.1, alpha 32, proxies
+    kaiming-normal), fed float32 embeddings: PML casts its proxies to the embeddings' dtype, which under
+    bf16 autocast would round the learned proxies themselves."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        cos = F.normalize(x.float(), dim=1) @ F.normalize(self.proxies, dim=1).T  # (B, C)
-        pos = F.one_hot(y, cos.shape[1]).bool()
-        with_pos = pos.any(dim=0)
-        # log(1 + sum exp(.)) as logsumexp over [0, terms]: stable for alpha * cos up to any size.
-        neg_inf = torch.finfo(cos.dtype).min
-        pos_terms = torch.where(pos, -self.alpha * (cos - self.margin), neg_inf)
-        neg_terms = torch.where(~pos, self.alpha * (cos + self.margin), neg_inf)
-        zero = torch.zeros(1, cos.shape[1], device=cos.device, dtype=cos.dtype)
-        pos_loss = torch.logsumexp(torch.cat([zero, pos_terms]), dim=0)[
-            with_pos
-        ].sum() / with_pos.sum().clamp(min=1)
-        neg_loss = torch.logsumexp(torch.cat([zero, neg_terms]), dim=0).sum() / cos.shape[1]
-        return pos_loss + neg_loss
+        return super().forward(x.float(), y)
 
 
-class NormalizedSoftmax(nn.Module):
-    """Cosine classifier: cross-entropy over s * cos(x, w_c) (NormFace; Zhai & Wu 2019 for retrieval)."""
+def _kaiming_per_class(w: torch.Tensor) -> None:
+    # PML keeps the normalised-softmax weights as W (dim, classes) and draws them from N(0, 1); carsearch
+    # has always drawn one kaiming-normal row per class (classes, dim), as Proxy-Anchor's proxies are.
+    # Same draws, transposed into PML's layout, so runs reproduce.
+    with torch.no_grad():
+        w.copy_(nn.init.kaiming_normal_(torch.empty(w.shape[1], w.shape[0]), mode="fan_out").T)
+
+
+class NormalizedSoftmax(pml.NormalizedSoftmaxLoss):
+    """Cosine classifier: cross-entropy over cos(x, w_c) / 0.05 (NormFace; Zhai & Wu 2019 for retrieval),
+    pytorch-metric-learning's, fed float32 embeddings (see ProxyAnchor). A training state saved when the
+    weights were `proxies` (classes, dim) still loads."""
 
     def __init__(self, n_classes: int, dim: int, temperature: float = 0.05) -> None:
-        super().__init__()
-        self.proxies = nn.Parameter(torch.empty(n_classes, dim))
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
-        self.temperature = temperature
+        super().__init__(n_classes, dim, temperature=temperature, weight_init_func=_kaiming_per_class)
+        self._register_load_state_dict_pre_hook(_proxies_to_w)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = F.normalize(x.float(), dim=1) @ F.normalize(self.proxies, dim=1).T / self.temperature
-        return F.cross_entropy(logits, y)
+        return super().forward(x.float(), y)
+
+
+def _proxies_to_w(state: dict, prefix: str, *_args) -> None:
+    if prefix + "proxies" in state:
+        state[prefix + "W"] = state.pop(prefix + "proxies").T.contiguous()
 
 
 class CosineCE(nn.Module):
@@ -90,18 +85,14 @@ def make_loss(
     cosine units for cosface and degrees for arcface; 0 takes PML's default). Raises CarsearchError."""
     from carsearch.errors import CarsearchError
 
-    if name == "proxy-anchor":
+    if name in ("proxy-anchor", "pml-proxy-anchor"):
         return ProxyAnchor(n_classes, dim)
     if name == "normalized-softmax":
         return NormalizedSoftmax(n_classes, dim)
     if name == "cosine-ce":
         return CosineCE(n_classes, dim, scale, label_smoothing)
-    if name in ("cosface", "arcface", "pml-proxy-anchor"):
-        from pytorch_metric_learning import losses
-
-        if name == "pml-proxy-anchor":
-            return losses.ProxyAnchorLoss(n_classes, dim)
-        kind = losses.CosFaceLoss if name == "cosface" else losses.ArcFaceLoss
+    if name in ("cosface", "arcface"):
+        kind = pml.CosFaceLoss if name == "cosface" else pml.ArcFaceLoss
         return kind(
             num_classes=n_classes, embedding_size=dim, scale=scale, **({"margin": margin} if margin else {})
         )
