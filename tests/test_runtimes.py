@@ -255,7 +255,7 @@ def test_training_prefix_activations_agree(tmp_path: Path) -> None:
 
 def test_train_runtime_reaches_the_cached_prefix(small_dataset: Path, tmp_path: Path) -> None:
     """`carsearch train --runtime onnxruntime` (a partial preset): the prefix's activations are cached by
-    ONNX Runtime, and what `auto` means is as before once the command ends. --head-only refuses it."""
+    ONNX Runtime, and what `auto` means is as before once the command ends. `train head` has no --runtime."""
     from click.testing import CliRunner
 
     from carsearch.cli import cli
@@ -270,6 +270,6 @@ def test_train_runtime_reaches_the_cached_prefix(small_dataset: Path, tmp_path: 
         r.stderr
     )
     assert os.environ["CARSEARCH_RUNTIME"] == "torch"  # conftest.py's, restored
-    head = ["train", str(tmp_path), "--out", str(tmp_path / "h"), "--head-only", "--runtime", "openvino"]
+    head = ["train", "head", str(tmp_path), "--out", str(tmp_path / "h"), "--runtime", "openvino"]
     refused = runner.invoke(cli, head)
-    assert refused.exit_code == 2 and "--runtime cannot apply" in refused.output
+    assert refused.exit_code == 2 and "No such option '--runtime'" in refused.output

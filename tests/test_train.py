@@ -175,10 +175,10 @@ def test_cli_head_only_json(dev_embeddings: Path, tmp_path: Path) -> None:
     args = [
         "-q",
         "train",
+        "head",
         str(dev_embeddings),
         "--out",
         str(tmp_path / "c"),
-        "--head-only",
         "--classes",
         "1-98",
         "--epochs",
@@ -286,11 +286,11 @@ def test_empty_or_diverging_validation_is_one_sentence(
         ),
         progress=False,
     )
-    empty = runner.invoke(cli, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "a"), "--head-only"])
+    empty = runner.invoke(cli, ["train", "head", str(tmp_path / "one"), "--out", str(tmp_path / "a")])
     assert empty.exit_code == 1 and "Traceback" not in empty.output, empty.output
     assert "validation set" in empty.output and "at least two" in empty.output
     absent = runner.invoke(
-        cli, ["train", str(tiny_emb), "--out", str(tmp_path / "c"), "--head-only", "--val-classes", "90-99"]
+        cli, ["train", "head", str(tiny_emb), "--out", str(tmp_path / "c"), "--val-classes", "90-99"]
     )
     assert absent.exit_code == 1 and "names no class of this dataset" in absent.output
     # One validation image: Recall@1 is undefined (it was NaN and the run crashed at its end).
@@ -298,10 +298,10 @@ def test_empty_or_diverging_validation_is_one_sentence(
         cli,
         [
             "train",
+            "head",
             str(tmp_path / "one"),
             "--out",
             str(tmp_path / "d"),
-            "--head-only",
             "--classes",
             "1-5",
             "--val-classes",
@@ -330,26 +330,23 @@ def test_a_diverging_run_stops_in_one_sentence(tmp_path: Path) -> None:
     assert calls == [1] and [h["epoch"] for h in run.history] == [1]
 
 
-def test_head_only_refuses_image_options_and_help_is_right(tiny_emb: Path, tmp_path: Path) -> None:
+def test_train_head_and_train_images_take_only_their_options(tiny_emb: Path, tmp_path: Path) -> None:
+    """`train head` has no image options to refuse (click names the unknown one); the old --head-only
+    says which command replaced it; `train DATA` is still `train images`; each help shows its own rates."""
     runner = CliRunner()
-    r = runner.invoke(
-        cli,
-        [
-            "train",
-            str(tiny_emb),
-            "--out",
-            str(tmp_path / "a"),
-            "--head-only",
-            "--backbone",
-            "resnet50",
-            "--crop",
-            "pad",
-        ],
-    )
-    assert r.exit_code == 2 and "--backbone, --crop cannot apply" in r.output
-    help_text = " ".join(runner.invoke(cli, ["train", "--help"]).output.split())
-    assert "--head-only: 0.001 for the head, proxies 10x" in help_text and "proxies 100x" in help_text
-    assert "--split" in help_text and "--labels" in help_text and "--format" in help_text
+    r = runner.invoke(cli, ["train", "head", str(tiny_emb), "--out", str(tmp_path / "a"), "--backbone", "x"])
+    assert r.exit_code == 2 and "No such option '--backbone'" in r.output
+    old = runner.invoke(cli, ["train", str(tiny_emb), "--out", str(tmp_path / "a"), "--head-only"])
+    assert old.exit_code == 2 and "carsearch train head EMB_DIR" in old.output, old.output
+    head = runner.invoke(cli, ["train", str(tiny_emb), "--out", str(tmp_path / "a"), "--preset", "head"])
+    assert head.exit_code == 2 and "'head' is not one of 'cpu-hour', 'gpu'" in head.output, head.output
+    head_help = " ".join(runner.invoke(cli, ["train", "head", "--help"]).output.split())
+    assert "Learning rate of the head [default: 0.001; proxies 10x]" in head_help
+    assert "--backbone" not in head_help and "--split" not in head_help and "--runtime" not in head_help
+    group_help = " ".join(runner.invoke(cli, ["train", "--help"]).output.split())
+    assert "images* Fine-tune a network" in group_help and "head Train a projection head" in group_help
+    images_help = " ".join(runner.invoke(cli, ["train", "images", "--help"]).output.split())
+    assert "proxies 100x" in images_help and "--split" in images_help and "--format" in images_help
 
 
 def test_train_reads_a_labels_file(tiny_data: Path, tmp_path: Path) -> None:

@@ -333,7 +333,7 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
 )
 @json_option
 def project(emb_dir: str, head: str, out: str, as_json: bool) -> None:
-    """Apply a head-only checkpoint (`train --head-only`) to EMB_DIR's shards, without the CNN (seconds).
+    """Apply a head checkpoint (`train head`) to EMB_DIR's shards, without the CNN (seconds).
 
     The new shards record the checkpoint as their weights, so an index over them embeds queries through it.
     """

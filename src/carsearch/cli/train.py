@@ -1,11 +1,15 @@
-"""`carsearch train`: metric-learning fine-tunes, full or head-only."""
+"""`carsearch train images` (a network on photos: the cpu-hour and gpu presets) and `carsearch train head`
+(a projection head on cached embeddings): two commands, each with only the options that apply to it.
+`carsearch train DATA ...` without a subcommand is `train images` (click-default-group)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import click
+from click_default_group import DefaultGroup
 
 from carsearch import defaults
 from carsearch.cli.common import (
@@ -20,7 +24,7 @@ from carsearch.cli.common import (
 from carsearch.errors import CarsearchError
 from carsearch.train.settings import DEFAULT_PRESET, LOSSES, PRESETS, TrainSettings
 
-PRESET_NAMES = list(PRESETS)
+IMAGE_PRESETS = [name for name, p in PRESETS.items() if p.settings.mode != "head"]
 
 
 def _human_train(r: dict) -> str:
@@ -49,16 +53,61 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     ctx.exit(0)
 
 
-@click.command()
-@click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
-@click.option(
-    "--preset",
-    type=click.Choice(PRESET_NAMES),
-    help="The budget you have: head (seconds: a projection on cached embeddings; DATA_DIR is an embedding "
-    "folder), cpu-hour (the last stages on cached activations, ~60 min on 2 cores), gpu (the whole "
-    "network at 288 px). Every option below overrides the preset. [default: cpu-hour; head with --head-only]",
-)
+def _redirect_head_only(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        raise click.UsageError(
+            "the head trains on an embedding folder with its own command: "
+            "carsearch train head EMB_DIR --out CKPT (--head-only is gone)."
+        )
+
+
+def training_options(f: Callable) -> Callable:
+    """What every training run takes: the checkpoint folder, which classes train and validate, the loss
+    and its batches, the schedule's length and rate, the seed, resuming, and --json."""
+    for option in reversed(
+        (
+            click.option(
+                "--out", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder."
+            ),
+            click.option("--classes", help="Class ids to train on, e.g. 1-98 (default: all)."),
+            click.option(
+                "--val-classes",
+                help="Class ids for validation Recall@1 (default: the other classes; if none "
+                "remain, 20% of the training classes' images).",
+            ),
+            click.option(
+                "--train-fraction",
+                type=click.FloatRange(0, 1, min_open=True),
+                help="Train on this share of each class (the split `bench --gallery-fraction` makes with "
+                "the same --seed); the rest is held out and validates when no --val-classes are given "
+                "[default: 1].",
+            ),
+            click.option("--epochs", type=click.IntRange(1), help="Epochs [default: the preset's]."),
+            click.option("--loss", type=click.Choice(LOSSES), help="Loss [default: the preset's]."),
+            click.option(
+                "--embed-dim",
+                type=click.IntRange(0),
+                help=f"Projection size (0: no projection) [default: {defaults.EMBED_DIM}].",
+            ),
+            click.option(
+                "--batch-size", type=click.IntRange(2), help="Images per batch [default: the preset's]."
+            ),
+            click.option(
+                "--per-class",
+                type=click.IntRange(2),
+                help=f"Images per class in a proxy-anchor batch [default: {defaults.PER_CLASS}].",
+            ),
+            click.option("--seed", default=defaults.SEED, show_default=True, type=int),
+            click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch."),
+            click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out."),
+            json_option,
+        )
+    ):
+        f = option(f)
+    return f
+
+
+@click.group(cls=DefaultGroup, default="images")
 @click.option(
     "--list-presets",
     is_flag=True,
@@ -67,6 +116,28 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     callback=_list_presets,
     help="Print the presets' settings side by side and exit.",
 )
+def train() -> None:
+    """Fine-tune a network so that neighbours are the same car model, with a preset for your budget.
+
+    \b
+      carsearch train images DATA_DIR --out CKPT [--preset cpu-hour|gpu]   a network on photos
+      carsearch train head EMB_DIR --out CKPT                              a head on embeddings (seconds)
+
+    `carsearch train DATA_DIR ...` is `train images`. The checkpoint plugs into every stage:
+    carsearch embed DATA --out EMB --backbone B --weights CKPT_DIR.
+    """
+
+
+@train.command("images")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--preset",
+    type=click.Choice(IMAGE_PRESETS),
+    help="The budget you have: cpu-hour (the last stages on cached activations, ~60 min on 2 cores), gpu "
+    "(the whole network at 288 px). Every option below overrides the preset. [default: cpu-hour] "
+    "(The head preset is `carsearch train head`.)",
+)
+@training_options
 @dataset_options
 @click.option("--backbone", help=f"Backbone [default: the preset's, {defaults.TRAIN_BACKBONE}].")
 @click.option(
@@ -90,25 +161,6 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     type=click.Path(file_okay=False),
     help="Activation cache folder (default OUT/activations); a rerun with the same settings reuses it.",
 )
-@click.option("--classes", help="Class ids to train on, e.g. 1-98 (default: all).")
-@click.option(
-    "--val-classes",
-    help="Class ids for validation Recall@1 (default: the other classes; if none "
-    "remain, 20% of the training classes' images).",
-)
-@click.option(
-    "--train-fraction",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Train on this share of each class (the split `bench --gallery-fraction` makes with the same "
-    "--seed); the rest is held out and validates when no --val-classes are given [default: 1].",
-)
-@click.option("--epochs", type=click.IntRange(1), help="Epochs [default: the preset's].")
-@click.option("--loss", type=click.Choice(LOSSES), help="Loss [default: the preset's].")
-@click.option(
-    "--embed-dim",
-    type=click.IntRange(0),
-    help=f"Projection size after the backbone (0: no projection) [default: {defaults.EMBED_DIM}].",
-)
 @click.option(
     "--with-features/--projection-only",
     "with_features",
@@ -116,18 +168,11 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     help="The embedding: the projection and the backbone's pooled features together (better on models "
     "never trained on), or the projection alone [default: the preset's].",
 )
-@click.option("--batch-size", type=click.IntRange(2), help="Images per batch [default: the preset's].")
-@click.option(
-    "--per-class",
-    type=click.IntRange(2),
-    help=f"Images per class in a proxy-anchor batch [default: {defaults.PER_CLASS}].",
-)
 @click.option(
     "--lr",
     type=click.FloatRange(0, min_open=True),
     help=f"Learning rate [default: the preset's; full fine-tunes {defaults.LR:g} for the backbone, head "
-    f"{defaults.HEAD_LR_MULT}x, proxies {defaults.PROXY_LR_MULT}x; --head-only: {defaults.HEAD_LR:g} for "
-    f"the head, proxies {defaults.HEAD_ONLY_PROXY_LR_MULT}x].",
+    f"{defaults.HEAD_LR_MULT}x, proxies {defaults.PROXY_LR_MULT}x].",
 )
 @click.option(
     "--freeze-epochs",
@@ -156,19 +201,8 @@ def _list_presets(ctx: click.Context, _param: click.Parameter, value: bool) -> N
 @device_options
 @runtime_option
 @click.option("--workers", default="auto", show_default=True, type=WORKERS)
-@click.option("--seed", default=defaults.SEED, show_default=True, type=int)
-@click.option(
-    "--head-only",
-    is_flag=True,
-    help="The head preset: train only a projection head on cached embeddings: DATA_DIR is "
-    "then an embedding folder from `carsearch embed` (seconds on a CPU).",
-)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
-@click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
-@json_option
-@click.pass_context
-def train(
-    ctx: click.Context,
+@click.option("--head-only", is_flag=True, hidden=True, expose_value=False, callback=_redirect_head_only)
+def train_images(
     data_dir: str,
     out: str,
     preset: str | None,
@@ -179,46 +213,66 @@ def train(
     views: int | None,
     ema: float | None,
     cache: str | None,
-    head_only: bool,
     resume: bool,
     overwrite: bool,
     as_json: bool,
     **options: object,
 ) -> None:
-    """Fine-tune a network so that neighbours are the same car model, with a preset for your budget.
-
-    The checkpoint plugs into every stage: carsearch embed DATA --out EMB --backbone B --weights CKPT_DIR.
-    `carsearch train --list-presets` prints what each preset sets.
-    """
+    """Fine-tune a network on the labelled photos in DATA_DIR (the cpu-hour or gpu preset)."""
     import logging
 
     from carsearch.train.settings import describe, get_preset
 
-    if head_only and preset not in (None, "head"):
-        raise click.UsageError(f"--head-only is the head preset; leave out --preset {preset}.")
-    name = "head" if head_only else preset or DEFAULT_PRESET
+    name = preset or DEFAULT_PRESET
     base = get_preset(name).settings
-    mode = base.mode
-    if train_blocks is not None and base.mode != "head":
-        mode = "full" if train_blocks == "all" else "partial"
-    embed_dim = options.pop("embed_dim")
+    mode = ("full" if train_blocks == "all" else "partial") if train_blocks is not None else base.mode
     runtime = str(options.pop("runtime"))  # the cached-prefix step's (partial presets such as cpu-hour)
-    s = base.override(
-        **options,
+    s = _settings(
+        base,
+        options,
         mode=mode,
         train_blocks=None if train_blocks == "all" else train_blocks,
         augmented_views=views,
         ema_decay=ema,
     )
-    if embed_dim is not None:
-        s = replace(s, embed_dim=embed_dim or None)  # 0: no projection
-    if s.mode == "head":
-        _refuse_image_options(ctx)
     logging.getLogger("carsearch").info("%s", describe(s, name))
     run = dict(resume=resume, overwrite=overwrite)
     with prefix_runtime(runtime, s.device):
         result = _run(s, data_dir, out, format, labels, split, cache, run)
     emit(result.to_json(), as_json, _human_train)
+
+
+@train.command("head")
+@click.argument("emb_dir", type=click.Path(file_okay=False))
+@training_options
+@click.option(
+    "--lr",
+    type=click.FloatRange(0, min_open=True),
+    help=f"Learning rate of the head [default: {defaults.HEAD_LR:g}; proxies "
+    f"{defaults.HEAD_ONLY_PROXY_LR_MULT}x].",
+)
+def train_head_cmd(
+    emb_dir: str, out: str, resume: bool, overwrite: bool, as_json: bool, **options: object
+) -> None:
+    """Train a projection head on the cached embeddings in EMB_DIR (from `carsearch embed`): seconds on a
+    CPU. The embeddings fix the backbone, weights and preprocessing; `carsearch project` applies the head
+    to embeddings without re-running the network."""
+    import logging
+
+    from carsearch.train import train_head
+    from carsearch.train.settings import describe, get_preset
+
+    s = _settings(get_preset("head").settings, options)
+    logging.getLogger("carsearch").info("%s", describe(s, "head"))
+    result = train_head(emb_dir, out, s, resume=resume, overwrite=overwrite)
+    emit(result.to_json(), as_json, _human_train)
+
+
+def _settings(base: TrainSettings, options: dict, **fixed: object) -> TrainSettings:
+    """`base` with the options given (None: not given) and `fixed`; --embed-dim 0 means no projection."""
+    embed_dim = options.pop("embed_dim")
+    s = base.override(**options, **fixed)
+    return replace(s, embed_dim=embed_dim or None) if embed_dim is not None else s
 
 
 def _run(
@@ -231,11 +285,7 @@ def _run(
     cache: str | None,
     run: dict,
 ) -> Any:
-    """The training `s.mode` asks for, and its result."""
-    if s.mode == "head":
-        from carsearch.train import train_head
-
-        return train_head(data_dir, out, s, **run)
+    """The training `s.mode` asks for (partial or full), and its result."""
     if s.mode == "partial":
         import numpy as np
 
@@ -255,42 +305,3 @@ def _run(
     from carsearch.train import train_model
 
     return train_model(data_dir, out, s, format=format, labels_file=labels, split=split, **run)
-
-
-# Options that shape how images become features: a head trained on cached embeddings has none of them.
-_IMAGE_OPTIONS = (
-    "with_features",
-    "format",
-    "labels",
-    "split",
-    "backbone",
-    "weights",
-    "crop",
-    "image_size",
-    "test_image_size",
-    "refit",
-    "device",
-    "precision",
-    "runtime",
-    "workers",
-    "freeze_epochs",
-    "warmup_epochs",
-    "train_blocks",
-    "views",
-    "ema",
-    "cache",
-)
-
-
-def _refuse_image_options(ctx: click.Context) -> None:
-    given = [
-        f"--{name.replace('_', '-')}"
-        for name in _IMAGE_OPTIONS
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-    ]
-    if given:
-        raise click.UsageError(
-            f"--head-only trains on the embeddings in DATA_DIR, which fix the backbone, weights and "
-            f"preprocessing, so {', '.join(given)} cannot apply; leave {'it' if len(given) == 1 else 'them'} "
-            "out, or train without --head-only."
-        )

@@ -39,15 +39,15 @@ def train_head(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """--head-only: train a projection head on the embeddings of `emb_dir` (settings `s`, mode "head": the
-    head preset with the options given); checkpoint into `out`.
+    """`carsearch train head`: train a projection head on the embeddings of `emb_dir` (settings `s`, mode
+    "head": the head preset with the options given); checkpoint into `out`.
 
     Raises CarsearchError for another mode, no projection (`embed_dim` None), unlabelled embeddings or too
     small a validation set."""
     if s.mode != "head":
         raise CarsearchError(f"train_head runs mode 'head', not {s.mode!r}.")
     if s.embed_dim is None:
-        raise CarsearchError("--head-only trains a projection: give --embed-dim.")
+        raise CarsearchError("train head trains a projection: give --embed-dim above 0.")
     out = Path(out).expanduser().resolve()
     emb = load_embeddings(emb_dir)
     if (emb.class_ids < 0).all():
