@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from carsearch import defaults
-from carsearch.audit.run import near_duplicate_pairs
+from carsearch.audit.findings import near_duplicate_pairs
 from carsearch.audit.scores import LabelQuality, label_quality, neighbours
 from carsearch.embed import embed_dataset, load_embeddings
 from carsearch.embed.settings import EmbedJob
