@@ -176,7 +176,8 @@ def test_upload_see_results_click_a_neighbour(labelled_url: str, browser, artifa
         expect(page.locator("#query-name")).to_have_text(clicked_label)
         expect(cards).to_have_count(10)
         assert page.locator("#status").inner_text() == ""
-        assert page.locator("#makes option[value='BMW']").count() == 1  # the makes offered from the index
+        # The makes offered from the index.
+        assert page.locator("#make-values option[value='BMW']").count() == 1
         page.screenshot(path=str(artifacts / "clicked-neighbour.png"), full_page=True)
     finally:
         page.close()

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from carsearch.embed.settings import EmbedJob
+from carsearch.errors import CarsearchError
 from carsearch.index.build import build_index
 from carsearch.index.settings import IndexSettings
 from carsearch.index.store import open_bundle
@@ -326,15 +327,48 @@ def test_graceful_shutdown_finishes_in_flight_requests(index_dir: Path) -> None:
 
 
 def test_filter_parsing() -> None:
-    f = Filter.parse(" BMW , audi", None, "2008-2010, 2012,-1999")
-    assert f.make == ("audi", "bmw") and f.years == ((2008, 2010), (2012, 2012), (0, 1999))
+    f = Filter.parse(make=" BMW , audi", year="2008-2010, 2012,-1999")
+    assert f.values("make") == ("audi", "bmw") and f.values("year") == ((2008, 2010), (2012, 2012), (0, 1999))
+    assert f.values("model") == () and f.describe() == "make BMW , audi; year 2008-2010, 2012,-1999"
+    years = [[2008, 2010], [2012, 2012], [0, 1999]]
+    assert f.to_json() == {"make": ["audi", "bmw"], "model": [], "years": years}
     keep = f.mask(
-        np.array(["BMW", "Audi", "BMW", "Fiat"]),
-        np.array(["", "", "", ""]),
-        np.array(["2009", "2012", "2011", "2009"]),
+        {
+            "make": np.array(["BMW", "Audi", "BMW", "Fiat"]),
+            "model": np.array(["", "", "", ""]),
+            "year": np.array(["2009", "2012", "2011", "2009"]),
+        }
     )
     assert keep.tolist() == [True, True, False, False]
-    assert not Filter.parse(None, "", None)
+    assert not Filter.parse(model="", year=None)
+    with pytest.raises(CarsearchError, match="no filter 'colour'; filters are make, model, year"):
+        Filter.parse(colour="red")
+
+
+def test_a_new_filter_field_reaches_every_surface(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field added to datasets/attributes.FILTER_FIELDS alone becomes a filter, a CLI option of the
+    commands that take filters, a query parameter of POST /api/search and a control of the page."""
+    import inspect
+
+    import click
+
+    from carsearch.cli.search import filter_options
+    from carsearch.datasets import attributes
+    from carsearch.serve import app
+
+    body = attributes.FilterField("body", attributes.NAMES, "Only these body styles.", "any, e.g. Sedan")
+    monkeypatch.setattr(attributes, "FILTER_FIELDS", (*attributes.FILTER_FIELDS, body))
+    f = Filter.parse(body="sedan,SUV")
+    rows = {"make": np.array(["a", "b", "c"]), "model": np.array([""] * 3), "year": np.array([""] * 3)}
+    assert f.mask({**rows, "body": np.array(["Sedan", "Coupe", "suv"])}).tolist() == [True, False, True]
+    assert f.to_json()["body"] == ["sedan", "suv"] and f.describe() == "body sedan,SUV"
+    seen = []
+    command = click.command()(filter_options(lambda where: seen.append(where)))
+    assert [p.name for p in command.params] == ["make", "model", "year", "body"]
+    command(["--body", "Coupe"], standalone_mode=False)
+    assert seen[0].values("body") == ("coupe",)
+    assert 'id="f-body" data-filter="body"' in app.filter_controls()
+    assert list(inspect.signature(app._filter_parameters()).parameters) == ["make", "model", "year", "body"]
 
 
 @pytest.mark.parametrize("factory", ["HNSW32", "IVF64,Flat", "OPQ8,IVF64,Flat", "PQ16"])

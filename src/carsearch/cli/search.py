@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -10,22 +11,32 @@ import click
 
 from carsearch import defaults
 from carsearch.cli.common import device_options, emit, json_option, log, runtime_option
+from carsearch.datasets import attributes
 
 if TYPE_CHECKING:
     from carsearch.search.filters import Filter
 
 
 def filter_options(f: Callable) -> Callable:
-    """--make / --model / --year: search and vote among matching indexed cars only."""
-    f = click.option("--year", help="Years: 2012, 2008-2012, 2010-, -2005, or a comma list of them.")(f)
-    f = click.option("--model", "model_", help="Only these models (comma-separated, any case).")(f)
-    return click.option("--make", help="Only these makes (comma-separated, any case), e.g. BMW,Audi.")(f)
+    """One --NAME option per filterable field (datasets/attributes.FILTER_FIELDS): search and vote among
+    matching indexed cars only. The command receives them as one `where` (a Filter, or None)."""
+
+    fields = attributes.FILTER_FIELDS
+
+    @functools.wraps(f)
+    def command(*args: object, **kwargs: object) -> object:
+        typed = {field.name: kwargs.pop(field.name) for field in fields}
+        return f(*args, where=_where(typed), **kwargs)
+
+    for field in reversed(fields):
+        command = click.option(f"--{field.name}", field.name, help=field.help)(command)
+    return command
 
 
-def _where(make: str | None, model: str | None, year: str | None) -> Filter | None:
+def _where(typed: dict[str, str | None]) -> Filter | None:
     from carsearch.search.filters import Filter
 
-    return Filter.parse(make, model, year) or None
+    return Filter.parse(**typed) or None
 
 
 def _exit_if_any_failed(results: list) -> None:
@@ -66,9 +77,7 @@ def search(
     index_dir: str,
     queries: tuple[str, ...],
     k: int,
-    make: str | None,
-    model_: str | None,
-    year: str | None,
+    where: Filter | None,
     device: str,
     precision: str,
     runtime: str,
@@ -77,7 +86,6 @@ def search(
     """Find the cars most similar to each query image (files or folders of images)."""
     from carsearch.search import Searcher, expand_queries
 
-    where = _where(make, model_, year)
     searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
     results = searcher.search(expand_queries(queries), k, where)
     emit([r.to_json() for r in results], as_json, _human_search)
@@ -160,9 +168,7 @@ def classify(
     level: str,
     temperature: float,
     no_reject: bool,
-    make: str | None,
-    model_: str | None,
-    year: str | None,
+    where: Filter | None,
     device: str,
     precision: str,
     runtime: str,
@@ -171,7 +177,6 @@ def classify(
     """Label each query image by the weighted vote of its nearest indexed cars, or say "unknown model"."""
     from carsearch.search import Searcher, expand_queries
 
-    where = _where(make, model_, year)
     searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
     results = searcher.classify(
         expand_queries(queries), k, level, temperature, reject=not no_reject, where=where

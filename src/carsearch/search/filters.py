@@ -1,4 +1,5 @@
-"""Metadata filters (make, model, year) and the search that honours them inside faiss.
+"""Metadata filters (the fields of datasets/attributes.FILTER_FIELDS: make, model, year) and the search
+that honours them inside faiss.
 
 A filter turns into the set of allowed ids. Small sets (up to FILTER_EXACT_LIMIT) are searched exactly:
 their vectors are read back from the index and compared one by one, so k results come back whenever k
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
 from carsearch import defaults
+from carsearch.datasets import attributes
+from carsearch.datasets.attributes import NAMES, YEARS
 from carsearch.datasets.records import nfc
 from carsearch.errors import CarsearchError
 from carsearch.eval.neighbors import exact_search
@@ -30,50 +34,74 @@ _YEAR_RANGE = re.compile(r"^\s*(\d{4})?\s*-\s*(\d{4})?\s*$")
 
 @dataclass(frozen=True)
 class Filter:
-    """make / model: any of the listed names (compared case- and Unicode-form-insensitively: NFC, then
-    casefold); years: inclusive (low, high) ranges."""
+    """For each field of FILTER_FIELDS (datasets/attributes.py) a user restricted, the values a gallery row
+    must match: names compared case- and Unicode-form-insensitively (NFC, then casefold), years as
+    inclusive (low, high) ranges. Hashable: searches cache the ids a filter passes."""
 
-    make: tuple[str, ...] = ()
-    model: tuple[str, ...] = ()
-    years: tuple[tuple[int, int], ...] = ()
+    # (field name, its parsed values) for each field given, in FILTER_FIELDS order.
+    asked: tuple[tuple[str, tuple], ...] = ()
     # What the user typed ("make Tesla; year 2010-"), for messages; not part of what the filter is.
     text: str = field(default="", compare=False)
 
     @classmethod
-    def parse(cls, make: str | None = None, model: str | None = None, year: str | None = None) -> Filter:
-        """From the texts users type: "BMW,Audi", "2010-", "-2005", "2008,2012-2014"."""
-        asked = (("make", make), ("model", model), ("year", year))
-        text = "; ".join(f"{f} {v.strip()}" for f, v in asked if v and v.strip())
-        return cls(_names(make), _names(model), _years(year), text)
+    def parse(cls, **typed: str | None) -> Filter:
+        """From the texts users type, by field name: make="BMW,Audi", year="2010-", "-2005",
+        "2008,2012-2014". Raises CarsearchError for a field that is not filterable or a malformed year."""
+        fields = attributes.FILTER_FIELDS
+        names = [f.name for f in fields]
+        unknown = sorted(set(typed) - set(names))
+        if unknown:
+            raise CarsearchError(f"no filter {unknown[0]!r}; filters are {', '.join(names)}.")
+        given = {f: v.strip() for f, v in typed.items() if v and v.strip()}
+        asked = []
+        for f in fields:
+            values = (_names if f.kind == NAMES else _years)(given.get(f.name))
+            if values:
+                asked.append((f.name, values))
+        text = "; ".join(f"{f.name} {given[f.name]}" for f in fields if f.name in given)
+        return cls(tuple(asked), text)
+
+    def values(self, name: str) -> tuple:
+        """The values asked for field `name` (() when it was not restricted)."""
+        return dict(self.asked).get(name, ())
 
     def describe(self) -> str:
         """The filter in words: what was typed, else its fields ("make bmw; year 2010-2012")."""
         if self.text:
             return self.text
-        years = ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in self.years)
-        asked = (("make", ",".join(self.make)), ("model", ",".join(self.model)), ("year", years))
-        return "; ".join(f"{f} {v}" for f, v in asked if v)
+        return "; ".join(f"{name} {_shown(values)}" for name, values in self.asked)
 
     def __bool__(self) -> bool:
-        return bool(self.make or self.model or self.years)
+        return bool(self.asked)
 
     def to_json(self) -> dict:
-        return {"make": list(self.make), "model": list(self.model), "years": [list(r) for r in self.years]}
+        """Every filterable field under its key, with its values (years as [low, high] pairs)."""
+        return {
+            f.key: [list(v) if f.kind == YEARS else v for v in self.values(f.name)]
+            for f in attributes.FILTER_FIELDS
+        }
 
-    def mask(self, make: np.ndarray, model: np.ndarray, year: np.ndarray) -> np.ndarray:
-        """Which gallery rows pass."""
-        keep = np.ones(len(make), dtype=bool)
-        if self.make:
-            keep &= np.isin(_folded(make), self.make)
-        if self.model:
-            keep &= np.isin(_folded(model), self.model)
-        if self.years:
-            numeric = np.array([int(y) if str(y).isdigit() else -1 for y in year])
-            ok = np.zeros(len(year), dtype=bool)
-            for lo, hi in self.years:
+    def mask(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Which gallery rows pass, from their columns by field name (each (n,) strings)."""
+        keep = np.ones(len(next(iter(columns.values()))), dtype=bool)
+        kinds = {f.name: f.kind for f in attributes.FILTER_FIELDS}
+        for name, values in self.asked:
+            column = columns[name]
+            if kinds[name] == NAMES:
+                keep &= np.isin(_folded(column), values)
+                continue
+            numeric = np.array([int(y) if str(y).isdigit() else -1 for y in column])
+            ok = np.zeros(len(column), dtype=bool)
+            for lo, hi in values:
                 ok |= (numeric >= lo) & (numeric <= hi)
             keep &= ok
         return keep
+
+
+def _shown(values: tuple) -> str:
+    return ",".join(
+        (f"{v[0]}-{v[1]}" if v[0] != v[1] else str(v[0])) if isinstance(v, tuple) else v for v in values
+    )
 
 
 def _fold(text: str) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from carsearch import defaults
+from carsearch.datasets import attributes
 from carsearch.datasets.records import display_name
 from carsearch.datasets.scan import image_files, left_out_files
 from carsearch.embed.images import BadImage, load_image, safe_join
@@ -223,7 +224,8 @@ class Searcher:
             g = self.bundle.gallery
             if len(self._allowed) > 256:
                 self._allowed.clear()
-            self._allowed[where] = np.sort(g.ids[where.mask(g.make, g.model, g.year)])
+            columns = {f.name: getattr(g, f.name) for f in attributes.FILTER_FIELDS}
+            self._allowed[where] = np.sort(g.ids[where.mask(columns)])
         return self._allowed[where]
 
     def search_vectors(

@@ -14,19 +14,23 @@ exclusively (serve/live.py). Without a token the index folder is never written.
 
 from __future__ import annotations
 
+import html
+import inspect
 import json
 import logging
 import mimetypes
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from carsearch import __version__, defaults
+from carsearch.datasets import attributes
 from carsearch.errors import CarsearchError
 from carsearch.search import Searcher
 from carsearch.search.filters import Filter
@@ -83,6 +87,7 @@ def create_app(
     static = resources.files("carsearch.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     page = (resources.files("carsearch.serve") / "templates" / "index.html").read_text()
+    page = page.replace(FILTER_SLOT, filter_controls())
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict:  # no lock: a health check must answer while a change is being written
@@ -120,6 +125,53 @@ def create_app(
     return app
 
 
+FILTER_SLOT = "<!-- filter controls: one per datasets/attributes.FILTER_FIELDS, rendered by serve/app.py -->"
+
+
+def filter_controls() -> str:
+    """The page's "only cars with" controls, one labelled text field per filterable field (ids f-NAME in
+    NAME-control; a datalist NAME-values where the index's values are suggested)."""
+    out = []
+    for f in attributes.FILTER_FIELDS:
+        listed = f' list="{f.name}-values"' if f.suggest else ""
+        out.append(
+            f'<label id="{f.name}-control">{f.name} <input id="f-{f.name}" data-filter="{f.name}"{listed} '
+            f'placeholder="{html.escape(f.placeholder)}" title="{html.escape(f.help)}" enterkeyhint="search">'
+            "</label>"
+        )
+        if f.suggest:
+            out.append(f'<datalist id="{f.name}-values"></datalist>')
+    return "\n        ".join(out)
+
+
+def _filter_parameters() -> Callable[..., Filter | None]:
+    """A dependency taking one query parameter per filterable field (datasets/attributes.FILTER_FIELDS)
+    and giving the Filter they make (None: no filter); 400 for a malformed one."""
+
+    def where(**typed: str | None) -> Filter | None:
+        try:
+            return Filter.parse(**typed) or None
+        except CarsearchError as e:
+            raise HTTPException(400, str(e)) from None
+
+    # FastAPI reads the parameters from the signature: one optional string query parameter per field.
+    where.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=Query(None, description=f.help),
+                annotation=str | None,
+            )
+            for f in attributes.FILTER_FIELDS
+        ]
+    )
+    return where
+
+
+WHERE = Depends(_filter_parameters())
+
+
 def _add_search_route(app: FastAPI, queries: Queries, max_upload_bytes: int) -> None:
     """POST /api/search: one answer object per uploaded photo (API_VERSION 2)."""
 
@@ -128,14 +180,8 @@ def _add_search_route(app: FastAPI, queries: Queries, max_upload_bytes: int) -> 
         request: Request,
         k: int = Query(defaults.K_VOTE, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
         level: Literal["model", "make", "year"] = Query("model"),
-        make: str | None = Query(None, description="only these makes, comma-separated"),
-        model: str | None = Query(None, description="only these models, comma-separated"),
-        year: str | None = Query(None, description="2012, 2008-2012, 2010-, -2005, or a list"),
+        where: Filter | None = WHERE,
     ) -> dict:
-        try:
-            where = Filter.parse(make, model, year) or None
-        except CarsearchError as e:
-            raise HTTPException(400, str(e)) from None
         form = await read_form(request, max_upload_bytes, defaults.SERVE_MAX_QUERIES)
         uploads = [u for u in form.getlist("image") if not isinstance(u, str)]
         if not uploads:

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import HTTPException
 
 from carsearch import defaults
+from carsearch.datasets import attributes
 from carsearch.embed.images import BadImage, load_image
 from carsearch.errors import CarsearchError
 from carsearch.index.store import is_image_id
@@ -31,7 +32,11 @@ from carsearch.serve.observe import Metrics
 from carsearch.serve.settings import ServeSettings
 
 BIG_DECODE = 4_000_000  # pixels: after such a decode, hand freed memory back to the OS
-FILTER_FIELDS = ("make", "model", "year")  # the gallery fields a filter can name (search/filters.py)
+SUGGESTIONS_MAX = 500  # values of one field the page offers
+
+
+def _distinct(values: np.ndarray) -> list[str]:
+    return sorted({str(v) for v in values if v})[:SUGGESTIONS_MAX]
 
 
 class Queries:
@@ -71,8 +76,12 @@ class Queries:
             "recall@10": (i.get("recall") or {}).get("measured"),
             "openset": i.get("openset"),
             "labelled": bool(any(g.labels)),
-            "fields": {f: bool(any(getattr(g, f))) for f in FILTER_FIELDS},
-            "makes": sorted({str(m) for m in g.make if m})[:500],
+            "fields": {f.name: bool(any(getattr(g, f.name))) for f in attributes.FILTER_FIELDS},
+            # The index's own values of the fields the page suggests ("makes": the make's, as before).
+            "suggestions": {
+                f.name: _distinct(getattr(g, f.name)) for f in attributes.FILTER_FIELDS if f.suggest
+            },
+            "makes": _distinct(g.make),
         }
 
     def sha256_of(self, image_id: int) -> str:

@@ -3,7 +3,9 @@
 // only the answer to the latest request is ever shown, and each request first clears the previous answer.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const FILTERS = [["make", "f-make", "make-control"], ["model", "f-model", "model-control"], ["year", "f-year", "year-control"]];
+// [field, input id, control id] of each filter the server rendered (datasets/attributes.FILTER_FIELDS).
+const FILTERS = [...document.querySelectorAll("#filters input[data-filter]")].map(
+  (input) => [input.dataset.filter, input.id, `${input.dataset.filter}-control`]);
 const TYPING_PAUSE_MS = 400;
 let current = null;   // {blob, name}: the photo the controls search again
 let sent = 0;         // requests started; an answer is shown only if it answers the latest one
@@ -17,7 +19,7 @@ let done = 0;
 async function loadInfo() {
   try {
     const info = await (await fetch("/api/info")).json();
-    const fields = info.fields || { make: true, model: true, year: true };
+    const fields = info.fields || Object.fromEntries(FILTERS.map(([field]) => [field, true]));
     $("index-info").textContent =
       `${info.images} cars indexed · ${info.backbone} (${info.weights}) · ${info.factory}` +
       (info.labelled ? "" : " · no labels: similar photos only") +
@@ -26,11 +28,14 @@ async function loadInfo() {
     $("level-control").hidden = !info.labelled;
     for (const [field, , control] of FILTERS) $(control).hidden = !fields[field];
     $("filters").hidden = !FILTERS.some(([field]) => fields[field]);
-    $("makes").replaceChildren(...(info.makes || []).map((m) => {
-      const option = document.createElement("option");
-      option.value = m;
-      return option;
-    }));
+    for (const [field, values] of Object.entries(info.suggestions || {})) {
+      const list = $(`${field}-values`);
+      if (list) list.replaceChildren(...values.map((v) => {
+        const option = document.createElement("option");
+        option.value = v;
+        return option;
+      }));
+    }
   } catch (e) {
     $("index-info").textContent = "index information unavailable";
   }

@@ -1,0 +1,51 @@
+"""The photo attributes a search can be restricted to, declared once.
+
+Each entry names an attribute every record, shard and gallery carries (datasets/records.py parses make,
+model and year from the class name) and says how users type it. The filter (search/filters.py), the
+CLI's `--NAME` options of `search` and `classify`, the API's query parameters of POST /api/search and the
+page's "only cars with" controls are all made from FILTER_FIELDS: a new filterable attribute is one entry
+here (and the reader that fills it). Import-light: the CLI builds its options from it. Readers take
+`attributes.FILTER_FIELDS` when they run, not at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NAMES, YEARS = "names", "years"
+
+
+@dataclass(frozen=True)
+class FilterField:
+    """One attribute a search can be restricted to."""
+
+    name: str  # the record's attribute, the CLI option --NAME and the API's query parameter
+    # NAMES: any of comma-separated names (case- and Unicode-form-insensitive); YEARS: years and ranges.
+    kind: str
+    help: str  # what to type, for --help, the API's docs and the page
+    placeholder: str  # the page's hint in the empty field
+    suggest: bool = False  # the page offers the index's own values (up to 500) as suggestions
+    json_key: str = ""  # its key in an answer's "filter" object (default: the name)
+
+    @property
+    def key(self) -> str:
+        return self.json_key or self.name
+
+
+FILTER_FIELDS: tuple[FilterField, ...] = (
+    FilterField(
+        "make",
+        NAMES,
+        "Only these makes (comma-separated, any case), e.g. BMW,Audi.",
+        "any, e.g. BMW,Audi",
+        suggest=True,
+    ),
+    FilterField("model", NAMES, "Only these models (comma-separated, any case).", "any"),
+    FilterField(
+        "year",
+        YEARS,
+        "Years: 2012, 2008-2012, 2010-, -2005, or a comma list of them.",
+        "any, e.g. 2010-",
+        json_key="years",
+    ),
+)
