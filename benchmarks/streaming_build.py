@@ -55,7 +55,7 @@ def write_synthetic(real_dir: Path, out: Path, n: int, per_class: int, shard_row
         stop = min(len(emb), start + shard_rows)
         part = emb.subset(np.arange(start, stop))
         rows = ShardRows(
-            embeddings=part.vectors,
+            vectors=part.vectors,
             ids=part.ids,
             class_ids=part.class_ids,
             paths=[f"synthetic/{j}.jpg" for j in part.ids],

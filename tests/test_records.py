@@ -113,3 +113,27 @@ def test_restore_slash(folder: str) -> None:
 
 def test_restore_leaves_other_names() -> None:
     assert restore_slash_name("Audi TTS Coupe 2012") == "Audi TTS Coupe 2012"
+
+
+def test_every_record_holder_carries_the_declared_attributes() -> None:
+    """datasets/attributes.ATTRIBUTES is the one list of per-image attributes: every dataclass that holds
+    records names each of them, the shards store them, an upload may give them, and a filter can only name
+    one of them. Adding an attribute there without the holders fails here, naming the holder."""
+    from dataclasses import fields
+
+    from carsearch.datasets import Record
+    from carsearch.datasets.attributes import ATTRIBUTES, FILTER_FIELDS
+    from carsearch.embed.shards import STRING_FIELDS, ShardRows
+    from carsearch.embed.store import EmbeddingSet
+    from carsearch.index.store import Gallery
+    from carsearch.search.searcher import Neighbor
+    from carsearch.serve.writes import FIELDS
+
+    for holder in (Record, ShardRows, EmbeddingSet, Gallery, Neighbor):
+        names = {f.name for f in fields(holder)}
+        assert set(ATTRIBUTES) <= names, (holder.__name__, set(ATTRIBUTES) - names)
+    assert set(ATTRIBUTES) <= set(STRING_FIELDS) and set(ATTRIBUTES) <= set(FIELDS)
+    assert {f.name for f in FILTER_FIELDS} <= set(ATTRIBUTES)
+    # The vectors are `vectors` wherever rows are held in memory (the shards' HDF5 dataset keeps its name).
+    for holder in (ShardRows, EmbeddingSet):
+        assert "vectors" in {f.name for f in fields(holder)}, holder.__name__

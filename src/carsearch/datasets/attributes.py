@@ -14,6 +14,12 @@ from dataclasses import dataclass
 
 NAMES, YEARS = "names", "years"
 
+# What every image's record carries besides its path, label and class id (parsed from the class name by
+# datasets/records.py), under the same names in the dataclasses that hold records (Record, ShardRows,
+# EmbeddingSet, Gallery, Neighbor; tests/test_records.py checks them), the shards' HDF5 datasets and the
+# index metadata (embed/shards.STRING_FIELDS), and the fields an upload may give (serve/writes.py).
+ATTRIBUTES = ("make", "model", "year")
+
 
 @dataclass(frozen=True)
 class FilterField:

@@ -126,7 +126,7 @@ def join_rows(pieces: list[Piece], dim: int) -> ShardRows:
     """The rows of consecutive pieces, as one shard's."""
     parts = [p.rows for p in pieces]
     return ShardRows(
-        embeddings=np.concatenate([r.embeddings for r in parts]) if parts else np.zeros((0, dim), np.float32),
+        vectors=np.concatenate([r.vectors for r in parts]) if parts else np.zeros((0, dim), np.float32),
         ids=np.concatenate([r.ids for r in parts]) if parts else np.zeros(0, np.int64),
         class_ids=np.concatenate([r.class_ids for r in parts]) if parts else np.zeros(0, np.int32),
         **{name: [v for r in parts for v in getattr(r, name)] for name in STRING_FIELDS},

@@ -91,7 +91,7 @@ def project_embeddings(emb_dir: str | Path, checkpoint: str | Path, out: str | P
     """Write the shards of `emb_dir` projected by a head-only checkpoint to `out`; returns its manifest."""
     src = Path(emb_dir).expanduser().resolve()
     w, b, prov = head_of(Path(checkpoint), read_manifest(src)["provenance"])
-    return derive_embeddings(src, out, prov, lambda rows: project(rows.embeddings, w, b))
+    return derive_embeddings(src, out, prov, lambda rows: project(rows.vectors, w, b))
 
 
 def derive_embeddings(
@@ -112,7 +112,7 @@ def derive_embeddings(
         shards = []
         for entry in manifest["shards"]:
             rows, attrs = read_listed_shard(src, entry)
-            rows.embeddings = np.ascontiguousarray(transform(rows), dtype=np.float32)
+            rows.vectors = np.ascontiguousarray(transform(rows), dtype=np.float32)
             attrs = {**attrs, **{k: v for k, v in prov.items() if k != "weights_source"}}
             digest = write_shard(out / entry["file"], rows, attrs)
             shards.append({**entry, "sha256": digest})

@@ -129,7 +129,7 @@ def _piece(buf: list[tuple[Batch, np.ndarray]], dataset: Dataset, id_start: int,
     recs = [dataset.records[i] for i in rows_idx]
     digests = {i: d for b, _ in buf for i, d in zip(b.index, b.sha256, strict=True)}
     rows = ShardRows(
-        embeddings=np.concatenate([v for _, v in buf]) if rows_idx else np.zeros((0, dim), np.float32),
+        vectors=np.concatenate([v for _, v in buf]) if rows_idx else np.zeros((0, dim), np.float32),
         ids=np.array([id_start + i for i in rows_idx], dtype=np.int64),
         class_ids=np.array([r.class_id for r in recs], dtype=np.int32),
         paths=[r.path for r in recs],

@@ -17,11 +17,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from carsearch.datasets.attributes import ATTRIBUTES
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, sha256_file
 from carsearch.h5state import open_h5
 
-STRING_FIELDS = ("paths", "labels", "make", "model", "year", "sha256")
+# The per-image text columns, in the order shards and index metadata store them.
+STRING_FIELDS = ("paths", "labels", *ATTRIBUTES, "sha256")
 
 
 def shard_name(index: int) -> str:
@@ -32,7 +34,7 @@ def shard_name(index: int) -> str:
 class ShardRows:
     """Rows of one shard (or of a whole collection, once concatenated)."""
 
-    embeddings: np.ndarray
+    vectors: np.ndarray  # (n, d) float32, L2-normalised: the shard's /embeddings
     ids: np.ndarray
     class_ids: np.ndarray
     paths: list[str] = field(default_factory=list)
@@ -49,7 +51,7 @@ class ShardRows:
         """The rows where `mask` is true."""
         rows = np.flatnonzero(mask)
         return ShardRows(
-            embeddings=self.embeddings[rows],
+            vectors=self.vectors[rows],
             ids=self.ids[rows],
             class_ids=self.class_ids[rows],
             **{name: [getattr(self, name)[r] for r in rows] for name in STRING_FIELDS},
@@ -100,7 +102,7 @@ def read_h5(path: Path) -> tuple[dict[str, np.ndarray | list[str]], dict]:
 def write_shard(path: Path, rows: ShardRows, attrs: dict) -> str:
     """Write `rows` to `path` (temporary name, fsync, rename). Returns the file's sha256."""
     arrays: dict[str, np.ndarray | list[str]] = {
-        "embeddings": np.asarray(rows.embeddings, np.float32),
+        "embeddings": np.asarray(rows.vectors, np.float32),
         "ids": np.asarray(rows.ids, np.int64),
         "class_ids": np.asarray(rows.class_ids, np.int32),
     }
@@ -143,7 +145,7 @@ def read_shard(path: Path) -> tuple[ShardRows, dict]:
     try:
         arrays, attrs = read_h5(path)
         rows = ShardRows(
-            embeddings=arrays["embeddings"],
+            vectors=arrays["embeddings"],
             ids=arrays["ids"],
             class_ids=arrays["class_ids"],
             **{n: arrays[n] for n in STRING_FIELDS},

@@ -141,9 +141,9 @@ def load_embeddings(folder: str | Path, verify: bool = True, shards: list[str] |
     parts, at = [], 0
     for entry in entries:
         rows = read_listed_shard(folder, entry, verify)[0]
-        vectors[at : at + len(rows)] = rows.embeddings
+        vectors[at : at + len(rows)] = rows.vectors
         at += len(rows)
-        rows.embeddings = None  # the shard's own copy can go now
+        rows.vectors = None  # the shard's own copy can go now
         parts.append(rows)
     return EmbeddingSet(
         vectors=vectors,
@@ -166,7 +166,7 @@ def write_embedding_set(emb: EmbeddingSet, out: str | Path, note: str) -> Path:
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = ShardRows(
-        embeddings=emb.vectors,
+        vectors=emb.vectors,
         ids=emb.ids,
         class_ids=emb.class_ids,
         **{name: [str(v) for v in getattr(emb, name)] for name in STRING_FIELDS},

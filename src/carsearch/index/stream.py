@@ -123,7 +123,7 @@ class ShardStream:
         for i, start, rows in self._shards(verify=True):
             stop = start + len(rows)
             lo, hi = np.searchsorted(positions, [start, stop])
-            picked[lo:hi] = rows.embeddings[positions[lo:hi] - start]
+            picked[lo:hi] = rows.vectors[positions[lo:hi] - start]
             parts["ids"].append(np.asarray(rows.ids, np.int64))
             for f in STRING_FIELDS:
                 parts[f].append(np.asarray(getattr(rows, f), dtype=object))
@@ -146,7 +146,7 @@ class ShardStream:
         for _, _, rows in self._shards(verify=False):
             if len(rows) == 0:
                 continue
-            x = np.ascontiguousarray(rows.embeddings, np.float32)
+            x = np.ascontiguousarray(rows.vectors, np.float32)
             ids = np.ascontiguousarray(rows.ids, np.int64)
             # In slices: faiss's encoders allocate several copies of what they are given (residuals,
             # rotated vectors); a whole 16k-row shard of 2048-d vectors would cost a gigabyte at once.

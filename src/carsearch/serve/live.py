@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carsearch.datasets.attributes import ATTRIBUTES
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import exclusive_lock, write_bytes_atomic
 from carsearch.index.store import Gallery, IndexBundle, open_bundle, save_bundle
@@ -130,14 +131,13 @@ class LiveIndex:
             rel = f"{UPLOADS}/{new_id}{suffix}"
             (b.folder / UPLOADS).mkdir(exist_ok=True)
             write_bytes_atomic(b.folder / rel, data)
-            label = meta.get("label") or " ".join(meta[f] for f in ("make", "model", "year") if meta.get(f))
+            # Without a label, the class name its parts make ("Audi TTS Coupe 2012").
+            label = meta.get("label") or " ".join(meta[f] for f in ATTRIBUTES if meta.get(f))
             row = Gallery(
                 ids=np.array([new_id], np.int64),
                 paths=np.array([rel], dtype=object),
                 labels=np.array([label], dtype=object),
-                make=np.array([meta.get("make", "")], dtype=object),
-                model=np.array([meta.get("model", "")], dtype=object),
-                year=np.array([meta.get("year", "")], dtype=object),
+                **{f: np.array([meta.get(f, "")], dtype=object) for f in ATTRIBUTES},
                 sha256=np.array([digest], dtype=object),
                 source=np.array([src], np.int32),
             )

@@ -18,6 +18,7 @@ from pathlib import PurePath
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 
+from carsearch.datasets.attributes import ATTRIBUTES
 from carsearch.errors import CarsearchError
 from carsearch.formats import image_extensions
 from carsearch.serve.limits import read_form
@@ -26,7 +27,7 @@ from carsearch.serve.live import DuplicatePhoto, LiveIndex
 log = logging.getLogger(__name__)
 
 
-FIELDS = ("label", "make", "model", "year")
+FIELDS = ("label", *ATTRIBUTES)  # what an upload may say of its photo
 
 
 def add_write_routes(
