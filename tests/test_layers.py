@@ -128,6 +128,36 @@ def test_modules_are_small() -> None:
     assert not big, f"modules over {MAX_LINES} lines: {big}"
 
 
+MAX_PARAMETERS = 10
+
+
+def long_signatures(source: str) -> list[str]:
+    """Functions of `source` taking more than MAX_PARAMETERS named parameters (`**options` counts none:
+    settings travel as one object or one mapping)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            count = (
+                len(a.posonlyargs)
+                + len(a.args)
+                + len(a.kwonlyargs)
+                - (a.args[:1] != [] and a.args[0].arg in ("self", "cls"))
+            )
+            if count > MAX_PARAMETERS:
+                out.append(f"{node.name} ({count})")
+    return out
+
+
+def test_no_function_takes_more_than_ten_parameters() -> None:
+    """Settings are passed as one dataclass (EmbedJob, IndexSettings, ...), click options as **options
+    turned into one (cli/common.settings_from)."""
+    long = {module_name(p): f for p in SRC.rglob("*.py") if (f := long_signatures(p.read_text()))}
+    assert not long, f"functions over {MAX_PARAMETERS} parameters: {long}"
+    planted = "def f(" + ", ".join(f"a{i}" for i in range(11)) + "):\n    pass\n"
+    assert long_signatures(planted) == ["f (11)"]
+
+
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
     """The oracle for the checks above: they do flag what they look for."""
     pkg = tmp_path / "carsearch"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import emit, json_option
+from carsearch.cli.common import emit, json_option, settings_from
 
 
 def _human(r: dict) -> str:
@@ -80,14 +82,10 @@ def audit(
     emb_dir: str,
     queries_dir: str | None,
     out: str,
-    threshold: float,
-    k: int,
-    outlier_k: int,
-    exact: bool | None,
-    top: int,
     no_page: bool,
     no_local_features: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Audit EMB_DIR: exact and near-duplicate photos, near-duplicates with different labels, photos whose
     neighbours vote against their label, outliers; with QUERIES_DIR, its photos that leak into EMB_DIR.
@@ -99,15 +97,7 @@ def audit(
     from carsearch.audit.run import audit as run_audit
     from carsearch.audit.settings import AuditSettings
 
-    settings = AuditSettings(
-        threshold=threshold,
-        k=k,
-        outlier_k=outlier_k,
-        exact=exact,
-        top=top,
-        page=not no_page,
-        local_features=not no_local_features,
-    )
+    settings = settings_from(AuditSettings, options, page=not no_page, local_features=not no_local_features)
     report = run_audit(emb_dir, out, queries_dir, settings)
     summary = {
         "out": str(Path(out).resolve()),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import emit, json_option
+from carsearch.cli.common import emit, json_option, settings_from
 
 
 def _human_bench(r: dict) -> str:
@@ -115,24 +116,7 @@ def _human_bench(r: dict) -> str:
 @click.option("--plots/--no-plots", default=True, show_default=True)
 @json_option
 def bench(
-    emb_dir: str,
-    out: str,
-    factories: tuple[str, ...],
-    protocol: str,
-    k: int,
-    temperature: float,
-    seed: int,
-    gallery_fraction: float,
-    classes: str | None,
-    known_classes: str | None,
-    test_classes: str | None,
-    openset_k: int,
-    target_recall: float,
-    max_queries: int | None,
-    peers: bool,
-    sweep: bool,
-    plots: bool,
-    as_json: bool,
+    emb_dir: str, out: str, factories: tuple[str, ...], protocol: str, as_json: bool, **options: Any
 ) -> None:
     """Benchmark index types and the closed-set, zero-shot and open-set protocols on EMB_DIR.
 
@@ -140,22 +124,11 @@ def bench(
     """
     from carsearch.bench.runner import BenchSettings, run_bench
 
-    settings = BenchSettings(
+    settings = settings_from(
+        BenchSettings,
+        options,
         factories=list(factories),
         protocols=tuple(p.strip() for p in protocol.split(",") if p.strip()),
-        k=k,
-        temperature=temperature,
-        seed=seed,
-        gallery_fraction=gallery_fraction,
-        classes=classes,
-        known_classes=known_classes,
-        test_classes=test_classes,
-        openset_k=openset_k,
-        target_recall=target_recall,
-        max_queries=max_queries,
-        peers=peers,
-        sweep=sweep,
-        plots=plots,
     )
     report = run_bench(emb_dir, out, settings)
     emit({**report, "out": str(Path(out).resolve())}, as_json, _human_bench)

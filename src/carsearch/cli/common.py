@@ -8,12 +8,25 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import click
 
 from carsearch import defaults
 from carsearch.errors import CarsearchError, os_error_sentence
+
+SettingsT = TypeVar("SettingsT")
+
+
+def settings_from(cls: type[SettingsT], options: dict[str, Any], **fields_given: Any) -> SettingsT:
+    """The settings dataclass `cls` made from the click options named like its fields (taken out of
+    `options`, so what is left belongs to the command), plus `fields_given` for fields no option gives as
+    it is. A command's options then travel as one object instead of one parameter each."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: options.pop(k) for k in list(options) if k in names}, **fields_given)
+
 
 log = logging.getLogger("carsearch")
 

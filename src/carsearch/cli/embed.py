@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -45,6 +46,21 @@ def left_out_text(counts: dict[str, int]) -> str:
 def _on(r: dict) -> str:
     """The runtime (embed/runtimes.py), and the Ray workers when there were some."""
     return f", {r['runtime']}" + (f", {r['workers']} Ray workers" if r["engine"] == "ray" else "")
+
+
+# Options whose built-in default a rerun replaces with the setting the folder was made with.
+FOLDER_SETTINGS = (
+    "format",
+    "split",
+    "bbox_crop",
+    "backbone",
+    "crop",
+    "shard_size",
+    "precision",
+    "id_start",
+    "max_pixels",
+    "flip",
+)
 
 
 @click.command()
@@ -171,34 +187,13 @@ def _on(r: dict) -> str:
 def embed(
     data_dir: str,
     out: str,
-    format: str,
-    labels: str | None,
-    split: str,
-    bbox_crop: bool,
-    backbone: str,
     declare: tuple[str, ...],
-    weights: str | None,
-    weights_sha256: str | None,
-    crop: str,
-    flip: bool,
-    batch_size: int,
-    workers: int | None,
     engine: str,
     ray_address: str | None,
     cpus_per_worker: float,
     gpus_per_worker: float,
-    shard_size: int,
-    save_every: float,
-    device: str,
-    precision: str,
-    runtime: str,
-    limit: int | None,
-    id_start: int,
-    max_pixels: int,
-    overwrite: bool,
-    retry_failed: bool,
-    verify: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Embed every image of DATA_DIR into HDF5 shards under --out (resumable).
 
@@ -209,41 +204,16 @@ def embed(
     from carsearch.embed import EmbedJob, Engine, embed_dataset
     from carsearch.models import declare_backbone
 
-    backbone = declare_backbone(backbone, declare)  # a file backbone's full name (path, declared keys)
-
+    # A file backbone's full name (path, declared keys).
+    options["backbone"] = declare_backbone(options["backbone"], declare)
+    options["labels_file"] = options.pop("labels")
     ctx = click.get_current_context()
-
-    def given(name: str, value: object) -> object:
-        """None for a built-in default: a rerun then takes the folder's own setting."""
-        return None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
-
+    for name in FOLDER_SETTINGS:
+        # None for a built-in default: a rerun then takes the folder's own setting.
+        if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+            options[name] = None
     run_on = Engine(engine, ray_address, cpus_per_worker, gpus_per_worker)
-    job = EmbedJob(
-        data_dir,
-        out,
-        format=given("format", format),
-        labels_file=labels,
-        split=given("split", split),
-        bbox_crop=given("bbox_crop", bbox_crop),
-        backbone=given("backbone", backbone),
-        weights=weights,
-        weights_sha256=weights_sha256,
-        crop=given("crop", crop),
-        batch_size=batch_size,
-        workers=workers,
-        shard_size=given("shard_size", shard_size),
-        device=device,
-        precision=given("precision", precision),
-        runtime=runtime,
-        limit=limit,
-        overwrite=overwrite,
-        id_start=given("id_start", id_start),
-        max_pixels=given("max_pixels", max_pixels),
-        retry_failed=retry_failed,
-        verify=verify,
-        flip=given("flip", flip),
-        save_every=save_every,
-    )
+    job = EmbedJob(data_dir, out, **options)
     result = embed_dataset(job, engine=run_on, progress=True)
     emit(result.to_json(), as_json, _human_embed)
     if result.rows == 0 and result.records > 0:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import BYTES, emit, json_option, prefix_runtime, runtime_option
+from carsearch.cli.common import BYTES, emit, json_option, prefix_runtime, runtime_option, settings_from
 from carsearch.train.settings import PRESETS
 
 ALLOW_DUPLICATES = click.option(
@@ -161,24 +163,15 @@ def index() -> None:
 def index_build(
     emb_dirs: tuple[str, ...],
     out: str,
-    factory: str,
-    memory_budget: int,
-    target_recall: float,
-    calibrate: bool,
-    openset_k: int,
-    tpr: float,
-    seed: int,
     tune: str | None,
     frozen: bool,
     tune_head: bool,
     tune_holdout: float,
     tune_epochs: int | None,
     runtime: str,
-    exclude: tuple[str, ...],
-    allow_duplicates: bool,
-    drop_uploads: bool,
     allow_incomplete: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Build an index over one or more embedding folders (EMB_DIRS) into --out.
 
@@ -191,15 +184,8 @@ def index_build(
         require_complete(emb_dir, allow_incomplete)
     from carsearch.index.settings import IndexSettings
 
-    index_settings = IndexSettings(
-        factory=factory,
-        memory_budget=memory_budget,
-        target_recall=target_recall,
-        calibrate=calibrate,
-        openset_k=openset_k,
-        tpr=tpr,
-        seed=seed,
-    )
+    index_settings = settings_from(IndexSettings, options)
+    exclude = options["exclude"]
     if tune_head:
         if tune not in (None, "head"):
             raise click.UsageError(f"--tune-head is --tune head; leave out --tune {tune}.")
@@ -234,8 +220,8 @@ def index_build(
             out,
             index_settings,
             exclude=list(exclude),
-            allow_duplicates=allow_duplicates,
-            drop_uploads=drop_uploads,
+            allow_duplicates=options["allow_duplicates"],
+            drop_uploads=options["drop_uploads"],
         )
     emit(info, as_json, _human_index)
 

@@ -78,15 +78,13 @@ def search(
     queries: tuple[str, ...],
     k: int,
     where: Filter | None,
-    device: str,
-    precision: str,
-    runtime: str,
     as_json: bool,
+    **run_options: str,
 ) -> None:
     """Find the cars most similar to each query image (files or folders of images)."""
     from carsearch.search import Searcher, expand_queries
 
-    searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
+    searcher = Searcher.open(index_dir, **run_options)  # device, precision, runtime
     results = searcher.search(expand_queries(queries), k, where)
     emit([r.to_json() for r in results], as_json, _human_search)
     _say_runtime(searcher, as_json)
@@ -169,15 +167,13 @@ def classify(
     temperature: float,
     no_reject: bool,
     where: Filter | None,
-    device: str,
-    precision: str,
-    runtime: str,
     as_json: bool,
+    **run_options: str,
 ) -> None:
     """Label each query image by the weighted vote of its nearest indexed cars, or say "unknown model"."""
     from carsearch.search import Searcher, expand_queries
 
-    searcher = Searcher.open(index_dir, device, precision, runtime=runtime)
+    searcher = Searcher.open(index_dir, **run_options)  # device, precision, runtime
     results = searcher.classify(
         expand_queries(queries), k, level, temperature, reject=not no_reject, where=where
     )

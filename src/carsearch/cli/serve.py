@@ -7,11 +7,12 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import device_options, runtime_option
+from carsearch.cli.common import device_options, runtime_option, settings_from
 from carsearch.errors import CarsearchError
 
 log = logging.getLogger("carsearch")
@@ -104,17 +105,10 @@ def serve(
     port: int,
     workers: int,
     max_upload_mb: float,
-    max_pixels: int,
-    max_decodes: int,
     header_timeout: float,
-    body_timeout: float,
-    batch_size: int,
-    batch_wait_ms: float,
     token: str | None,
     log_format: str,
-    device: str,
-    precision: str,
-    runtime: str,
+    **options: Any,
 ) -> None:
     """Serve the HTTP API and the web page over INDEX_DIR (read-only unless --token is given).
 
@@ -141,18 +135,7 @@ def serve(
     _check_port(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: other machines can reach this server.", host)
-    settings = ServeSettings(
-        max_upload_bytes=int(max_upload_mb * 1e6),
-        max_pixels=max_pixels,
-        max_decodes=max_decodes,
-        body_timeout=body_timeout,
-        batch_size=batch_size,
-        batch_wait_ms=batch_wait_ms,
-        device=device,
-        precision=precision,
-        runtime=runtime,
-        token=token,
-    )
+    settings = settings_from(ServeSettings, options, max_upload_bytes=int(max_upload_mb * 1e6), token=token)
     os.environ[serve_app.ENV_SETTINGS] = json.dumps(
         {"index_dir": str(Path(index_dir).resolve()), "log_format": log_format, "settings": asdict(settings)}
     )

@@ -206,9 +206,6 @@ def train_images(
     data_dir: str,
     out: str,
     preset: str | None,
-    format: str,
-    labels: str | None,
-    split: str,
     train_blocks: str | None,
     views: int | None,
     ema: float | None,
@@ -216,7 +213,7 @@ def train_images(
     resume: bool,
     overwrite: bool,
     as_json: bool,
-    **options: object,
+    **options: Any,
 ) -> None:
     """Fine-tune a network on the labelled photos in DATA_DIR (the cpu-hour or gpu preset)."""
     import logging
@@ -227,6 +224,7 @@ def train_images(
     base = get_preset(name).settings
     mode = ("full" if train_blocks == "all" else "partial") if train_blocks is not None else base.mode
     runtime = str(options.pop("runtime"))  # the cached-prefix step's (partial presets such as cpu-hour)
+    dataset = {name: options.pop(name) for name in ("format", "labels", "split")}  # how DATA_DIR is read
     s = _settings(
         base,
         options,
@@ -238,7 +236,7 @@ def train_images(
     logging.getLogger("carsearch").info("%s", describe(s, name))
     run = dict(resume=resume, overwrite=overwrite)
     with prefix_runtime(runtime, s.device):
-        result = _run(s, data_dir, out, format, labels, split, cache, run)
+        result = _run(s, data_dir, out, dataset, cache, run)
     emit(result.to_json(), as_json, _human_train)
 
 
@@ -275,16 +273,7 @@ def _settings(base: TrainSettings, options: dict, **fixed: object) -> TrainSetti
     return replace(s, embed_dim=embed_dim or None) if embed_dim is not None else s
 
 
-def _run(
-    s: TrainSettings,
-    data_dir: str,
-    out: str,
-    format: str,
-    labels: str | None,
-    split: str,
-    cache: str | None,
-    run: dict,
-) -> Any:
+def _run(s: TrainSettings, data_dir: str, out: str, dataset: dict, cache: str | None, run: dict) -> Any:
     """The training `s.mode` asks for (partial or full), and its result."""
     if s.mode == "partial":
         import numpy as np
@@ -292,7 +281,7 @@ def _run(
         from carsearch.datasets import read_dataset
         from carsearch.train.partial import Collection, train_partial
 
-        ds = read_dataset(data_dir, format, labels_file=labels, split=split)
+        ds = read_dataset(data_dir, dataset["format"], labels_file=dataset["labels"], split=dataset["split"])
         if not ds.labeled:
             raise CarsearchError(f"{ds.root} has no class labels; training needs labelled images.")
         data = Collection(
@@ -304,4 +293,12 @@ def _run(
         return train_partial(data, out, s, cache_dir=cache, **run).result
     from carsearch.train import train_model
 
-    return train_model(data_dir, out, s, format=format, labels_file=labels, split=split, **run)
+    return train_model(
+        data_dir,
+        out,
+        s,
+        format=dataset["format"],
+        labels_file=dataset["labels"],
+        split=dataset["split"],
+        **run,
+    )
