@@ -20,6 +20,8 @@ from carsearch.index.factory import tunable
 from carsearch.index.families import FLAT, HNSW_FAMILY, IVF_FAMILY, PQ_CENTROIDS, ivf_lists
 
 SINGLE_QUERIES = 200  # one-at-a-time queries timed for latency percentiles
+TIMING_SECONDS = defaults.BENCH_TIMING_SECONDS
+CURVE_SHARE = 0.4  # a recall-QPS curve's points: the best of 2, each this share of TIMING_SECONDS
 
 
 def default_factories(n: int, d: int) -> tuple[list[str], dict[str, str]]:
@@ -110,7 +112,7 @@ def time_batched(
     search: Callable[[np.ndarray, int], object],
     queries: np.ndarray,
     k: int,
-    min_seconds: float = 0.5,
+    min_seconds: float = TIMING_SECONDS,
     repeats: int = 3,
 ) -> float:
     """Queries per second when all queries go in one call (best of `repeats`, each >= min_seconds)."""
@@ -144,25 +146,42 @@ def time_single(search: Callable[[np.ndarray, int], object], queries: np.ndarray
     }
 
 
-def measure(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> dict:
-    """Recall@1 / @10 against exact search, batched and single-query speed."""
-    _, found = run.search(queries, k)
+def measure(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    queries: np.ndarray,
+    truth: np.ndarray,
+    k: int = 10,
+    seconds: float = TIMING_SECONDS,
+) -> dict:
+    """1-recall@1 / 10-recall@10 of `search(queries, k)` against exact search's `truth` (m, k) int64,
+    batched QPS (timed `seconds` at a time) and single-query QPS and latency percentiles (ms). The
+    figures of faiss's indexes and of the peers alike."""
+    _, found = search(queries, k)
     return {
         "1-recall@1": recall_at_k(found, truth, 1),
         "10-recall@10": recall_at_k(found, truth, k),
-        "qps_batched": time_batched(run.search, queries, k),
-        **time_single(run.search, queries, k),
+        "qps_batched": time_batched(search, queries, k, seconds),
+        **time_single(search, queries, k),
     }
 
 
-def sweep(run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> list[dict]:
+def sweep(
+    run: Index, queries: np.ndarray, truth: np.ndarray, k: int = 10, seconds: float = TIMING_SECONDS
+) -> list[dict]:
     """Recall@10 and batched QPS for each value of the index's search parameter (the recall-QPS curve)."""
     knob = tunable(run.faiss)
     tuned = run.params
     if knob.name is None:
-        return recall_qps_curve(run.search, queries, truth, k, "", (None,), lambda _: None)
+        return recall_qps_curve(run.search, queries, truth, k, "", (None,), lambda _: None, seconds)
     points = recall_qps_curve(
-        run.search, queries, truth, k, knob.name, knob.values, lambda v: run.set_params(f"{knob.name}={v}")
+        run.search,
+        queries,
+        truth,
+        k,
+        knob.name,
+        knob.values,
+        lambda v: run.set_params(f"{knob.name}={v}"),
+        seconds,
     )
     run.set_params(tuned)
     return points
@@ -176,6 +195,7 @@ def recall_qps_curve(
     knob: str,
     values: Sequence,
     set_value: Callable[[object], None],
+    seconds: float = TIMING_SECONDS,
 ) -> list[dict]:
     """One point per knob value: {"param": "knob=value" ("" without a knob), "10-recall@10" against
     `truth` (m, k) int64, "qps_batched"} of `search(queries, k)` after `set_value(value)`. The curve of
@@ -187,7 +207,7 @@ def recall_qps_curve(
             {
                 "param": f"{knob}={v}" if knob else "",
                 "10-recall@10": recall_at_k(search(queries, k)[1], truth, k),
-                "qps_batched": time_batched(search, queries, k, min_seconds=0.2, repeats=2),
+                "qps_batched": time_batched(search, queries, k, CURVE_SHARE * seconds, repeats=2),
             }
         )
     return points

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from carsearch.bench.indexes import recall_qps_curve, time_batched, time_single
+from carsearch.bench.indexes import TIMING_SECONDS, measure, recall_qps_curve
 from carsearch.eval.neighbors import drop_self, exact_search, recall_at_k, sample_queries
 from carsearch.index.families import HNSW_FAMILY
 from carsearch.index.tune import cheapest_reaching
@@ -45,27 +45,8 @@ def _torch_search(gallery: np.ndarray) -> Callable[[np.ndarray, int], tuple[np.n
     return search
 
 
-def _peer(
-    name: str,
-    search: Callable,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    k: int,
-    build_s: float,
-    memory: int,
-    params: str = "",
-) -> dict:
-    _, found = search(queries, k)
-    return {
-        "name": name,
-        "params": params,
-        "build_seconds": build_s,
-        "memory_bytes": memory,
-        "1-recall@1": recall_at_k(found, truth, 1),
-        "10-recall@10": recall_at_k(found, truth, k),
-        "qps_batched": time_batched(search, queries, k),
-        **time_single(search, queries, k),
-    }
+def _peer(name: str, build_s: float, memory: int, params: str, figures: dict) -> dict:
+    return {"name": name, "params": params, "build_seconds": build_s, "memory_bytes": memory, **figures}
 
 
 def measure_peers(
@@ -76,25 +57,16 @@ def measure_peers(
     k: int = 10,
     hnsw_m: int = 32,
     seed: int = 0,
+    seconds: float = TIMING_SECONDS,
 ) -> tuple[list[dict], list[str]]:
     """(peer results, skipped-with-reason lines). hnswlib's ef is tuned like faiss's efSearch: on the
     gallery's own vectors as queries (each one's own id left out), never on the measured queries."""
     out, skipped = [], []
-    out.append(
-        _peer(
-            "numpy brute force (matrix product)",
-            _numpy_search(gallery),
-            queries,
-            truth,
-            k,
-            0.0,
-            gallery.nbytes,
-        )
-    )
+    figures = measure(_numpy_search(gallery), queries, truth, k, seconds)
+    out.append(_peer("numpy brute force (matrix product)", 0.0, gallery.nbytes, "", figures))
     try:
-        out.append(
-            _peer("torch.mm brute force", _torch_search(gallery), queries, truth, k, 0.0, gallery.nbytes)
-        )
+        figures = measure(_torch_search(gallery), queries, truth, k, seconds)
+        out.append(_peer("torch.mm brute force", 0.0, gallery.nbytes, "", figures))
     except ImportError as e:
         skipped.append(f"torch: {e}")
     try:
@@ -126,12 +98,10 @@ def measure_peers(
 
     chosen, _ = cheapest_reaching(HNSW_EF, recall_with, target_recall)
     # The recall-QPS curve, to compare with faiss's HNSW at equal recall.
-    curve = recall_qps_curve(search, queries, truth, k, "ef", HNSW_EF, lambda ef: index.set_ef(max(ef, k)))
-    index.set_ef(max(chosen, k + 1))
-    out.append(
-        {
-            **_peer(f"hnswlib HNSW{hnsw_m}", search, queries, truth, k, build_s, memory, f"ef={chosen}"),
-            "sweep": curve,
-        }
+    curve = recall_qps_curve(
+        search, queries, truth, k, "ef", HNSW_EF, lambda ef: index.set_ef(max(ef, k)), seconds
     )
+    index.set_ef(max(chosen, k + 1))
+    figures = measure(search, queries, truth, k, seconds)
+    out.append({**_peer(f"hnswlib HNSW{hnsw_m}", build_s, memory, f"ef={chosen}", figures), "sweep": curve})
     return out, skipped

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from carsearch import SCHEMA_VERSION, defaults
-from carsearch.bench.indexes import default_factories, measure, recommend, sweep
+from carsearch.bench.indexes import TIMING_SECONDS, default_factories, measure, recommend, sweep
 from carsearch.bench.protocols import ClassSplit, check_class_split, choose_class_split, open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
@@ -55,6 +55,9 @@ class BenchSettings:
     peers: bool = True
     sweep: bool = True
     plots: bool = True
+    # Each batched speed figure: the best of 3 timings of repeated searches, each this long (curves' points
+    # 0.4 of it, best of 2). Shorter is noisier; tests use a short one.
+    timing_seconds: float = TIMING_SECONDS
     note: str = ""  # stated in the report, e.g. "synthetic vectors"
 
     def __post_init__(self) -> None:
@@ -241,7 +244,7 @@ def run_bench(
         from carsearch.bench.peers import measure_peers
 
         report["peers"], report["peers_skipped"] = measure_peers(
-            g_vec, q_vec, truth, s.target_recall, seed=s.seed
+            g_vec, q_vec, truth, s.target_recall, seed=s.seed, seconds=s.timing_seconds
         )
     if split and "zeroshot" in s.protocols:
         report["zeroshot"] = {"test_classes": split.test, **zero_shot(emb, class_range(split.test))}
@@ -301,12 +304,12 @@ def _index(run: Index, q_vec: np.ndarray, truth: np.ndarray, s: BenchSettings, k
         "train_seconds": run.timings["train"],
         "memory_bytes": run.memory_bytes,
         "tuned_recall@10": run.tuned.recall,
-        **measure(run, q_vec, truth),
+        **measure(run.search, q_vec, truth, seconds=s.timing_seconds),
     }
     if knn is not None:
         out.update({key: knn["model"][key] for key in ("top1", "top5", "hit1", "hit5")})
     if s.sweep:
-        out["sweep"] = sweep(run, q_vec, truth)
+        out["sweep"] = sweep(run, q_vec, truth, seconds=s.timing_seconds)
     return out
 
 

@@ -113,6 +113,14 @@ def _human_bench(r: dict) -> str:
     help="Also measure hnswlib and numpy / torch brute force.",
 )
 @click.option("--sweep/--no-sweep", default=True, show_default=True, help="Recall-vs-QPS curves.")
+@click.option(
+    "--timing-seconds",
+    default=defaults.BENCH_TIMING_SECONDS,
+    show_default=True,
+    type=click.FloatRange(0.01),
+    help="Time each batched speed figure for at least this long, best of 3 (curves' points 0.4 of it): "
+    "shorter benches are noisier.",
+)
 @click.option("--plots/--no-plots", default=True, show_default=True)
 @json_option
 def bench(
