@@ -76,7 +76,7 @@ def test_closed_set_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> N
     gal, qry = stratified_split(emb.class_ids, 2 / 3, 0)
     sims = emb.vectors[qry] @ emb.vectors[gal].T  # brute force with numpy
     order = np.argsort(-sims, axis=1, kind="stable")[:, :20]
-    for level, labels in (("model", emb.labels), ("make", emb.make)):
+    for level, labels in (("class", emb.labels), ("make", emb.make)):
         g, q = labels[gal], labels[qry]
         top1 = top5 = hit1 = hit5 = 0
         for i in range(len(qry)):
@@ -93,8 +93,8 @@ def test_closed_set_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> N
         assert got["top5"] == pytest.approx(top5 / n, abs=2 / n)
         assert got["hit1"] == pytest.approx(hit1 / n, abs=2 / n)
         assert got["hit5"] == pytest.approx(hit5 / n, abs=2 / n)
-    assert report["closed"]["Flat"]["model"]["top1"] > 0.15  # far above chance (1/196) on real embeddings
-    assert report["closed"]["Flat"]["make"]["top1"] >= report["closed"]["Flat"]["model"]["top1"]
+    assert report["closed"]["Flat"]["class"]["top1"] > 0.15  # far above chance (1/196) on real embeddings
+    assert report["closed"]["Flat"]["make"]["top1"] >= report["closed"]["Flat"]["class"]["top1"]
 
 
 def test_index_numbers(bench: tuple[dict, Path], dev_embeddings: Path) -> None:
@@ -241,7 +241,7 @@ def test_cli_end_to_end_and_json(dev_embeddings: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert (
-        printed["closed"]["Flat"]["model"]["top1"] > 0 and "index" not in printed and "openset" not in printed
+        printed["closed"]["Flat"]["class"]["top1"] > 0 and "index" not in printed and "openset" not in printed
     )
     assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "r" / "top1_by_index.png").is_file()
     human = CliRunner().invoke(
@@ -310,7 +310,7 @@ def test_confusion_and_confidence_come_from_exact_search_without_flat(
     flat = run_bench(
         dev_embeddings, tmp_path / "flat", BenchSettings(factories=["Flat"], **common), progress=False
     )
-    assert pq["closed"]["IVF16,PQ40"]["model"]["top1"] != flat["closed"]["Flat"]["model"]["top1"]
+    assert pq["closed"]["IVF16,PQ40"]["class"]["top1"] != flat["closed"]["Flat"]["class"]["top1"]
     assert pq["confusion"] == flat["confusion"]
     assert pq["closed_confidence_curve"] == flat["closed_confidence_curve"]
 

@@ -23,7 +23,7 @@ def _answer(neighbors: int, note: str | None) -> dict:
         "confidence": 0.0,
         "top5": [],
         "unknown": False,
-        "level": "model",
+        "level": "class",
         "neighbors": [n] * neighbors,
         "error": None,
         "note": note,
@@ -35,7 +35,7 @@ def _answer(neighbors: int, note: str | None) -> dict:
 def test_an_unlabelled_index_says_nothing_voted() -> None:
     text = _human_classify([_answer(5, "the index holds only 5 images (asked for 20).")])
     assert text.splitlines() == [
-        "q.jpg: no vote: none of its 5 nearest cars has a model label (`carsearch search` lists them)",
+        "q.jpg: no vote: none of its 5 nearest cars has a label (`carsearch search` lists them)",
         "   note: the index holds only 5 images (asked for 20).",
     ]
     assert "voted;" not in text

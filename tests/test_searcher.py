@@ -80,6 +80,10 @@ def test_levels_and_no_reject(searcher: Searcher, dev_heldout: Path) -> None:
         ]
     )
     assert top1_make >= top1_model  # a make is never harder to get right than make + model + year
+    # The whole class is the default level, "class"; "model", its old name, gives the same answers.
+    whole, old = searcher.classify(held.vectors[:10]), searcher.classify(held.vectors[:10], level="model")
+    assert [r.level for r in whole] == ["class"] * 10 and [r.level for r in old] == ["class"] * 10
+    assert [r.label for r in old] == [r.label for r in whole]
     years = searcher.classify(held.vectors[:5], level="year")
     assert all(r.label.isdigit() for r in years)
     assert not any(r.unknown for r in searcher.classify(held.vectors[:60], reject=False))

@@ -54,7 +54,8 @@ def test_search_response_shape(client: TestClient) -> None:
     whole = r.json()
     # One shape for any number of photos: the request's settings, then one answer per photo.
     assert set(whole) == {"api_version", "k", "level", "filter", "results"}
-    assert whole["api_version"] == 2 and whole["k"] == 7 and whole["level"] == "model"
+    # "model" is the whole class's old name: accepted, answered as "class".
+    assert whole["api_version"] == 2 and whole["k"] == 7 and whole["level"] == "class"
     assert whole["filter"] is None and len(whole["results"]) == 1
     body = whole["results"][0]
     assert {
@@ -281,7 +282,11 @@ def test_every_refusal_is_one_sentence_in_one_format(client: TestClient) -> None
         (_post(client, photo, "?k=0"), 422, "k should be greater than or equal to 1 (got 0)."),
         (_post(client, photo, "?k=201"), 422, "k should be less than or equal to 200 (got 201)."),
         (_post(client, photo, "?k=abc"), 422, "k should be a valid integer"),
-        (_post(client, photo, "?level=trim"), 422, "level should be 'model', 'make' or 'year' (got trim)."),
+        (
+            _post(client, photo, "?level=trim"),
+            422,
+            "level should be 'class', 'make', 'year' or 'model' (got trim).",
+        ),
         (_post(client, photo, "?k=0&level=trim"), 422, "(got 0); level should be"),
         (_post(client, photo, "?year=20x1"), 400, "year '20x1'"),
         (_post(client, b"just some text", name="notes.txt"), 400, "not_an_image"),

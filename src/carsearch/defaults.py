@@ -41,7 +41,12 @@ K_SEARCH = 10  # neighbours shown by `search`
 K_VOTE = 20  # neighbours that vote (DINO's kNN protocol)
 TEMPERATURE = 0.07  # vote weight exp(cos / T) (DINO's kNN protocol)
 MAX_K = 1000  # the most neighbours one query may ask for (CLI and Python API)
-LEVELS = ("model", "make", "year")
+# Classification levels: the whole class name ("Audi TTS Coupe 2012"), its make, its year.
+LEVELS = ("class", "make", "year")
+LEVEL = "class"
+# "model" named the whole class until issue 22 (while --model filters on the car model, "TTS Coupe"):
+# still accepted, answered as "class".
+LEVEL_ALIASES = {"model": "class"}
 
 # --- open set ------------------------------------------------------------------------------------------
 OPENSET_K = 1  # score = similarity to this neighbour (1 = the nearest): measured best (docs/benchmarks.md)

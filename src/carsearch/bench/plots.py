@@ -64,7 +64,7 @@ def write_plots(report: dict, out: Path) -> dict[str, str]:
         width = 0.8 / len(metrics)
         x = np.arange(len(factories))
         for i, m in enumerate(metrics):
-            ax.bar(x + i * width, [report["closed"][f]["model"][m] for f in factories], width, label=m)
+            ax.bar(x + i * width, [report["closed"][f]["class"][m] for f in factories], width, label=m)
         ax.set_xticks(x + width * (len(metrics) - 1) / 2, factories, rotation=20, fontsize=8)
         ax.set(ylabel="share of queries", ylim=(0, 1), title=f"kNN classification by index type: {title}")
         ax.legend(fontsize=8)

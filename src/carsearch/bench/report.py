@@ -103,7 +103,7 @@ def markdown(r: dict) -> str:
         ]
         rows = []
         for f, c in r["closed"].items():
-            m, mk = c["model"], c["make"]
+            m, mk = c["class"], c["make"]
             rows.append(
                 [
                     f"`{f}`",

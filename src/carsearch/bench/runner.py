@@ -226,7 +226,7 @@ def run_bench(
                         "params": run.params,
                         "k": s.k,
                         "temperature": s.temperature,
-                        "model": knn["model"],
+                        "class": knn["class"],
                         "make": knn["make"],
                     }
                     if factory == "Flat":
@@ -287,10 +287,10 @@ def run_bench(
 
 
 def _knn(run: Index, emb: EmbeddingSet, gal: np.ndarray, qry: np.ndarray, s: BenchSettings) -> dict:
-    """kNN metrics (model and make levels) and each query's vote (label, confidence), from one search."""
+    """kNN metrics (class and make levels) and each query's vote (label, confidence), from one search."""
     sims, rows = run.search(emb.vectors[qry], s.k)
     out = {}
-    for level in ("model", "make"):
+    for level in ("class", "make"):
         labels = emb.level(level)
         out[level] = knn_metrics(labels[gal], labels[qry], sims, rows, s.k, s.temperature)
     out["votes"] = vote_details(emb.labels[gal], sims, rows, s.k, s.temperature)
@@ -307,7 +307,7 @@ def _index(run: Index, q_vec: np.ndarray, truth: np.ndarray, s: BenchSettings, k
         **measure(run.search, q_vec, truth, seconds=s.timing_seconds),
     }
     if knn is not None:
-        out.update({key: knn["model"][key] for key in ("top1", "top5", "hit1", "hit5")})
+        out.update({key: knn["class"][key] for key in ("top1", "top5", "hit1", "hit5")})
     if s.sweep:
         out["sweep"] = sweep(run, q_vec, truth, seconds=s.timing_seconds)
     return out

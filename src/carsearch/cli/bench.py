@@ -16,7 +16,7 @@ def _human_bench(r: dict) -> str:
     if r.get("class_split", {}).get("note"):
         lines.append(f"  classes: {r['class_split']['note']}")
     for f, c in (r.get("closed") or {}).items():
-        m = c["model"]
+        m = c["class"]
         lines.append(
             f"  {f:<28} top-1 {m['top1']:.1%}  top-5 {m['top5']:.1%}  hit@1 {m['hit1']:.1%}  "
             f"hit@5 {m['hit5']:.1%}"

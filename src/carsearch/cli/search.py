@@ -109,12 +109,13 @@ def _human_classify(results: list[dict]) -> str:
         if r["label"] is None and not r["neighbors"]:
             verdict = "no answer: no indexed car to vote"  # the note says why (a filter nothing passes)
         elif r["label"] is None:
-            n, level = len(r["neighbors"]), r["level"]
+            n, kind = len(r["neighbors"]), "" if r["level"] == "class" else f"{r['level']} "
             verdict = (
-                f"no vote: none of its {n} nearest cars has a {level} label (`carsearch search` lists them)"
+                f"no vote: none of its {n} nearest cars has a {kind}label (`carsearch search` lists them)"
             )
         elif r["unknown"]:
-            what = {"model": "model", "make": "make", "year": "year"}.get(r["level"], "model")
+            # An unknown class is a car model never indexed.
+            what = {"class": "model", "make": "make", "year": "year"}.get(r["level"], "model")
             verdict = f"unknown {what} (closest: {name}, {r['confidence']:.0%} of the vote; {r['reason']})"
         elif r.get("uncertain"):
             verdict = f"uncertain: {name} ({r['confidence']:.0%} of the vote; {r['reason']})"
@@ -142,10 +143,11 @@ def _human_classify(results: list[dict]) -> str:
 )
 @click.option(
     "--level",
-    default="model",
+    default=defaults.LEVEL,
     show_default=True,
-    type=click.Choice(defaults.LEVELS),
-    help="Vote over full class names (make model year), makes, or model years.",
+    type=click.Choice((*defaults.LEVELS, *defaults.LEVEL_ALIASES)),
+    help="Vote over whole class names (make model year), makes, or model years ('model' is class's old "
+    "name).",
 )
 @click.option(
     "--temperature",

@@ -113,7 +113,7 @@ def serve(
     """Serve the HTTP API and the web page over INDEX_DIR (read-only unless --token is given).
 
     \b
-    POST /api/search        multipart field(s) `image`; ?k=1..200&level=model|make|year
+    POST /api/search        multipart field(s) `image`; ?k=1..200&level=class|make|year
                             &make=BMW,Audi&model=...&year=2010-  ->  {"api_version": 2,
                             "results": [one answer per photo]}; refusals {"error", "status"}
     GET  /images/{id}       an indexed image by id (?size=N for a thumbnail)

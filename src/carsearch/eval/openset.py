@@ -98,7 +98,7 @@ def uncertain_threshold(
     `sims`, `found` (n, >= K_VOTE): each held-out image's neighbours without itself; `truth` (n,) its class
     label. The vote is the classifier's (k K_VOTE, temperature TEMPERATURE, class level). None when fewer
     than two held-out images were labelled and answered right."""
-    labels = gallery.level("model")
+    labels = gallery.level("class")
     shares, right = [], []
     for s, f, t in zip(sims, found, truth, strict=True):
         ranked = ranked_votes(labels, s, gallery.rows(f), K_VOTE, TEMPERATURE)

@@ -259,7 +259,7 @@ def _leave_one_out_openset(
             out,
         )
     openset = _openset(scores, s.openset_k, s.tpr, method)
-    openset["uncertain"] = uncertain_threshold(sims, found, gallery.level("model")[rows], gallery, s.tpr)
+    openset["uncertain"] = uncertain_threshold(sims, found, gallery.level("class")[rows], gallery, s.tpr)
     return openset
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from carsearch import defaults
 from carsearch.datasets import attributes
+from carsearch.datasets.levels import level_name
 from carsearch.datasets.records import display_name
 from carsearch.datasets.scan import image_files, left_out_files
 from carsearch.embed.images import BadImage, load_image, safe_join
@@ -301,7 +302,7 @@ class Searcher:
             return {"display": label}
         r = rows[0]
         make = str(g.make[r])
-        model, year = (str(g.model[r]), str(g.year[r])) if level == "model" else ("", "")
+        model, year = (str(g.model[r]), str(g.year[r])) if level == "class" else ("", "")
         if level == "year":
             make, year = "", str(g.year[r])
         return {
@@ -342,7 +343,7 @@ class Searcher:
         self,
         queries: Sequence[Query] | np.ndarray,
         k: int = defaults.K_VOTE,
-        level: str = "model",
+        level: str = defaults.LEVEL,
         temperature: float = defaults.TEMPERATURE,
         reject: bool = True,
         where: Filter | None = None,
@@ -354,7 +355,8 @@ class Searcher:
         cosine to them); `reject=False` never says unknown. With `where`, the vote (and the neighbour
         score) runs over the neighbours that pass the filter.
         """
-        labels = self.bundle.gallery.level(level)  # an unknown level fails here, before any search
+        level = level_name(level)  # an unknown level fails here, before any search; "model" is "class"
+        labels = self.bundle.gallery.level(level)
         if temperature <= 0:
             raise CarsearchError("the temperature must be positive.")
         cal = self.openset
@@ -371,7 +373,7 @@ class Searcher:
             v = judge(cal, self.class_cosine, vectors[j], sims[j], int((rows >= 0).sum()), top, level, reject)
             parts = self._parts(level, top[0])
             found = self.neighbors(sims[j][:k], ids[j][:k])  # the voters name the classes they voted for
-            shown = {n.label: n.display for n in found} if level == "model" else {}
+            shown = {n.label: n.display for n in found} if level == "class" else {}
             shown.update({n.make: display_name(n.make, "", "") for n in found} if level == "make" else {})
             out.append(
                 Classification(

@@ -53,7 +53,7 @@ def judge(
     unknown = bool(reject and score is not None and score < threshold)
     share_cut = (openset.get("uncertain") or {}).get("share_threshold")
     uncertain = (
-        bool(reject and not unknown and top[0] is not None and level == "model" and share_cut is not None)
+        bool(reject and not unknown and top[0] is not None and level == "class" and share_cut is not None)
         and top[1] < share_cut
     )
     reason = None

@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 
 from carsearch import __version__, defaults
 from carsearch.datasets import attributes
+from carsearch.datasets.levels import level_name
 from carsearch.errors import CarsearchError
 from carsearch.search import Searcher
 from carsearch.search.filters import Filter
@@ -179,7 +180,9 @@ def _add_search_route(app: FastAPI, queries: Queries, max_upload_bytes: int) -> 
     async def search(
         request: Request,
         k: int = Query(defaults.K_VOTE, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
-        level: Literal["model", "make", "year"] = Query("model"),
+        level: Literal["class", "make", "year", "model"] = Query(
+            defaults.LEVEL, description="vote over whole classes, makes or years ('model': class's old name)"
+        ),
         where: Filter | None = WHERE,
     ) -> dict:
         form = await read_form(request, max_upload_bytes, defaults.SERVE_MAX_QUERIES)
@@ -192,6 +195,7 @@ def _add_search_route(app: FastAPI, queries: Queries, max_upload_bytes: int) -> 
         await form.close()
         from starlette.concurrency import run_in_threadpool
 
+        level = level_name(level)  # "model" is answered as "class"
         results = await run_in_threadpool(queries.classify_many, files, k, level, where)
         if all(r["error"] for r in results):
             if len(results) == 1:

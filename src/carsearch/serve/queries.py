@@ -163,7 +163,8 @@ class Queries:
             n["image_url"] = url
         if unvoted:
             why = (
-                f"none of these {len(result.neighbors)} cars has a {level} label, so none is voted."
+                f"none of these {len(result.neighbors)} cars has a {'' if level == 'class' else level + ' '}"
+                "label, so none is voted."
                 if labelled
                 else "the index has no labels: these are the most similar photos, with no make or model vote."
             )

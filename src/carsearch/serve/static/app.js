@@ -85,7 +85,8 @@ function clearAnswer() {
 function showPrediction(r, query) {
   const label = $("label");
   const name = r.display || r.label;  // "Land Rover Range Rover 2012", not the raw class
-  label.textContent = r.unknown ? `unknown ${r.level || "model"}` : name;
+  // An unknown class is a car model never indexed.
+  label.textContent = r.unknown ? `unknown ${r.level === "class" || !r.level ? "model" : r.level}` : name;
   label.className = r.unknown ? "unknown" : "";
   const voters = `the ${r.neighbors.length} nearest cars`;
   $("confidence").textContent = r.unknown
