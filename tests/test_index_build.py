@@ -14,7 +14,8 @@ from carsearch.embed.settings import EmbedJob
 from carsearch.errors import CarsearchError, ProvenanceMismatch
 from carsearch.eval.neighbors import recall_at_k
 from carsearch.eval.openset import kth_similarity, threshold_for_tpr
-from carsearch.index.build import build_index, calibrate_index
+from carsearch.index.build import build_index
+from carsearch.index.calibrate import calibrate_index
 from carsearch.index.changes import add_to_index, remove_from_index
 from carsearch.index.settings import IndexSettings
 from carsearch.index.store import open_bundle

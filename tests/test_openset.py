@@ -83,7 +83,8 @@ def test_a_threshold_on_few_held_out_photos_is_said_to_be_rough(
     seen, and index build says so; on a hundred it does not."""
     from carsearch import defaults
     from carsearch.embed import load_embeddings
-    from carsearch.index.build import build_index, calibrate_on_members
+    from carsearch.index.build import build_index
+    from carsearch.index.calibrate import calibrate_on_members
 
     emb = load_embeddings(dev_embeddings)
     build_index([dev_embeddings], tmp_path / "idx", IndexSettings(factory="Flat", calibrate=False))

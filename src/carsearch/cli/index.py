@@ -312,6 +312,6 @@ def index_remove(index_dir: str, ids: tuple[int, ...], ids_file: tuple[str, ...]
 @json_option
 def index_calibrate(index_dir: str, queries: str, tpr: float, k: int | None, as_json: bool) -> None:
     """Set the unknown-model threshold so that --tpr of known-class queries are kept."""
-    from carsearch.index.build import calibrate_index
+    from carsearch.index.calibrate import calibrate_index
 
     emit(calibrate_index(index_dir, queries, tpr, k), as_json, _human_index)

@@ -29,7 +29,8 @@ from carsearch.eval.class_cosine import CLASS_WEIGHTS_FILE, load_class_weights, 
 from carsearch.eval.openset import calibrated
 from carsearch.eval.splits import stratified_split
 from carsearch.fsutil import sha256_file
-from carsearch.index.build import build_index, calibrate_on_members, save_info_extra
+from carsearch.index.build import build_index, save_info_extra
+from carsearch.index.calibrate import calibrate_on_members
 from carsearch.index.settings import IndexSettings
 from carsearch.models.checkpoint import read_info
 from carsearch.models.preprocess import Preprocessing
