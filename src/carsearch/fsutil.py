@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,18 +165,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_descriptor(path: Path, kind: str, what: str, remedy: str, missing: str | None = None) -> dict:
+def read_descriptor(
+    path: Path, kind: str, what: str, remedy: str, missing: str | Callable[[], str] | None = None
+) -> dict:
     """Read a carsearch JSON descriptor (manifest.json, index.json, checkpoint.json) and check its kind and
-    schema version. Every refusal is one sentence naming the file, ending with `remedy`."""
+    schema version. Every refusal is one sentence naming the file, ending with `remedy`; a missing file's
+    is `missing` (or what it returns, worked out only then: it may look at the folder)."""
     import json
 
     from carsearch import SCHEMA_VERSION
     from carsearch.errors import CarsearchError
 
     try:
+        if not path.is_file():
+            raise FileNotFoundError(path)
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CarsearchError(missing or f"{path.parent} has no {path.name}; {remedy}") from None
+        said = missing() if callable(missing) else missing
+        raise CarsearchError(said or f"{path.parent} has no {path.name}; {remedy}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CarsearchError(f"{path} is damaged ({e}); {remedy}") from None
     if not isinstance(data, dict) or data.get("kind") != kind:

@@ -33,6 +33,14 @@ def filter_options(f: Callable) -> Callable:
     return command
 
 
+def index_and_queries(f: Callable) -> Callable:
+    """--index INDEX and the QUERIES (photos or folders of photos) of `search` and `classify`."""
+    f = click.argument("queries", nargs=-1, required=True, type=click.Path())(f)
+    return click.option(
+        "--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder."
+    )(f)
+
+
 def _where(typed: dict[str, str | None]) -> Filter | None:
     from carsearch.search.filters import Filter
 
@@ -60,8 +68,7 @@ def _human_search(results: list[dict]) -> str:
 
 
 @click.command()
-@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
-@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@index_and_queries
 @click.option(
     "-k",
     default=defaults.K_SEARCH,
@@ -132,8 +139,7 @@ def _human_classify(results: list[dict]) -> str:
 
 
 @click.command()
-@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="Index folder.")
-@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@index_and_queries
 @click.option(
     "-k",
     default=defaults.K_VOTE,

@@ -59,10 +59,12 @@ class EmbeddingSet(LabelLevels):
 
 
 def read_manifest(folder: Path) -> dict:
-    if not (folder / MANIFEST).is_file():
-        raise CarsearchError(not_embeddings(folder))
     return read_descriptor(
-        folder / MANIFEST, MANIFEST_KIND, "embeddings manifest", "re-run embed with --overwrite."
+        folder / MANIFEST,
+        MANIFEST_KIND,
+        "embeddings manifest",
+        "re-run embed with --overwrite.",
+        missing=lambda: not_embeddings(folder),
     )
 
 

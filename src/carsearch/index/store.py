@@ -201,10 +201,12 @@ def _files(info: dict) -> dict[str, dict]:
 
 
 def read_info(folder: Path) -> dict:
-    if not (folder / INFO_FILE).is_file():
-        raise CarsearchError(_not_an_index(folder))
     return read_descriptor(
-        folder / INFO_FILE, INDEX_KIND, "index description", "rebuild the index with `carsearch index build`."
+        folder / INFO_FILE,
+        INDEX_KIND,
+        "index description",
+        "rebuild the index with `carsearch index build`.",
+        missing=lambda: _not_an_index(folder),
     )
 
 

@@ -202,16 +202,6 @@ def train_model(
             report=report,
             on_epoch=on_epoch,
         )
-    return TrainResult(
-        str(out),
-        "full",
-        s.backbone,
-        net.dim,
-        epochs,
-        run.best[0],
-        run.best[1],
-        baseline,
-        run.history,
-        str(dev),
-        prec,
+    return TrainResult.of_run(
+        run, "full", s.backbone, net.dim, epochs, baseline, device=str(dev), precision=prec
     )

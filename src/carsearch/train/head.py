@@ -163,14 +163,4 @@ def train_head(
         baseline,
         run.best[0],
     )
-    return TrainResult(
-        str(out),
-        "head-only",
-        prov["backbone"],
-        s.embed_dim,
-        s.epochs,
-        run.best[0],
-        run.best[1],
-        baseline,
-        run.history,
-    )
+    return TrainResult.of_run(run, "head-only", prov["backbone"], s.embed_dim, s.epochs, baseline)

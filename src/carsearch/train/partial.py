@@ -218,19 +218,16 @@ def train_partial(
         on_epoch=on_epoch,
         metric=metric,
     )
-    result = TrainResult(
-        str(out),
+    result = TrainResult.of_run(
+        run,
         "partial",
         s.backbone,
         net.dim,
         s.epochs,
-        run.best[0],
-        run.best[1],
         baseline,
-        run.history,
-        str(dev),
-        prec,
-        metric,
+        device=str(dev),
+        precision=prec,
+        validation_metric=metric,
     )
 
     def embed_collection(model: EmbeddingNet) -> tuple[np.ndarray, np.ndarray]:

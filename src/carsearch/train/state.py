@@ -64,6 +64,16 @@ class TrainResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of_run(
+        cls, run, mode: str, backbone: str, dim: int, epochs: int, baseline: float, **more
+    ) -> TrainResult:
+        """The result of `run` (train/loop.Run: its folder, best epoch and Recall@1, history); `more`: the
+        device, precision and validation metric where they are not the defaults."""
+        return cls(
+            str(run.out), mode, backbone, dim, epochs, run.best[0], run.best[1], baseline, run.history, **more
+        )
+
 
 def prepare_out(out: Path, settings: dict, resume: bool, overwrite: bool) -> dict | None:
     """The saved training state to resume from, or None for a fresh run; refuses to clobber by accident."""
