@@ -251,11 +251,15 @@ class Searcher:
         for sim, row in zip(sims, g.rows(ids), strict=True):
             if row < 0:
                 continue
-            make, model, year, label = (str(a[row]) for a in (g.make, g.model, g.year, g.labels))
-            shown = display_name(make, model, year) or label
+            label, parts = str(g.labels[row]), {f: str(getattr(g, f)[row]) for f in attributes.ATTRIBUTES}
             out.append(
                 Neighbor(
-                    int(g.ids[row]), str(g.paths[row]), label, make, model, year, round(float(sim), 6), shown
+                    id=int(g.ids[row]),
+                    path=str(g.paths[row]),
+                    label=label,
+                    **parts,
+                    score=round(float(sim), 6),
+                    display=display_name(**parts) or label,
                 )
             )
         return out
