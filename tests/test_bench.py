@@ -264,6 +264,14 @@ def test_cli_end_to_end_and_json(dev_embeddings: Path, tmp_path: Path) -> None:
         cli, ["bench", str(dev_embeddings), "--out", str(tmp_path / "x"), "--protocol", "speed"]
     )
     assert bad.exit_code == 1 and "unknown protocol 'speed'" in bad.stderr
+    # A timing that would never end is refused before anything runs (--timing-seconds inf hung).
+    forever = CliRunner().invoke(
+        cli, ["bench", str(dev_embeddings), "--out", str(tmp_path / "x"), "--timing-seconds", "inf"]
+    )
+    assert forever.exit_code == 2 and "0.01<=x<=60.0" in forever.output
+    for seconds in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(CarsearchError, match="not a time to measure for"):
+            BenchSettings(timing_seconds=seconds)
 
 
 def test_unlabelled_embeddings_allow_only_the_index_protocol(tmp_path: Path) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from carsearch import SCHEMA_VERSION, defaults
-from carsearch.bench.indexes import TIMING_SECONDS, default_factories, measure, recommend, sweep
+from carsearch.bench.indexes import (
+    MAX_TIMING_SECONDS,
+    TIMING_SECONDS,
+    default_factories,
+    measure,
+    recommend,
+    sweep,
+)
 from carsearch.bench.protocols import ClassSplit, check_class_split, choose_class_split, open_set, zero_shot
 from carsearch.embed.store import EmbeddingSet, load_embeddings
 from carsearch.errors import CarsearchError
@@ -65,6 +72,11 @@ class BenchSettings:
         if unknown:
             raise CarsearchError(
                 f"unknown protocol {sorted(unknown)[0]!r}; choose from {', '.join(PROTOCOLS)}."
+            )
+        if not 0.01 <= self.timing_seconds <= MAX_TIMING_SECONDS:
+            raise CarsearchError(
+                f"timing_seconds {self.timing_seconds} is not a time to measure for: give 0.01 to "
+                f"{MAX_TIMING_SECONDS:g} seconds."
             )
 
 
