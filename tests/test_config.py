@@ -58,6 +58,19 @@ def test_unknown_setting_is_named(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "batchsize" in result.output
 
 
+def test_train_settings_of_the_one_train_command_still_apply() -> None:
+    """`train` became `train images | train head`: a [train] table and CARSEARCH_TRAIN_* variables still
+    set `train images` (the command it was), [train.head] sets the head."""
+    config = {"train": {"epochs": 3, "head": {"epochs": 9}, "images": {"views": 2}}}
+    expected = {"train": {"images": {"epochs": 3, "views": 2}, "head": {"epochs": 9}}}
+    assert to_default_map(config, cli) == expected
+    # The run says its settings before it reads the (missing) folder.
+    for words in (["train"], ["train", "images"]):
+        env = {"CARSEARCH_TRAIN_EPOCHS": "7"}
+        r = CliRunner().invoke(cli, [*words, "/nonexistent", "--out", "/nonexistent/o"], env=env)
+        assert r.exit_code == 1 and "epochs 7," in r.stderr, r.output
+
+
 def _crop_used(small_dataset: Path, out: Path, args: list[str], env: dict[str, str]) -> str:
     result = CliRunner().invoke(
         cli,

@@ -92,6 +92,13 @@ def test_search_response_shape(client: TestClient) -> None:
     assert second == {"query": "b.txt", "error": second["error"]} and "not_an_image" in second["error"]
 
 
+def test_a_filter_given_twice_keeps_all_its_values(client: TestClient) -> None:
+    twice = _post(client, PHOTO.read_bytes(), "?make=BMW&make=Audi&level=make").json()
+    once = _post(client, PHOTO.read_bytes(), "?make=BMW,Audi&level=make").json()
+    assert twice["filter"]["make"] == ["audi", "bmw"] and twice == once
+    assert {n["make"] for n in twice["results"][0]["neighbors"]} <= {"BMW", "Audi"}
+
+
 def test_info_health_page(client: TestClient) -> None:
     info = client.get("/api/info").json()
     assert info["images"] == 1568 and info["backbone"] == "efficientnet_lite0" and info["max_k"] == 200
@@ -289,6 +296,14 @@ def test_every_refusal_is_one_sentence_in_one_format(client: TestClient) -> None
         ),
         (_post(client, photo, "?k=0&level=trim"), 422, "(got 0); level should be"),
         (_post(client, photo, "?year=20x1"), 400, "year '20x1'"),
+        # A misspelt filter, or settings sent as form fields, were ignored: the answer came back unfiltered.
+        (_post(client, photo, "?makes=BMW"), 400, "no query parameter 'makes'; this route takes k, level,"),
+        (_post(client, photo, "?Make=BMW"), 400, "no query parameter 'Make'"),
+        (
+            client.post("/api/search", files={"image": ("a.jpg", photo)}, data={"make": "BMW"}),
+            400,
+            "form field 'make' is not read",
+        ),
         (_post(client, b"just some text", name="notes.txt"), 400, "not_an_image"),
         (
             client.post("/api/search", files=two_texts),

@@ -190,6 +190,10 @@ def test_cli_head_only_json(dev_embeddings: Path, tmp_path: Path) -> None:
     assert out["mode"] == "head-only" and len(out["history"]) == 3 and out["dim"] == 512
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "--resume" in again.stderr
+    # A head run goes on from its checkpoint (it records no with_features, which the check once compared).
+    more = CliRunner().invoke(cli, [*args[:-1], "5", "--resume", "--json"])
+    assert more.exit_code == 0, more.output
+    assert [h["epoch"] for h in json.loads(more.stdout)["history"]] == [1, 2, 3, 4, 5]
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,16 @@ def to_default_map(config: dict[str, Any], command: click.Command, where: str = 
     out: dict[str, Any] = {}
     params = option_names(command)
     subcommands = getattr(command, "commands", {})
+    # A group with a default sub-command (`train` is `train images`) takes that command's options too.
+    default = subcommands.get(getattr(command, "default_cmd_name", None) or "")
     for key, value in config.items():
         name = key.replace("-", "_")
         sub = subcommands.get(key) or subcommands.get(name)
         here = f"{where}.{key}" if where else key
         if sub is not None and isinstance(value, dict):
-            out[sub.name] = to_default_map(value, sub, here)
+            out.setdefault(sub.name, {}).update(to_default_map(value, sub, here))
+        elif default is not None and name in option_names(default) and not isinstance(value, dict):
+            out.setdefault(default.name, {}).update(to_default_map({key: value}, default, here))
         elif name in params and not isinstance(value, dict):
             param = params[name]
             if getattr(param, "multiple", False) and not isinstance(value, list):

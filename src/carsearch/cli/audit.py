@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import emit, json_option, settings_from
+from carsearch.cli.common import FloatRange, emit, json_option, settings_from
 
 
 def _human(r: dict) -> str:
@@ -37,7 +37,7 @@ def _human(r: dict) -> str:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
 @click.option(
     "--threshold",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FloatRange(0, 1, min_open=True),
     help="Cosine similarity from which two photos are near-duplicates without a look at them; below it "
     "pairs are confirmed by their photos' local features and pixels (measured: docs/benchmarks.md). "
     f"[default: {defaults.NEAR_DUPLICATE_THRESHOLD_CONFIRMED} with local features, "

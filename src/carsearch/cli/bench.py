@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import emit, json_option, settings_from
+from carsearch.cli.common import FloatRange, emit, json_option, settings_from
 
 
 def _human_bench(r: dict) -> str:
@@ -68,7 +68,7 @@ def _human_bench(r: dict) -> str:
     help="Voting neighbours.",
 )
 @click.option(
-    "--temperature", default=defaults.TEMPERATURE, show_default=True, type=click.FloatRange(0, min_open=True)
+    "--temperature", default=defaults.TEMPERATURE, show_default=True, type=FloatRange(0, min_open=True)
 )
 @click.option(
     "--seed",
@@ -80,8 +80,8 @@ def _human_bench(r: dict) -> str:
 @click.option(
     "--gallery-fraction",
     default=defaults.GALLERY_FRACTION,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    show_default=f"{defaults.GALLERY_FRACTION:.3g}",
+    type=FloatRange(0, 1, min_open=True, max_open=True),
     help="Share of each class in the gallery.",
 )
 @click.option("--classes", help="Only these class ids take part, e.g. 1-98 (default: all).")
@@ -101,7 +101,7 @@ def _human_bench(r: dict) -> str:
     "--target-recall",
     default=defaults.TARGET_RECALL,
     show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FloatRange(0, 1, min_open=True),
 )
 @click.option(
     "--max-queries", type=click.IntRange(1), help="Time and score at most this many held-out queries."
@@ -117,7 +117,7 @@ def _human_bench(r: dict) -> str:
     "--timing-seconds",
     default=defaults.BENCH_TIMING_SECONDS,
     show_default=True,
-    type=click.FloatRange(0.01, defaults.BENCH_MAX_TIMING_SECONDS),
+    type=FloatRange(0.01, defaults.BENCH_MAX_TIMING_SECONDS),
     help="Time each batched speed figure for at least this long, best of 3 (curves' points 0.4 of it): "
     "shorter benches are noisier.",
 )

@@ -159,6 +159,19 @@ def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
 
 
+class FloatRange(click.FloatRange):
+    """click's FloatRange that also refuses NaN (it passes every comparison, so `--temperature nan` ran
+    and answered "nan% of the vote") and infinities where a bound is open-ended."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 class Workers(click.ParamType):
     name = "auto|N"
 

@@ -9,7 +9,15 @@ import click
 from click.core import ParameterSource
 
 from carsearch import defaults
-from carsearch.cli.common import WORKERS, dataset_options, device_options, emit, json_option, runtime_option
+from carsearch.cli.common import (
+    WORKERS,
+    FloatRange,
+    dataset_options,
+    device_options,
+    emit,
+    json_option,
+    runtime_option,
+)
 from carsearch.errors import CarsearchError
 
 
@@ -127,14 +135,14 @@ FOLDER_SETTINGS = (
     "--cpus-per-worker",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FloatRange(min=0, min_open=True),
     help="ray engine: CPUs each worker reserves (and decodes with).",
 )
 @click.option(
     "--gpus-per-worker",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FloatRange(min=0),
     help="ray engine: GPUs each worker reserves; above 0 the workers embed on CUDA.",
 )
 @click.option(
@@ -148,7 +156,7 @@ FOLDER_SETTINGS = (
     "--save-every",
     default=defaults.SAVE_EVERY,
     show_default=True,
-    type=click.FloatRange(0),
+    type=FloatRange(0),
     metavar="SECONDS",
     help="Save the shard in progress this often (and on Ctrl-C), so that a rerun goes on from there; "
     "0: after every batch.",
@@ -297,7 +305,13 @@ def dataset(data_dir: str, format: str, labels: str | None, split: str, as_json:
 
 @click.command()
 @click.argument("emb_dir", type=click.Path(file_okay=False))
-@click.option("--head", "head", required=True, type=click.Path(file_okay=False), help="Head-only checkpoint.")
+@click.option(
+    "--head",
+    "head",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A head checkpoint (`carsearch train head`).",
+)
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the new shards."
 )

@@ -7,7 +7,15 @@ from typing import Any
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import BYTES, emit, json_option, prefix_runtime, runtime_option, settings_from
+from carsearch.cli.common import (
+    BYTES,
+    FloatRange,
+    emit,
+    json_option,
+    prefix_runtime,
+    runtime_option,
+    settings_from,
+)
 from carsearch.train.settings import PRESETS
 
 ALLOW_DUPLICATES = click.option(
@@ -92,7 +100,7 @@ def index() -> None:
     "--target-recall",
     default=defaults.TARGET_RECALL,
     show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FloatRange(0, 1, min_open=True),
     help="Tune efSearch / nprobe to the cheapest value reaching this 10-recall@10 (the share of the 10 "
     "nearest neighbours of exact search that it finds).",
 )
@@ -113,7 +121,7 @@ def index() -> None:
     "--tpr",
     default=defaults.TPR,
     show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FloatRange(0, 1, min_open=True),
     help="Share of known-model images the threshold keeps.",
 )
 @click.option("--seed", default=defaults.SEED, show_default=True, type=int)
@@ -133,7 +141,7 @@ def index() -> None:
     "--tune-holdout",
     default=defaults.TUNE_HOLDOUT,
     show_default=True,
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=FloatRange(0, 1, min_open=True, max_open=True),
     help="--tune: share of each class held out to choose the epoch and calibrate the threshold.",
 )
 @click.option(
@@ -305,7 +313,7 @@ def index_remove(index_dir: str, ids: tuple[int, ...], ids_file: tuple[str, ...]
     type=click.Path(file_okay=False),
     help="Embedding folder of held-out images; images of classes not in the index count as unknown.",
 )
-@click.option("--tpr", default=defaults.TPR, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--tpr", default=defaults.TPR, show_default=True, type=FloatRange(0, 1, min_open=True))
 @click.option(
     "--k", "k", type=click.IntRange(1), help="Neighbour whose similarity is the score (default: as built)."
 )

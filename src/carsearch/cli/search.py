@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import device_options, emit, json_option, log, runtime_option
+from carsearch.cli.common import FloatRange, device_options, emit, json_option, log, runtime_option
 from carsearch.datasets import attributes
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def _human_classify(results: list[dict]) -> str:
     "--temperature",
     default=defaults.TEMPERATURE,
     show_default=True,
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     help="Vote weight exp(cosine / T) (DINO's kNN protocol).",
 )
 @click.option("--no-reject", is_flag=True, help="Never answer unknown, even below the threshold.")

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from carsearch import defaults
-from carsearch.cli.common import device_options, runtime_option, settings_from
+from carsearch.cli.common import FloatRange, device_options, runtime_option, settings_from
 from carsearch.errors import CarsearchError
 
 log = logging.getLogger("carsearch")
@@ -38,7 +38,7 @@ log = logging.getLogger("carsearch")
     "--max-upload-mb",
     default=defaults.MAX_UPLOAD_MB,
     show_default=True,
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     help="Larger uploads are refused (413) while they are read.",
 )
 @click.option(
@@ -59,14 +59,14 @@ log = logging.getLogger("carsearch")
     "--header-timeout",
     default=defaults.HEADER_TIMEOUT,
     show_default=True,
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     help="Seconds for a request's headers to arrive whole; slower connections are closed.",
 )
 @click.option(
     "--body-timeout",
     default=defaults.BODY_TIMEOUT,
     show_default=True,
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     help="Seconds for an upload to arrive whole (408 after that).",
 )
 @click.option(
@@ -81,7 +81,7 @@ log = logging.getLogger("carsearch")
     "--batch-wait-ms",
     default=defaults.SERVE_BATCH_WAIT_MS,
     show_default=True,
-    type=click.FloatRange(0),
+    type=FloatRange(0),
     help="How long a batch waits for queries still being decoded (a lone query never waits).",
 )
 @click.option(
@@ -110,7 +110,7 @@ def serve(
     log_format: str,
     **options: Any,
 ) -> None:
-    """Serve the HTTP API and the web page over INDEX_DIR (read-only unless --token is given).
+    """Serve the HTTP API and the web page over the --index folder (read-only unless --token is given).
 
     \b
     POST /api/search        multipart field(s) `image`; ?k=1..200&level=class|make|year

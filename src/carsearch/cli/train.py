@@ -14,6 +14,7 @@ from click_default_group import DefaultGroup
 from carsearch import defaults
 from carsearch.cli.common import (
     WORKERS,
+    FloatRange,
     dataset_options,
     device_options,
     emit,
@@ -63,7 +64,8 @@ def _redirect_head_only(ctx: click.Context, _param: click.Parameter, value: bool
 
 def training_options(f: Callable) -> Callable:
     """What every training run takes: the checkpoint folder, which classes train and validate, the loss
-    and its batches, the schedule's length and rate, the seed, resuming, and --json."""
+    and its batches, the schedule's length and rate, the seed, resuming, and --json. "The preset" is
+    --preset's for `train images`, the head preset for `train head`."""
     for option in reversed(
         (
             click.option(
@@ -77,7 +79,7 @@ def training_options(f: Callable) -> Callable:
             ),
             click.option(
                 "--train-fraction",
-                type=click.FloatRange(0, 1, min_open=True),
+                type=FloatRange(0, 1, min_open=True),
                 help="Train on this share of each class (the split `bench --gallery-fraction` makes with "
                 "the same --seed); the rest is held out and validates when no --val-classes are given "
                 "[default: 1].",
@@ -128,14 +130,15 @@ def train() -> None:
     """
 
 
-@train.command("images")
+# Its options keep the variables of the one `train` command it was (CARSEARCH_TRAIN_EPOCHS, ...).
+@train.command("images", context_settings={"auto_envvar_prefix": "CARSEARCH_TRAIN"})
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option(
     "--preset",
     type=click.Choice(IMAGE_PRESETS),
     help="The budget you have: cpu-hour (the last stages on cached activations, ~60 min on 2 cores), gpu "
-    "(the whole network at 288 px). Every option below overrides the preset. [default: cpu-hour] "
-    "(The head preset is `carsearch train head`.)",
+    "(the whole network at 288 px); the head preset is `carsearch train head`. Every option below "
+    "overrides the preset. [default: cpu-hour]",
 )
 @training_options
 @dataset_options
@@ -155,7 +158,7 @@ def train() -> None:
     help="Augmented views cached per training image besides the image and its mirror (crops with colour "
     "jitter) [default: the preset's].",
 )
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), help="EMA decay of weights (0: off).")
+@click.option("--ema", type=FloatRange(0, 1, max_open=True), help="EMA decay of weights (0: off).")
 @click.option(
     "--cache",
     type=click.Path(file_okay=False),
@@ -170,7 +173,7 @@ def train() -> None:
 )
 @click.option(
     "--lr",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     help=f"Learning rate [default: the preset's; full fine-tunes {defaults.LR:g} for the backbone, head "
     f"{defaults.HEAD_LR_MULT}x, proxies {defaults.PROXY_LR_MULT}x].",
 )
@@ -245,7 +248,7 @@ def train_images(
 @training_options
 @click.option(
     "--lr",
-    type=click.FloatRange(0, min_open=True),
+    type=FloatRange(0, min_open=True),
     help=f"Learning rate of the head [default: {defaults.HEAD_LR:g}; proxies "
     f"{defaults.HEAD_ONLY_PROXY_LR_MULT}x].",
 )

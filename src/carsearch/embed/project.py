@@ -1,6 +1,6 @@
 """Applying a head-only checkpoint to embedding shards, without running the CNN again.
 
-A head trained on cached embeddings (`carsearch train --head-only`) maps each stored vector v to
+A head trained on cached embeddings (`carsearch train head`) maps each stored vector v to
 normalize(W v + b). The projected shards record the checkpoint as their weights, so queries and later
 images are embedded through it (`Encoder.from_provenance`) into the same space: a test checks that
 re-embedding with the checkpoint equals projecting the stored vectors.
@@ -48,7 +48,7 @@ def head_of(checkpoint: Path, source_prov: dict) -> tuple[np.ndarray, np.ndarray
     )
     if info.get("mode") != "head-only" or info.get("head_input") != "normalized":
         raise CarsearchError(
-            f"{checkpoint} is not a head trained on cached embeddings (`carsearch train --head-only`): "
+            f"{checkpoint} is not a head trained on cached embeddings (`carsearch train head`): "
             "re-embed the images with it instead (carsearch embed --weights CKPT_DIR)."
         )
     base = info.get("base_weights", {})

@@ -145,26 +145,42 @@ def filter_controls() -> str:
     return "\n        ".join(out)
 
 
+SEARCH_PARAMETERS = ("k", "level")  # the search route's query parameters besides the filters
+
+
 def _filter_parameters() -> Callable[..., Filter | None]:
     """A dependency taking one query parameter per filterable field (datasets/attributes.FILTER_FIELDS)
-    and giving the Filter they make (None: no filter); 400 for a malformed one."""
+    and giving the Filter they make (None: no filter). A parameter given twice counts with all its values
+    (make=BMW&make=Audi is make=BMW,Audi); 400 for a malformed value or a query parameter the route does not
+    take (a misspelt filter would otherwise be ignored and the answer come back unfiltered)."""
+    names = [f.name for f in attributes.FILTER_FIELDS]
 
-    def where(**typed: str | None) -> Filter | None:
+    def where(request: Request, **_declared: str | None) -> Filter | None:
+        taken = [*SEARCH_PARAMETERS, *names]
+        unknown = sorted(set(request.query_params) - set(taken))
+        if unknown:
+            said = f"no query parameter {unknown[0]!r}; this route takes {', '.join(taken)}."
+            raise HTTPException(400, said)
+        typed = {name: ",".join(request.query_params.getlist(name)) or None for name in names}
         try:
             return Filter.parse(**typed) or None
         except CarsearchError as e:
             raise HTTPException(400, str(e)) from None
 
-    # FastAPI reads the parameters from the signature: one optional string query parameter per field.
+    # FastAPI reads the parameters from the signature: the request, and one optional string query
+    # parameter per field (for validation and the API docs; the values are read from the request).
     where.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=Query(None, description=f.help),
-                annotation=str | None,
-            )
-            for f in attributes.FILTER_FIELDS
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+            *[
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=Query(None, description=f.help),
+                    annotation=str | None,
+                )
+                for f in attributes.FILTER_FIELDS
+            ],
         ]
     )
     return where
@@ -189,6 +205,14 @@ def _add_search_route(app: FastAPI, queries: Queries, max_upload_bytes: int) -> 
         uploads = [u for u in form.getlist("image") if not isinstance(u, str)]
         if not uploads:
             raise HTTPException(400, "send the photo in the multipart field 'image'")
+        fields = sorted(set(form.keys()) - {"image"})
+        if fields:
+            await form.close()
+            raise HTTPException(
+                400,
+                f"form field {fields[0]!r} is not read: send photos as 'image' fields and "
+                f"{', '.join(SEARCH_PARAMETERS)} and the filters in the query string (?level=make&make=BMW).",
+            )
         if len(uploads) > defaults.SERVE_MAX_QUERIES:
             raise HTTPException(400, f"at most {defaults.SERVE_MAX_QUERIES} images per request")
         files = [(await u.read(), u.filename or "upload") for u in uploads]

@@ -84,6 +84,8 @@ def prepare_out(out: Path, settings: dict, resume: bool, overwrite: bool) -> dic
             raise CarsearchError(f"{out} holds no checkpoint to resume; start without --resume.")
         old = ckpt.read_info(out)["training"]
         for name in RESUME_FIELDS:
+            if name not in old and settings.get(name) is None:
+                continue  # a setting this kind of run does not record nor take (the head's with_features)
             # A setting newer than the run (with_features): the run had its default.
             if old.get(name, getattr(TrainSettings(), name, None)) != settings.get(name):
                 raise CarsearchError(
