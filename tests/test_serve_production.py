@@ -368,7 +368,8 @@ def test_a_new_filter_field_reaches_every_surface(monkeypatch: pytest.MonkeyPatc
     command(["--body", "Coupe"], standalone_mode=False)
     assert seen[0].values("body") == ("coupe",)
     assert 'id="f-body" data-filter="body"' in app.filter_controls()
-    assert list(inspect.signature(app._filter_parameters()).parameters) == ["make", "model", "year", "body"]
+    declared = inspect.signature(app._filter_parameters()).parameters
+    assert list(declared) == ["request", "make", "model", "year", "body"]
 
 
 # RR32, a random rotation, is the transform-in-front-of-IVF path (as OPQ takes it) without OPQ's

@@ -252,16 +252,8 @@ class Searcher:
             if row < 0:
                 continue
             label, parts = str(g.labels[row]), {f: str(getattr(g, f)[row]) for f in attributes.ATTRIBUTES}
-            out.append(
-                Neighbor(
-                    id=int(g.ids[row]),
-                    path=str(g.paths[row]),
-                    label=label,
-                    **parts,
-                    score=round(float(sim), 6),
-                    display=display_name(**parts) or label,
-                )
-            )
+            found = {"id": int(g.ids[row]), "path": str(g.paths[row]), "label": label, **parts}
+            out.append(Neighbor(**found, score=round(float(sim), 6), display=display_name(**parts) or label))
         return out
 
     def _run(
