@@ -117,23 +117,38 @@ def test_restore_leaves_other_names() -> None:
 
 def test_every_record_holder_carries_the_declared_attributes() -> None:
     """datasets/attributes.ATTRIBUTES is the one list of per-image attributes: every dataclass that holds
-    records names each of them, the shards store them, an upload may give them, and a filter can only name
-    one of them. Adding an attribute there without the holders fails here, naming the holder."""
-    from dataclasses import fields
+    records gets one field each from it, where the attributes always stood (after the label); the shards
+    store them, an upload may give them, and a filter can only name one of them."""
+    from dataclasses import dataclass, fields
 
     from carsearch.datasets import Record
-    from carsearch.datasets.attributes import ATTRIBUTES, FILTER_FIELDS
+    from carsearch.datasets.attributes import ATTRIBUTES, FILTER_FIELDS, attribute_fields
     from carsearch.embed.shards import STRING_FIELDS, ShardRows
     from carsearch.embed.store import EmbeddingSet
     from carsearch.index.store import Gallery
-    from carsearch.search.searcher import Neighbor
+    from carsearch.search.searcher import Classification, Neighbor
     from carsearch.serve.writes import FIELDS
 
-    for holder in (Record, ShardRows, EmbeddingSet, Gallery, Neighbor):
-        names = {f.name for f in fields(holder)}
-        assert set(ATTRIBUTES) <= names, (holder.__name__, set(ATTRIBUTES) - names)
+    for holder, after in (
+        (Record, "label"),
+        (ShardRows, "labels"),
+        (EmbeddingSet, "labels"),
+        (Gallery, "labels"),
+        (Neighbor, "label"),
+        (Classification, "note"),
+    ):
+        names = [f.name for f in fields(holder)]
+        at = names.index(after) + 1
+        assert names[at : at + len(ATTRIBUTES)] == list(ATTRIBUTES), (holder.__name__, names)
     assert set(ATTRIBUTES) <= set(STRING_FIELDS) and set(ATTRIBUTES) <= set(FIELDS)
     assert {f.name for f in FILTER_FIELDS} <= set(ATTRIBUTES)
     # The vectors are `vectors` wherever rows are held in memory (the shards' HDF5 dataset keeps its name).
     for holder in (ShardRows, EmbeddingSet):
         assert "vectors" in {f.name for f in fields(holder)}, holder.__name__
+    # The decorator refuses a field to follow that the class does not have.
+    with pytest.raises(TypeError, match="no field 'lable'"):
+
+        @dataclass
+        @attribute_fields("str", after="lable")
+        class Typo:
+            label: str

@@ -10,15 +10,46 @@ here (and the reader that fills it). Import-light: the CLI builds its options fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 NAMES, YEARS = "names", "years"
 
 # What every image's record carries besides its path, label and class id (parsed from the class name by
-# datasets/records.py), under the same names in the dataclasses that hold records (Record, ShardRows,
-# EmbeddingSet, Gallery, Neighbor; tests/test_records.py checks them), the shards' HDF5 datasets and the
-# index metadata (embed/shards.STRING_FIELDS), and the fields an upload may give (serve/writes.py).
+# datasets/records.py): the fields `attribute_fields` gives each dataclass that holds records (Record,
+# ShardRows, EmbeddingSet, Gallery, Neighbor, Classification), the shards' HDF5 datasets and the index
+# metadata (embed/shards.STRING_FIELDS), and the fields an upload may give (serve/writes.py).
 ATTRIBUTES = ("make", "model", "year")
+
+
+def attribute_fields(
+    kind: str, *, after: str, default: Any = MISSING, default_factory: Any = MISSING
+) -> Callable[[type], type]:
+    """Class decorator, written below @dataclass: one field per ATTRIBUTES name, annotated `kind` (a type
+    written as a string, e.g. "np.ndarray"), placed right after the field `after` (so the order, and any
+    positional construction, stays path/label, make, model, year, ...), with `default` or
+    `default_factory` when given. The record holders are then made from the one list."""
+
+    def add(cls: type) -> type:
+        annotations = dict(inspect.get_annotations(cls))
+        if after not in annotations:
+            raise TypeError(f"{cls.__name__} has no field {after!r} to put the attributes after")
+        ordered: dict[str, Any] = {}
+        for name, annotation in annotations.items():
+            ordered[name] = annotation
+            if name == after:
+                ordered.update({a: kind for a in ATTRIBUTES})
+        cls.__annotations__ = ordered
+        for a in ATTRIBUTES:
+            if default is not MISSING:
+                setattr(cls, a, default)
+            elif default_factory is not MISSING:
+                setattr(cls, a, field(default_factory=default_factory))
+        return cls
+
+    return add
 
 
 @dataclass(frozen=True)

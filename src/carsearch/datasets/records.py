@@ -6,6 +6,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from carsearch.datasets.attributes import ATTRIBUTES, attribute_fields
+
 # Makes written as two words. Everything else is one token ("Mercedes-Benz", "Rolls-Royce" are one token
 # in Stanford Cars; VMMRdb writes them "mercedes benz" / "mercedes_benz" / "rolls royce").
 MULTI_WORD_MAKES: tuple[str, ...] = (
@@ -28,21 +30,19 @@ _SEPARATORS = re.compile(r"[\s_\-]+")
 
 
 @dataclass(frozen=True, slots=True)
+@attribute_fields("str", after="label", default="")  # make, model, year (datasets/attributes.ATTRIBUTES)
 class Record:
     """One image of a collection. `path` is relative to the dataset root, with "/" separators."""
 
     path: str
     label: str = ""
-    make: str = ""
-    model: str = ""
-    year: str = ""
     class_id: int = -1  # the dataset's class number (Stanford: 1..196); -1 when unlabeled
     bbox: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 in pixels, inclusive
 
     def __post_init__(self) -> None:
         # Labels enter in NFC (macOS writes file and folder names decomposed: "Citroe\u0308n"), so one
         # class written both ways is one class. The path stays as the file system spells it.
-        for name in ("label", "make", "model", "year"):
+        for name in ("label", *ATTRIBUTES):
             object.__setattr__(self, name, nfc(getattr(self, name)))
 
 
@@ -96,9 +96,11 @@ def restore_slash_name(folder_name: str, known: tuple[str, ...] = SLASH_CLASS_NA
 def record_for(
     path: str, label: str = "", bbox: tuple[int, int, int, int] | None = None, class_id: int = -1
 ) -> Record:
-    """A record whose make / model / year are parsed from its label."""
-    make, model, year = split_make_model_year(label) if label else ("", "", "")
-    return Record(path=path, label=label, make=make, model=model, year=year, class_id=class_id, bbox=bbox)
+    """A record whose attributes (make / model / year) are parsed from its label: the reader of every
+    attribute in datasets/attributes.ATTRIBUTES, which a new attribute extends."""
+    parts = split_make_model_year(label) if label else ("",) * len(ATTRIBUTES)
+    attrs = dict(zip(ATTRIBUTES, parts, strict=True))
+    return Record(path=path, label=label, **attrs, class_id=class_id, bbox=bbox)
 
 
 # Makes that title-casing spells wrong, as Stanford Cars writes them ("am general" -> "AM General", not

@@ -19,6 +19,7 @@ import numpy as np
 
 from carsearch import SCHEMA_VERSION, defaults, faults
 from carsearch.datasets import Dataset
+from carsearch.datasets.attributes import ATTRIBUTES
 from carsearch.embed.encoder import Encoder
 from carsearch.embed.parts import Piece, join_rows, part_files, saved_pieces, write_part
 from carsearch.embed.reader import Batch, RecordImages, collate
@@ -134,9 +135,7 @@ def _piece(buf: list[tuple[Batch, np.ndarray]], dataset: Dataset, id_start: int,
         class_ids=np.array([r.class_id for r in recs], dtype=np.int32),
         paths=[r.path for r in recs],
         labels=[r.label for r in recs],
-        make=[r.make for r in recs],
-        model=[r.model for r in recs],
-        year=[r.year for r in recs],
+        **{a: [getattr(r, a) for r in recs] for a in ATTRIBUTES},
         sha256=[digests[i] for i in rows_idx],
     )
     failures = [f for b, _ in buf for f in b.failures]

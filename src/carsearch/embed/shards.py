@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from carsearch.datasets.attributes import ATTRIBUTES
+from carsearch.datasets.attributes import ATTRIBUTES, attribute_fields
 from carsearch.errors import CarsearchError
 from carsearch.fsutil import atomic_path, sha256_file
 from carsearch.h5state import open_h5
@@ -31,6 +31,7 @@ def shard_name(index: int) -> str:
 
 
 @dataclass
+@attribute_fields("list[str]", after="labels", default_factory=list)  # make, model, year
 class ShardRows:
     """Rows of one shard (or of a whole collection, once concatenated)."""
 
@@ -39,9 +40,6 @@ class ShardRows:
     class_ids: np.ndarray
     paths: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
-    make: list[str] = field(default_factory=list)
-    model: list[str] = field(default_factory=list)
-    year: list[str] = field(default_factory=list)
     sha256: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:

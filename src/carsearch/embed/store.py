@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carsearch.datasets.attributes import attribute_fields
 from carsearch.datasets.levels import LabelLevels
 from carsearch.embed.shards import STRING_FIELDS, ShardRows, read_shard
 from carsearch.errors import CarsearchError
@@ -22,6 +23,7 @@ MANIFEST_KIND = "carsearch.embeddings"
 
 
 @dataclass
+@attribute_fields("np.ndarray", after="labels")  # make, model, year (datasets/attributes.ATTRIBUTES)
 class EmbeddingSet(LabelLevels):
     """All rows of an embedding folder: vectors (n, d) float32 and per-row metadata arrays."""
 
@@ -30,9 +32,6 @@ class EmbeddingSet(LabelLevels):
     class_ids: np.ndarray
     paths: np.ndarray
     labels: np.ndarray
-    make: np.ndarray
-    model: np.ndarray
-    year: np.ndarray
     sha256: np.ndarray
     manifest: dict
     folder: Path

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from carsearch import SCHEMA_VERSION, faults
+from carsearch.datasets.attributes import attribute_fields
 from carsearch.datasets.levels import LabelLevels
 from carsearch.embed.shards import STRING_FIELDS, read_h5, write_h5
 from carsearch.errors import CarsearchError
@@ -55,15 +56,13 @@ _DATA_FILE = re.compile(r"^(index(\.[0-9a-f]{16})?\.faiss|metadata(\.[0-9a-f]{16
 
 
 @dataclass
+@attribute_fields("np.ndarray", after="labels")  # make, model, year (datasets/attributes.ATTRIBUTES)
 class Gallery(LabelLevels):
     """Per-id metadata of the indexed images, in one order; `source` points into index.json's sources."""
 
     ids: np.ndarray
     paths: np.ndarray
     labels: np.ndarray
-    make: np.ndarray
-    model: np.ndarray
-    year: np.ndarray
     sha256: np.ndarray
     source: np.ndarray
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from carsearch import defaults
 from carsearch.datasets import attributes
+from carsearch.datasets.attributes import attribute_fields
 from carsearch.datasets.levels import level_name
 from carsearch.datasets.records import display_name
 from carsearch.datasets.scan import image_files, left_out_files
@@ -29,13 +30,11 @@ Query = str | Path | bytes | Image.Image
 
 
 @dataclass
+@attribute_fields("str", after="label")  # make, model, year (datasets/attributes.ATTRIBUTES)
 class Neighbor:
     id: int
     path: str
     label: str
-    make: str
-    model: str
-    year: str
     score: float  # cosine similarity
     display: str = ""  # the class as a person reads it ("Land Rover Range Rover 2012"); "" when unlabelled
 
@@ -59,6 +58,7 @@ class Vote:
 
 
 @dataclass
+@attribute_fields("str | None", after="note", default=None)  # the winning label's make, model, year
 class Classification:
     query: str
     label: str | None  # the winning label (the best guess even when `unknown`)
@@ -71,11 +71,9 @@ class Classification:
     neighbors: list[Neighbor] = field(default_factory=list)
     error: str | None = None
     note: str | None = None  # why fewer neighbours than asked for voted
-    # The winning label's parts as the collection stores them, and a name to show ("Land Rover Range Rover
-    # 2012"); `label` is the raw class ("land rover_range rover_2012") at --level model.
-    make: str | None = None
-    model: str | None = None
-    year: str | None = None
+    # The winning label's parts as the collection stores them (make, model, year: attribute_fields above),
+    # and a name to show ("Land Rover Range Rover 2012"); `label` is the raw class
+    # ("land rover_range rover_2012") at --level class.
     display: str | None = None
     # A (not rejected) answer whose vote share is below the share threshold calibrated on held-out images
     # (index.json openset.uncertain; class level only): 95% of right held-out answers had a larger share.
