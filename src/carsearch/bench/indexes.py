@@ -21,7 +21,6 @@ from carsearch.index.families import FLAT, HNSW_FAMILY, IVF_FAMILY, PQ_CENTROIDS
 
 SINGLE_QUERIES = 200  # one-at-a-time queries timed for latency percentiles
 TIMING_SECONDS = defaults.BENCH_TIMING_SECONDS
-MAX_TIMING_SECONDS = defaults.BENCH_MAX_TIMING_SECONDS
 CURVE_SHARE = 0.4  # a recall-QPS curve's points: the best of 2, each this share of TIMING_SECONDS
 
 

@@ -13,7 +13,6 @@ import numpy as np
 
 from carsearch import SCHEMA_VERSION, defaults
 from carsearch.bench.indexes import (
-    MAX_TIMING_SECONDS,
     TIMING_SECONDS,
     default_factories,
     measure,
@@ -73,10 +72,11 @@ class BenchSettings:
             raise CarsearchError(
                 f"unknown protocol {sorted(unknown)[0]!r}; choose from {', '.join(PROTOCOLS)}."
             )
-        if not 0.01 <= self.timing_seconds <= MAX_TIMING_SECONDS:
+        lo, hi = defaults.BENCH_MIN_TIMING_SECONDS, defaults.BENCH_MAX_TIMING_SECONDS
+        if not lo <= self.timing_seconds <= hi:
             raise CarsearchError(
-                f"timing_seconds {self.timing_seconds} is not a time to measure for: give 0.01 to "
-                f"{MAX_TIMING_SECONDS:g} seconds."
+                f"timing_seconds {self.timing_seconds} is not a time to measure for: give {lo:g} to {hi:g} "
+                "seconds."
             )
 
 

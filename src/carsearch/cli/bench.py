@@ -117,7 +117,7 @@ def _human_bench(r: dict) -> str:
     "--timing-seconds",
     default=defaults.BENCH_TIMING_SECONDS,
     show_default=True,
-    type=FloatRange(0.01, defaults.BENCH_MAX_TIMING_SECONDS),
+    type=FloatRange(defaults.BENCH_MIN_TIMING_SECONDS, defaults.BENCH_MAX_TIMING_SECONDS),
     help="Time each batched speed figure for at least this long, best of 3 (curves' points 0.4 of it): "
     "shorter benches are noisier.",
 )

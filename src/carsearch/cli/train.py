@@ -227,7 +227,7 @@ def train_images(
     base = get_preset(name).settings
     mode = ("full" if train_blocks == "all" else "partial") if train_blocks is not None else base.mode
     runtime = str(options.pop("runtime"))  # the cached-prefix step's (partial presets such as cpu-hour)
-    dataset = {name: options.pop(name) for name in ("format", "labels", "split")}  # how DATA_DIR is read
+    dataset = {key: options.pop(key) for key in ("format", "labels", "split")}  # how DATA_DIR is read
     s = _settings(
         base,
         options,

@@ -69,7 +69,8 @@ class Filter:
         """The filter in words: what was typed, else its fields ("make bmw; year 2010-2012")."""
         if self.text:
             return self.text
-        return "; ".join(f"{name} {_shown(values)}" for name, values in self.asked)
+        kinds = _kinds()
+        return "; ".join(f"{name} {_shown(values, kinds[name])}" for name, values in self.asked)
 
     def __bool__(self) -> bool:
         return bool(self.asked)
@@ -84,7 +85,7 @@ class Filter:
     def mask(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
         """Which gallery rows pass, from their columns by field name (each (n,) strings)."""
         keep = np.ones(len(next(iter(columns.values()))), dtype=bool)
-        kinds = {f.name: f.kind for f in attributes.FILTER_FIELDS}
+        kinds = _kinds()
         for name, values in self.asked:
             column = columns[name]
             if kinds[name] == NAMES:
@@ -98,10 +99,15 @@ class Filter:
         return keep
 
 
-def _shown(values: tuple) -> str:
-    return ",".join(
-        (f"{v[0]}-{v[1]}" if v[0] != v[1] else str(v[0])) if isinstance(v, tuple) else v for v in values
-    )
+def _kinds() -> dict[str, str]:
+    """Each filterable field's kind (NAMES or YEARS), by name."""
+    return {f.name: f.kind for f in attributes.FILTER_FIELDS}
+
+
+def _shown(values: tuple, kind: str) -> str:
+    if kind == NAMES:
+        return ",".join(values)
+    return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in values)
 
 
 def _fold(text: str) -> str:

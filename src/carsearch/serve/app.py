@@ -196,7 +196,7 @@ def _add_search_route(app: FastAPI, queries: Queries, max_upload_bytes: int) -> 
     async def search(
         request: Request,
         k: int = Query(defaults.K_VOTE, ge=1, le=MAX_K, description="neighbours that vote and are shown"),
-        level: Literal["class", "make", "year", "model"] = Query(
+        level: Literal[(*defaults.LEVELS, *defaults.LEVEL_ALIASES)] = Query(
             defaults.LEVEL, description="vote over whole classes, makes or years ('model': class's old name)"
         ),
         where: Filter | None = WHERE,

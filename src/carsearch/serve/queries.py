@@ -64,6 +64,8 @@ class Queries:
         """What /api/info says of the index: size, type, network, open-set threshold, which filter fields
         some indexed photo has (the page hides the others) and its makes."""
         i, g = self.s.info, self.s.bundle.gallery
+        # The index's own values of the fields the page suggests; "makes" (as before) is the make's.
+        suggestions = {f.name: _distinct(getattr(g, f.name)) for f in attributes.FILTER_FIELDS if f.suggest}
         return {
             "images": i["ntotal"],
             "factory": i["factory"],
@@ -77,11 +79,8 @@ class Queries:
             "openset": i.get("openset"),
             "labelled": bool(any(g.labels)),
             "fields": {f.name: bool(any(getattr(g, f.name))) for f in attributes.FILTER_FIELDS},
-            # The index's own values of the fields the page suggests ("makes": the make's, as before).
-            "suggestions": {
-                f.name: _distinct(getattr(g, f.name)) for f in attributes.FILTER_FIELDS if f.suggest
-            },
-            "makes": _distinct(g.make),
+            "suggestions": suggestions,
+            "makes": suggestions["make"] if "make" in suggestions else _distinct(g.make),
         }
 
     def sha256_of(self, image_id: int) -> str:
